@@ -1,0 +1,60 @@
+"""One config mechanism for every script, nanoGPT style.
+
+A script keeps its defaults as lowercase module constants. `override(defaults, argv)` applies, in order:
+config files (`config/name.py`, plain Python assigning the same names) and `--key=value` or `--key value`
+arguments. Values are parsed as Python literals (falling back to a plain string) and must keep the type of
+the default (an int is accepted where a float is expected). Any mistake ends the run with one line that
+names the problem and the fix.
+"""
+import ast
+import os
+
+
+def _parse(key, text, default):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # bare words are strings: --model Qwen2.5-VL-3B
+    return _check(key, value, default)
+
+
+def _check(key, value, default):
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if default is not None and type(value) is not type(default):
+        raise SystemExit(f"config error: {key} must be {type(default).__name__} (default {default!r}), "
+                         f"got {type(value).__name__} {value!r}; fix the value")
+    return value
+
+
+def override(defaults, argv):
+    """defaults: dict of name -> value; argv: list of strings. Returns a new dict."""
+    config = dict(defaults)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):  # a config file
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config error: config file '{arg}' not found; pass an existing path like config/demo.py")
+            values = {}
+            exec(open(arg).read(), {}, values)
+            for key, value in values.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                if key not in config:
+                    raise SystemExit(f"config error: {arg} sets unknown constant '{key}'; known: {', '.join(sorted(defaults))}")
+                config[key] = _check(key, value, defaults[key])
+            i += 1
+            continue
+        key, has_value, text = arg[2:].partition("=")
+        if not has_value:  # --key value
+            if i + 1 >= len(argv):
+                raise SystemExit(f"config error: {arg} needs a value; write {arg}=VALUE")
+            text, i = argv[i + 1], i + 1
+        if key not in config:
+            raise SystemExit(f"config error: unknown constant '{key}'; known: {', '.join(sorted(defaults))}")
+        config[key] = _parse(key, text, defaults[key])
+        i += 1
+    return config

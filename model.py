@@ -1,0 +1,150 @@
+"""Which network: load a Qwen2.5-VL policy and its tokenizer by short name or path, or build the tiny offline one.
+
+`load_policy("Qwen2.5-VL-3B")` resolves to the official instruct checkpoint on the Hugging Face hub,
+`load_policy("path/to/checkpoint")` loads a local save, and `load_policy("tiny")` builds a ~1M-parameter
+Qwen2.5-VL (the real `Qwen2_5_VLForConditionalGeneration` class) with a character-level tokenizer, so the
+demo and the tests run on a laptop with no network. This file also holds the one forward pass everything
+else uses: `response_hidden`, the last hidden states that predict each response token.
+"""
+import os
+import string
+
+import torch
+from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
+
+HUB_MODELS = {  # short name -> official instruct checkpoint
+    "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "Qwen2.5-VL-7B": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "Qwen2.5-VL-32B": "Qwen/Qwen2.5-VL-32B-Instruct",
+}
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2.5-VL's chat layout, written as a jinja template for the tiny tokenizer (the hub tokenizers ship their own).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer with Qwen2.5-VL's special tokens and chat layout (vocab 103)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
+    chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=specials[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64):
+    """A Qwen2.5-VL config with the real architecture at toy size (DESIGN §11: ~0.9M parameters)."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    half_head = text_hidden // 4 // 2  # multimodal rope splits each head's rotary half into (time, height, width)
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                         "mrope_section": [half_head // 4, 3 * half_head // 8, 3 * half_head // 8]},
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=4, out_hidden_size=text_hidden, fullatt_block_indexes=[vision_depth - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+
+
+def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
+    """Short name, hub id or local path -> (model, tokenizer). 'tiny' builds a random tiny model from `seed`."""
+    if name == "tiny":
+        tok = tiny_tokenizer()
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok))
+        return model.to(device=device, dtype=dtype), tok
+    if name in HUB_MODELS:
+        name = HUB_MODELS[name]
+    elif not os.path.isdir(name) and "/" not in name:
+        raise SystemExit(f"unknown model '{name}': use one of {['tiny'] + list(HUB_MODELS)}, a hub id, or a local path")
+    elif not os.path.isdir(name) and (name.startswith((".", "/")) or os.sep in name and not name.count("/") == 1):
+        raise SystemExit(f"model path '{name}' does not exist: check the path, or pass a hub id like Qwen/Qwen2.5-VL-3B-Instruct")
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        fix = ("unset HF_HUB_OFFLINE or download it first, then pass the local path" if offline
+               else "check the name, your network, or pass a local path")
+        raise SystemExit(f"cannot load model '{name}' ({type(e).__name__}): {fix}") from None
+    return model.to(device), tok
+
+
+def vision_token_ids(tok):
+    """Token ids the policy must never generate (DESIGN §11: feeding them back crashes the vision merge)."""
+    return [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+
+
+def response_hidden(model, input_ids, attention_mask, pixel_values, image_grid_thw, prompt_len):
+    """Final hidden states at the positions that predict each response token.
+
+    input_ids, attention_mask: (B, P + L), prompt left-padded to length P, response right-padded to L.
+    pixel_values: (sum of patches over rows, 1176); image_grid_thw: (B, 3), one image per row.
+    Returns (B, L, D): row b, column t is the state after reading token P + t - 1, which predicts token P + t.
+    """
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw, use_cache=False)
+    return out.last_hidden_state[:, prompt_len - 1:-1]
+
+
+def stop_token_ids(tok):
+    """Tokens that end a response: <|im_end|> and <|endoftext|> (Qwen's generation config stops on both)."""
+    return sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
+
+
+@torch.no_grad()
+def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False):
+    """Sample n responses for each prompt in one batched `generate`.
+
+    prompts: list of token-id lists; images: list of (3, H, W) tensors in [0, 1], one per prompt (an adversarial
+    image simply replaces the clean one). Rows are laid out prompt by prompt: row i * n + j is prompt i's j-th
+    response. Returns a dict of tensors:
+      prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, L) right-padded, each
+      response kept up to and including its first stop token; truncated: (B,) bool, no stop token within
+      max_new_tokens.
+    """
+    from data import image_to_pixels
+    device = next(model.parameters()).device
+    P = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
+    pixels = [image_to_pixels(x.to(device)) for x in images]
+    pixel_values = torch.cat([pv for pv, _ in pixels for _ in range(n)])
+    grid = torch.cat([g for _, g in pixels for _ in range(n)])
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
+    stops = stop_token_ids(tok)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
+                         image_grid_thw=grid, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                         temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
+                         top_p=1.0 if not greedy else None, suppress_tokens=vision_token_ids(tok),
+                         eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    response_ids = out[:, P:]
+    is_stop = torch.isin(response_ids, torch.tensor(stops, device=device))
+    after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # positions strictly after the first stop token
+    response_mask = (~after_stop).long()
+    response_ids = response_ids.masked_fill(after_stop, tok.pad_token_id)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask, "truncated": ~is_stop.any(1)}

@@ -1,0 +1,290 @@
+"""SaEI: RL fine-tuning of a vision-language model with GRPO and selective-adversarial entropy intervention.
+
+One training step (DESIGN §4):
+  1. clean rollouts: n_clean responses per prompt on the image I
+  2-4. EgAS + TsEC: one PGD step on I's pixels that raises the entropy of the middle-entropy tokens of
+       those responses, giving I_adv (egas.py, tsec.py)
+  5. adversarial rollouts: n_adv responses per prompt on I_adv
+  6. rewards: 0.9 * accuracy + 0.1 * format (rewards.py)
+  7. advantages: one group of n_clean + n_adv per prompt, standardized (grpo.py)
+  8. update: PPO-clip on every response token, log-probs on the clean image (grpo.py)
+
+Run: `python train.py` (the offline demo), `python train.py --model tiny --max_steps 2`,
+`torchrun --nproc_per_node=8 train.py config/geo3k_saei.py --model Qwen2.5-VL-3B`.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+# ----------------------------------------------------------------------------- constants
+# what to train
+model = "tiny"               # tiny | Qwen2.5-VL-3B | Qwen2.5-VL-7B | Qwen2.5-VL-32B | hub id | local checkpoint
+dataset = "synthetic"        # synthetic | geometry3k | a .parquet file | a local dataset folder
+train_split = "train"
+eval_split = "test"
+out_dir = "out"
+max_steps = 100
+seed = 0
+batch_size = 8               # prompts per step, over all ranks
+# rollouts
+n_clean = 6                  # n1: responses per prompt on the clean image
+n_adv = 6                    # n2: responses per prompt on the perturbed image; 0 = vanilla GRPO
+temperature = 1.0
+max_prompt_len = 2048        # longer prompts are dropped (and counted), never truncated
+max_response_len = 2048
+min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
+max_pixels = 1000000
+# SaEI
+perturb = "egas"             # egas (SaEI) | noise (NoisyRollout) | none (the n_adv rollouts see the clean image)
+tsec_band = (1 / 3, 2 / 3)   # entropy-rank quantiles of the tokens the attack targets; (0.0, 1.0) = no selection
+tsec_scope = "group"         # rank tokens within each prompt's group of n_clean responses, or per "response"
+pgd_steps = 1                # T
+pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the entropy (a sanity ablation)
+pgd_eps = 2 / 255            # L-inf radius around the clean image (= |alpha| * T)
+logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
+# update
+lr = 1e-6
+weight_decay = 1e-2
+clip_low = 0.2
+clip_high = 0.2
+kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of the initial policy
+entropy_coef = 0.0           # > 0 adds an entropy bonus
+grad_clip = 1.0
+micro_batch_size = 8         # responses per forward/backward in the update and the attack
+logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
+freeze_vision = True         # the paper family freezes the vision tower (gradients still reach the image)
+# evaluation, logging, checkpoints
+eval_interval = 0            # greedy held-out accuracy every this many steps (0: only before and after training)
+eval_limit = 200             # held-out problems per evaluation
+save_interval = 50
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
+
+
+def main(argv):
+    from configurator import override
+    cfg = override(DEFAULTS, argv or ["config/demo.py"])  # no arguments: the offline demo
+    cfg = type("Config", (), cfg)  # cfg.n_clean reads better than cfg["n_clean"]
+    check_config(cfg)
+
+    import data
+    import egas
+    import eval as evaluation
+    import grpo
+    import rewards
+    from model import load_policy, response_hidden, sample
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
+    if cfg.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    ref = None
+    if cfg.kl_coef > 0:
+        ref, _ = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
+        ref.requires_grad_(False).eval()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    train_set = data.load_records(cfg.dataset, cfg.train_split)
+    eval_set = data.load_records(cfg.dataset, cfg.eval_split)
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    group = cfg.n_clean + cfg.n_adv
+
+    def prepare(record):
+        x = data.load_image(record["images"][0], cfg.min_pixels, cfg.max_pixels)
+        return x, data.build_prompt(tok, record["problem"], data.n_image_tokens(x))
+
+    def evaluate_now():
+        subset = [eval_set[i] for i in range(min(cfg.eval_limit, len(eval_set)))]
+        return evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len)
+
+    start = evaluate_now()
+    print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
+    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    for step in tqdm(range(1, cfg.max_steps + 1), desc="train", disable=None):
+        first = (step - 1) * cfg.batch_size
+        records = [train_set[order[(first + i) % len(order)]] for i in range(cfg.batch_size)]
+        images, prompts = zip(*[prepare(r) for r in records])
+        log = {"step": step}
+
+        # 1. clean rollouts, sampled from pi_old (this step's weights)
+        policy.eval()
+        t0 = time.time()
+        clean = sample(policy, tok, prompts, images, cfg.n_clean, cfg.max_response_len, cfg.temperature)
+
+        # 2-4. the perturbed image for the second half of the rollouts
+        t1 = time.time()
+        adv_images, gains, fallbacks = list(images), [], 0
+        if cfg.n_adv > 0 and cfg.perturb == "egas":
+            for i, x in enumerate(images):
+                rows = slice(i * cfg.n_clean, (i + 1) * cfg.n_clean)
+                seqs, attn, resp_mask = sequences(clean, rows)
+                adv_images[i], st = egas.attack(policy, x.to(cfg.device), seqs, attn, resp_mask,
+                                                clean["prompt_ids"].shape[1], cfg.pgd_steps, cfg.pgd_alpha,
+                                                cfg.pgd_eps, cfg.tsec_band, cfg.tsec_scope, cfg.temperature,
+                                                cfg.logit_chunk)
+                gains.append(st["gain"])
+                fallbacks += st["fallback"]
+        elif cfg.n_adv > 0 and cfg.perturb == "noise":
+            adv_images = [noisy_image(x, step, cfg.max_steps) for x in images]
+        # 5. adversarial rollouts
+        t2 = time.time()
+        rollouts = clean
+        if cfg.n_adv > 0:
+            adv = sample(policy, tok, prompts, adv_images, cfg.n_adv, cfg.max_response_len, cfg.temperature)
+            rollouts = merge_groups(clean, adv, cfg.n_clean, cfg.n_adv, tok.pad_token_id)
+        t3 = time.time()
+
+        # 6. rewards
+        texts = tok.batch_decode(rollouts["response_ids"], skip_special_tokens=True)
+        scores = [rewards.score(t, records[i // group]["answer"], records[i // group].get("choices"))
+                  for i, t in enumerate(texts)]
+        reward = torch.tensor([s["overall"] for s in scores])
+        # 7. advantages, one group of n_clean + n_adv per prompt
+        advantages = grpo.group_advantages(reward, group)
+
+        # 8. update: every response conditioned on the clean image (or its own image, logprob_image="adversarial")
+        policy.train()
+        is_adv = torch.arange(len(texts)) % group >= cfg.n_clean
+        row_images = [adv_images[i // group] if is_adv[i] and cfg.logprob_image == "adversarial" else images[i // group]
+                      for i in range(len(texts))]
+        seqs, attn, resp_mask = sequences(rollouts, slice(None))
+        n_tokens = resp_mask.sum()
+        totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0}
+        entropy = torch.zeros(resp_mask.shape)
+        for mb in range(0, len(texts), cfg.micro_batch_size):
+            rows = slice(mb, mb + cfg.micro_batch_size)
+            pixel_values, grid = batch_pixels(row_images[rows], cfg.device)
+            hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, seqs.shape[1] - resp_mask.shape[1])
+            logp, ent = grpo.token_logprobs(hidden, policy.lm_head, rollouts["response_ids"][rows], resp_mask[rows],
+                                            cfg.temperature, cfg.logit_chunk)
+            # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
+            loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), resp_mask[rows],
+                                        cfg.clip_low, cfg.clip_high, n_tokens)
+            if ref is not None:
+                with torch.no_grad():
+                    ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, seqs.shape[1] - resp_mask.shape[1])
+                    ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, rollouts["response_ids"][rows],
+                                                      resp_mask[rows], cfg.temperature, cfg.logit_chunk)
+                kl = (grpo.kl_penalty(logp, ref_logp) * resp_mask[rows]).sum() / n_tokens
+                loss = loss + cfg.kl_coef * kl
+                totals["kl"] += kl.item()
+            if cfg.entropy_coef > 0:
+                loss = loss - cfg.entropy_coef * (ent * resp_mask[rows]).sum() / n_tokens
+            loss.backward()
+            totals["loss"] += loss.item()
+            totals["clipped_tokens"] += st["clipped_tokens"]
+            entropy[rows] = ent.detach().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        if math.isfinite(grad_norm) and math.isfinite(totals["loss"]):
+            optimizer.step()
+        else:
+            log["skipped_update"] = 1  # a non-finite loss or gradient is logged, never applied
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.time()
+
+        # logging: one line to stdout, one JSON line to metrics.jsonl
+        mask_f = resp_mask.float().cpu()
+        token_entropy = (entropy * mask_f).sum(1) / mask_f.sum(1)  # (B,) mean over each response's tokens
+        acc = torch.tensor([s["accuracy"] for s in scores])
+        fmt = torch.tensor([s["format"] for s in scores])
+        answers = [rewards.extract_answer(t) for t in texts]
+        log.update({
+            "reward_clean": reward[~is_adv].mean().item(), "accuracy_clean": acc[~is_adv].mean().item(),
+            "entropy_clean": token_entropy[~is_adv].mean().item(),
+            "format": fmt.mean().item(),
+            "dead_groups": (reward.view(-1, group).std(1) == 0).float().mean().item(),
+            "answer_diversity": sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)) / cfg.batch_size,
+            "response_len": mask_f.sum(1).mean().item(),
+            "truncated": rollouts["truncated"].float().mean().item(),
+            "loss": totals["loss"], "clip_frac": totals["clipped_tokens"] / n_tokens.item(), "grad_norm": grad_norm,
+            "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3,
+        })
+        if cfg.n_adv > 0:
+            log.update({"reward_adv": reward[is_adv].mean().item(), "accuracy_adv": acc[is_adv].mean().item(),
+                        "entropy_adv": token_entropy[is_adv].mean().item()})
+        if gains:
+            log.update({"attack_gain": sum(gains) / len(gains), "tsec_fallback": fallbacks})
+        if ref is not None:
+            log["kl"] = totals["kl"]
+        if cfg.eval_interval and step % cfg.eval_interval == 0:
+            log["eval_accuracy"] = evaluate_now()["accuracy"]
+        metrics_file.write(json.dumps(log) + "\n")
+        metrics_file.flush()
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            save_checkpoint(policy, tok, os.path.join(cfg.out_dir, "checkpoint"))
+
+    end = evaluate_now()
+    print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
+          f"(format {start['format']:.3f} -> {end['format']:.3f})")
+    return start, end
+
+
+def check_config(cfg):
+    choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
+               "tsec_scope": ("group", "response")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"config error: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
+        raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
+
+
+def sequences(rollouts, rows):
+    """Prompt + response rows -> (input_ids, attention_mask) of shape (B, P + L) and the (B, L) response mask."""
+    ids = torch.cat([rollouts["prompt_ids"][rows], rollouts["response_ids"][rows]], 1)
+    attn = torch.cat([rollouts["prompt_mask"][rows], rollouts["response_mask"][rows]], 1)
+    return ids, attn, rollouts["response_mask"][rows]
+
+
+def merge_groups(clean, adv, n_clean, n_adv, pad_id):
+    """Interleave two rollout batches into groups: prompt i's n_clean clean rows, then its n_adv adversarial rows."""
+    L = max(clean["response_ids"].shape[1], adv["response_ids"].shape[1])
+    n_prompts = clean["prompt_ids"].shape[0] // n_clean
+    merged = {}
+    for key in clean:
+        a, b = clean[key], adv[key]
+        if key.startswith("response"):
+            fill = pad_id if key == "response_ids" else 0
+            a = torch.nn.functional.pad(a, (0, L - a.shape[1]), value=fill)
+            b = torch.nn.functional.pad(b, (0, L - b.shape[1]), value=fill)
+        a, b = a.view(n_prompts, n_clean, *a.shape[1:]), b.view(n_prompts, n_adv, *b.shape[1:])
+        merged[key] = torch.cat([a, b], 1).flatten(0, 1)
+    return merged
+
+
+def batch_pixels(images, device):
+    """One (3, H, W) image per row -> concatenated pixel_values and (rows, 3) image_grid_thw."""
+    from data import image_to_pixels
+    pixels = [image_to_pixels(x.to(device)) for x in images]
+    return torch.cat([p for p, _ in pixels]), torch.cat([g for _, g in pixels])
+
+
+def noisy_image(x, step, max_steps):
+    raise NotImplementedError("perturb='noise' (NoisyRollout) is not implemented yet")
+
+
+def save_checkpoint(policy, tok, path):
+    """Hugging Face-format save, written beside the target and renamed, so a kill never leaves half a checkpoint."""
+    import shutil
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
