@@ -10,6 +10,7 @@ import os
 import string
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
 
@@ -102,10 +103,17 @@ def response_hidden(model, input_ids, attention_mask, pixel_values, image_grid_t
     input_ids, attention_mask: (B, P + L), prompt left-padded to length P, response right-padded to L.
     pixel_values: (sum of patches over rows, 1176); image_grid_thw: (B, 3), one image per row.
     Returns (B, L, D): row b, column t is the state after reading token P + t - 1, which predicts token P + t.
+    The call goes through the top-level module (so FSDP's hooks gather the weights) with logits_to_keep=1,
+    so the (B, P + L, vocab) logits are never built; a hook on the final norm catches the hidden states.
     """
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      image_grid_thw=image_grid_thw, use_cache=False)
-    return out.last_hidden_state[:, prompt_len - 1:-1]
+    captured = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+              image_grid_thw=image_grid_thw, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1][:, prompt_len - 1:-1]
 
 
 def stop_token_ids(tok):
@@ -136,11 +144,18 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     grid = torch.cat([g for _, g in pixels for _ in range(n)])
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
     stops = stop_token_ids(tok)
+    # under FSDP2, gather the weights once for the whole rollout rather than once per token, and keep
+    # ranks stepping together until every rank's responses are done (synced_gpus)
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
                          image_grid_thw=grid, max_new_tokens=max_new_tokens, do_sample=not greedy,
                          temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
                          top_p=1.0 if not greedy else None, suppress_tokens=vision_token_ids(tok),
-                         eos_token_id=stops, pad_token_id=tok.pad_token_id)
+                         eos_token_id=stops, pad_token_id=tok.pad_token_id, synced_gpus=bool(sharded))
+    for m in sharded:
+        m.reshard()
     response_ids = out[:, P:]
     is_stop = torch.isin(response_ids, torch.tensor(stops, device=device))
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # positions strictly after the first stop token

@@ -57,12 +57,14 @@ grad_clip = 1.0
 micro_batch_size = 8         # responses per forward/backward in the update and the attack
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
 freeze_vision = True         # the paper family freezes the vision tower (gradients still reach the image)
+gradient_checkpointing = False  # recompute decoder layers in backward: less memory, ~30% more compute
 # evaluation, logging, checkpoints
 eval_interval = 0            # greedy held-out accuracy every this many steps (0: only before and after training)
 eval_limit = 200             # held-out problems per evaluation
-save_interval = 50
+save_interval = 50           # also on the last step and on SIGINT/SIGTERM
+resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype; weights and Adam state stay fp32
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
@@ -81,44 +83,69 @@ def main(argv):
     from model import load_policy, response_hidden, sample
     from tqdm import tqdm
 
-    torch.manual_seed(cfg.seed)
+    rank, world = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
     os.makedirs(cfg.out_dir, exist_ok=True)
-    policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
+    checkpoint_dir = os.path.join(cfg.out_dir, "checkpoint")
+    resuming = cfg.resume and os.path.isdir(checkpoint_dir)
+    # weights are loaded in fp32 (the master copy the optimizer updates); compute runs in cfg.dtype
+    policy, tok = load_policy(checkpoint_dir if resuming else cfg.model, device=cfg.device, seed=cfg.seed)
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
-    if cfg.kl_coef > 0:
-        ref, _ = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
+    if cfg.kl_coef > 0:  # a frozen copy of the initial policy
+        ref, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
         ref.requires_grad_(False).eval()
+    if world > 1:
+        for module in (policy, ref):
+            if module is not None:
+                shard(module, getattr(torch, cfg.dtype))
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
+    # optimizer's parameter numbering identical to the model's, which the distributed state dict needs
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    first_step = load_trainer_state(policy, optimizer, checkpoint_dir, rank) + 1 if resuming else 1
+    compute = lambda: torch.autocast(cfg.device.split(":")[0], getattr(torch, cfg.dtype),
+                                     enabled=world == 1 and cfg.dtype != "float32")
 
     train_set = data.load_records(cfg.dataset, cfg.train_split)
     eval_set = data.load_records(cfg.dataset, cfg.eval_split)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group = cfg.n_clean + cfg.n_adv
+    if cfg.batch_size % world:
+        raise SystemExit(f"config error: batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
 
     def prepare(record):
-        x = data.load_image(record["images"][0], cfg.min_pixels, cfg.max_pixels)
+        x = data.load_image(record["images"][0], cfg.min_pixels, cfg.max_pixels).to(cfg.device)
         return x, data.build_prompt(tok, record["problem"], data.n_image_tokens(x))
 
     def evaluate_now():
-        subset = [eval_set[i] for i in range(min(cfg.eval_limit, len(eval_set)))]
-        return evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len)
+        subset = [eval_set[i] for i in range(rank, min(cfg.eval_limit, len(eval_set)), world)]
+        with compute():
+            result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len)
+        counts = torch.tensor([result["accuracy"] * len(subset), result["format"] * len(subset), len(subset)])
+        counts = all_reduce_sum(counts)
+        return {"accuracy": (counts[0] / counts[2]).item(), "format": (counts[1] / counts[2]).item()}
 
+    stop = install_stop_handlers()
     start = evaluate_now()
-    print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
-    for step in tqdm(range(1, cfg.max_steps + 1), desc="train", disable=None):
-        first = (step - 1) * cfg.batch_size
-        records = [train_set[order[(first + i) % len(order)]] for i in range(cfg.batch_size)]
+    if rank == 0:
+        print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
+    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
+        first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
+        records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
         images, prompts = zip(*[prepare(r) for r in records])
         log = {"step": step}
 
         # 1. clean rollouts, sampled from pi_old (this step's weights)
         policy.eval()
         t0 = time.time()
-        clean = sample(policy, tok, prompts, images, cfg.n_clean, cfg.max_response_len, cfg.temperature)
+        with compute():
+            clean = sample(policy, tok, prompts, images, cfg.n_clean, cfg.max_response_len, cfg.temperature)
 
         # 2-4. the perturbed image for the second half of the rollouts
         t1 = time.time()
@@ -127,10 +154,10 @@ def main(argv):
             for i, x in enumerate(images):
                 rows = slice(i * cfg.n_clean, (i + 1) * cfg.n_clean)
                 seqs, attn, resp_mask = sequences(clean, rows)
-                adv_images[i], st = egas.attack(policy, x.to(cfg.device), seqs, attn, resp_mask,
-                                                clean["prompt_ids"].shape[1], cfg.pgd_steps, cfg.pgd_alpha,
-                                                cfg.pgd_eps, cfg.tsec_band, cfg.tsec_scope, cfg.temperature,
-                                                cfg.logit_chunk)
+                with compute():
+                    adv_images[i], st = egas.attack(policy, x, seqs, attn, resp_mask, clean["prompt_ids"].shape[1],
+                                                    cfg.pgd_steps, cfg.pgd_alpha, cfg.pgd_eps, cfg.tsec_band,
+                                                    cfg.tsec_scope, cfg.temperature, cfg.logit_chunk)
                 gains.append(st["gain"])
                 fallbacks += st["fallback"]
         elif cfg.n_adv > 0 and cfg.perturb == "noise":
@@ -139,7 +166,8 @@ def main(argv):
         t2 = time.time()
         rollouts = clean
         if cfg.n_adv > 0:
-            adv = sample(policy, tok, prompts, adv_images, cfg.n_adv, cfg.max_response_len, cfg.temperature)
+            with compute():
+                adv = sample(policy, tok, prompts, adv_images, cfg.n_adv, cfg.max_response_len, cfg.temperature)
             rollouts = merge_groups(clean, adv, cfg.n_clean, cfg.n_adv, tok.pad_token_id)
         t3 = time.time()
 
@@ -157,75 +185,88 @@ def main(argv):
         row_images = [adv_images[i // group] if is_adv[i] and cfg.logprob_image == "adversarial" else images[i // group]
                       for i in range(len(texts))]
         seqs, attn, resp_mask = sequences(rollouts, slice(None))
-        n_tokens = resp_mask.sum()
+        prompt_len = rollouts["prompt_ids"].shape[1]
+        n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
         totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0}
         entropy = torch.zeros(resp_mask.shape)
         for mb in range(0, len(texts), cfg.micro_batch_size):
             rows = slice(mb, mb + cfg.micro_batch_size)
-            pixel_values, grid = batch_pixels(row_images[rows], cfg.device)
-            hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, seqs.shape[1] - resp_mask.shape[1])
-            logp, ent = grpo.token_logprobs(hidden, policy.lm_head, rollouts["response_ids"][rows], resp_mask[rows],
-                                            cfg.temperature, cfg.logit_chunk)
-            # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
-            loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), resp_mask[rows],
-                                        cfg.clip_low, cfg.clip_high, n_tokens)
-            if ref is not None:
-                with torch.no_grad():
-                    ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, seqs.shape[1] - resp_mask.shape[1])
-                    ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, rollouts["response_ids"][rows],
-                                                      resp_mask[rows], cfg.temperature, cfg.logit_chunk)
-                kl = (grpo.kl_penalty(logp, ref_logp) * resp_mask[rows]).sum() / n_tokens
-                loss = loss + cfg.kl_coef * kl
-                totals["kl"] += kl.item()
-            if cfg.entropy_coef > 0:
-                loss = loss - cfg.entropy_coef * (ent * resp_mask[rows]).sum() / n_tokens
-            loss.backward()
+            pixel_values, grid = batch_pixels(row_images[rows])
+            targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
+            with compute():
+                hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+                logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
+                # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
+                loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), mask,
+                                            cfg.clip_low, cfg.clip_high, n_tokens)
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+                        ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
+                                                          cfg.logit_chunk)
+                    kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens
+                    loss = loss + cfg.kl_coef * kl
+                    totals["kl"] += kl.item()
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * (ent * mask).sum() / n_tokens
+            (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
             totals["loss"] += loss.item()
             totals["clipped_tokens"] += st["clipped_tokens"]
             entropy[rows] = ent.detach().cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        if math.isfinite(grad_norm) and math.isfinite(totals["loss"]):
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        total_loss = all_reduce_sum(torch.tensor(totals["loss"])).item()
+        if math.isfinite(grad_norm) and math.isfinite(total_loss):
             optimizer.step()
         else:
             log["skipped_update"] = 1  # a non-finite loss or gradient is logged, never applied
         optimizer.zero_grad(set_to_none=True)
         t4 = time.time()
 
-        # logging: one line to stdout, one JSON line to metrics.jsonl
+        # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
         mask_f = resp_mask.float().cpu()
         token_entropy = (entropy * mask_f).sum(1) / mask_f.sum(1)  # (B,) mean over each response's tokens
         acc = torch.tensor([s["accuracy"] for s in scores])
         fmt = torch.tensor([s["format"] for s in scores])
         answers = [rewards.extract_answer(t) for t in texts]
-        log.update({
-            "reward_clean": reward[~is_adv].mean().item(), "accuracy_clean": acc[~is_adv].mean().item(),
-            "entropy_clean": token_entropy[~is_adv].mean().item(),
-            "format": fmt.mean().item(),
-            "dead_groups": (reward.view(-1, group).std(1) == 0).float().mean().item(),
-            "answer_diversity": sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)) / cfg.batch_size,
-            "response_len": mask_f.sum(1).mean().item(),
-            "truncated": rollouts["truncated"].float().mean().item(),
-            "loss": totals["loss"], "clip_frac": totals["clipped_tokens"] / n_tokens.item(), "grad_norm": grad_norm,
-            "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3,
-        })
+        per_response = {"reward_clean": (reward, ~is_adv), "accuracy_clean": (acc, ~is_adv),
+                        "entropy_clean": (token_entropy, ~is_adv), "format": (fmt, None),
+                        "response_len": (mask_f.sum(1), None), "truncated": (rollouts["truncated"].float().cpu(), None)}
         if cfg.n_adv > 0:
-            log.update({"reward_adv": reward[is_adv].mean().item(), "accuracy_adv": acc[is_adv].mean().item(),
-                        "entropy_adv": token_entropy[is_adv].mean().item()})
-        if gains:
-            log.update({"attack_gain": sum(gains) / len(gains), "tsec_fallback": fallbacks})
+            per_response.update({"reward_adv": (reward, is_adv), "accuracy_adv": (acc, is_adv),
+                                 "entropy_adv": (token_entropy, is_adv)})
+        for key, (values, rows) in per_response.items():
+            values = values if rows is None else values[rows]
+            log[key] = (all_reduce_sum(values.sum()) / all_reduce_sum(torch.tensor(float(values.numel())))).item()
+        groups = torch.tensor([(reward.view(-1, group).std(1) == 0).float().sum().item(),
+                               sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)),
+                               totals["clipped_tokens"], sum(gains), len(gains), fallbacks, totals["kl"]])
+        dead, distinct, clipped, gain_sum, n_gain, fallback_sum, kl_sum = all_reduce_sum(groups).tolist()
+        log.update({"dead_groups": dead / cfg.batch_size, "answer_diversity": distinct / cfg.batch_size,
+                    "loss": total_loss, "clip_frac": clipped / n_tokens, "grad_norm": grad_norm,
+                    "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
+        if n_gain:
+            log.update({"attack_gain": gain_sum / n_gain, "tsec_fallback": int(fallback_sum)})
         if ref is not None:
-            log["kl"] = totals["kl"]
+            log["kl"] = kl_sum
         if cfg.eval_interval and step % cfg.eval_interval == 0:
             log["eval_accuracy"] = evaluate_now()["accuracy"]
-        metrics_file.write(json.dumps(log) + "\n")
-        metrics_file.flush()
-        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
-        if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            save_checkpoint(policy, tok, os.path.join(cfg.out_dir, "checkpoint"))
+        if rank == 0:
+            metrics_file.write(json.dumps(log) + "\n")
+            metrics_file.flush()
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+        stopping = all_reduce_sum(torch.tensor(float(stop["signal"] is not None))).item() > 0
+        if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
+            save_checkpoint(policy, tok, optimizer, step, checkpoint_dir, rank)
+        if stopping:
+            if rank == 0:
+                print(f"stopped by {stop['signal']} after step {step}; checkpoint saved, continue with --resume=True")
+            return None
 
     end = evaluate_now()
-    print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
-          f"(format {start['format']:.3f} -> {end['format']:.3f})")
+    if rank == 0:
+        print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
+              f"(format {start['format']:.3f} -> {end['format']:.3f})")
     return start, end
 
 
@@ -262,10 +303,10 @@ def merge_groups(clean, adv, n_clean, n_adv, pad_id):
     return merged
 
 
-def batch_pixels(images, device):
+def batch_pixels(images):
     """One (3, H, W) image per row -> concatenated pixel_values and (rows, 3) image_grid_thw."""
     from data import image_to_pixels
-    pixels = [image_to_pixels(x.to(device)) for x in images]
+    pixels = [image_to_pixels(x) for x in images]
     return torch.cat([p for p, _ in pixels]), torch.cat([g for _, g in pixels])
 
 
@@ -273,17 +314,118 @@ def noisy_image(x, step, max_steps):
     raise NotImplementedError("perturb='noise' (NoisyRollout) is not implemented yet")
 
 
-def save_checkpoint(policy, tok, path):
-    """Hugging Face-format save, written beside the target and renamed, so a kill never leaves half a checkpoint."""
+# ----------------------------------------------------------------------------- scale-out and checkpoints
+
+def setup_distributed(cfg):
+    """Under torchrun: join the process group and pick this rank's device. Returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(cfg.device)
+    return dist.get_rank(), world
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over ranks (a no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def shard(policy, compute_dtype):
+    """FSDP2: one shard group per vision block and per decoder layer, the rest (embeddings, LM head) at the root.
+
+    Weights stay fp32 shards (the optimizer's master copy); each forward gathers them in compute_dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in policy.model.visual.blocks:
+        fully_shard(block, mp_policy=mp)
+    for layer in policy.model.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)
+    # FSDP wants the root's forward first; generate() would reach the vision blocks before it
+    with torch.no_grad():
+        device = next(policy.parameters()).device
+        ids = torch.full((1, 4), policy.config.image_token_id, device=device)  # 16 patches = 4 merged tokens
+        policy(input_ids=ids, pixel_values=torch.zeros(16, 1176, device=device),
+               image_grid_thw=torch.tensor([[1, 4, 4]], device=device), use_cache=False, logits_to_keep=1)
+    reshard(policy)  # the root keeps its weights gathered after a forward; the optimizer must see the shards
+
+
+def reshard(policy):
+    """Put every FSDP2 group back to its sharded parameters (the objects the optimizer and state dicts know)."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def install_stop_handlers():
+    """SIGINT/SIGTERM finish the current step, save a checkpoint and stop, instead of dying mid-write."""
+    import signal
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
+
+
+def save_checkpoint(policy, tok, optimizer, step, path, rank):
+    """A Hugging Face-format model (for eval.py and from_pretrained) plus trainer_state.pt (optimizer, step,
+    every rank's RNG state) in one folder, written beside the target and renamed into place: a kill at any
+    moment leaves the previous checkpoint whole."""
     import shutil
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    reshard(policy)  # the state-dict API finds parameters by identity: they must be the sharded ones
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0
+    model_state = get_model_state_dict(policy, options=full)
+    # frozen weights (the vision tower) have no optimizer state; the state-dict API must be told
+    optim_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    distributed = dist.is_available() and dist.is_initialized()
+    rngs = [None] * dist.get_world_size() if distributed else [rng]
+    if distributed:
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, state_dict=model_state)
+        tok.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optim_state, "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+
+
+def load_trainer_state(policy, optimizer, path, rank):
+    """Restore the optimizer and this rank's RNG from a checkpoint (weights come with the model). Returns its step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""
+Rewards: what is right. Every response gets 0.9*accuracy + 0.1*format (DESIGN.md §4 step 6).
+
+accuracy: the content of the last \\boxed{} graded against the answer with mathruler's grade_answer
+(string normalisation first, then sympy equivalence: fractions, LaTeX, units, degrees), plus
+multiple-choice letters and yes/no. format: <think>...</think> then a non-empty \\boxed{...}.
+"""
+import re
+
+from mathruler.grader import grade_answer
+
+# The EasyR1 / NoisyRollout recipe the paper family trains with: correctness dominates, and the
+# small format term keeps the <think>/\boxed layout the answer extractor relies on.
+ACCURACY_WEIGHT = 0.9
+FORMAT_WEIGHT = 0.1
+
+# grade_answer falls back to sympy, which can hang: cap the length (no right answer is this long), and
+# refuse python powers / factorials the reference does not use ("(99!)!" and "9**9**9" never return)
+MAX_ANSWER_CHARS = 200
+
+# exactly one think block at the very start; no further think tags after it
+_THINK = re.compile(r"<think>((?:(?!</?think>).)*)</think>((?:(?!</?think>).)*)", re.DOTALL)
+_TEXT = re.compile(r"^\\(?:text|textbf|mathrm)\{(.*)\}$", re.DOTALL)
+_LETTER = re.compile(r"^\(?([A-Z])\)?[.:]?$")
+_BLOWUP = re.compile(r"\*\*|(?<!\\)!")  # python power, factorial (but not LaTeX's \! thin space)
+
+
+def extract_answer(response):
+    """Content of the last \\boxed{...} (nested braces balanced); None if missing, unclosed or empty."""
+    start = response.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i0, depth = start + len("\\boxed{"), 0
+    for i in range(i0, len(response)):
+        if response[i] == "{":
+            depth += 1
+        elif response[i] == "}":
+            if depth == 0:
+                return response[i0:i].strip() or None
+            depth -= 1
+    return None  # cut off mid-box (length limit): no answer
+
+
+def format_ok(response):
+    """True when the response is <think>...</think> followed by text holding a non-empty \\boxed{}."""
+    m = _THINK.fullmatch(response.strip())
+    return m is not None and extract_answer(m.group(2)) is not None
+
+
+def _clean(s):
+    """Strip whitespace and a \\text{} wrapper; mathruler knows ^\\circ but not the ° sign."""
+    s = s.strip().replace("°", "")
+    m = _TEXT.match(s)
+    return m.group(1).strip() if m else s
+
+
+def _letter_index(s, n_choices):
+    """Index of an option letter like B, (B), B. ; None if s is not one, or out of range."""
+    m = _LETTER.match(s)
+    i = ord(m.group(1)) - ord("A") if m else -1
+    return i if 0 <= i < n_choices else None
+
+
+def _safe(given, answer):
+    """Refuse inputs that can hang sympy: very long, or blow-up operators the answer does not use."""
+    if len(given) > MAX_ANSWER_CHARS:
+        return False
+    return not _BLOWUP.search(given) or bool(_BLOWUP.search(answer))
+
+
+def is_correct(given, answer, choices=None):
+    """Is the extracted answer `given` equivalent to the reference `answer`?"""
+    if given is None or not _safe(given, answer):
+        return False
+    given, answer = _clean(given), _clean(answer)
+    if answer.lower() in ("yes", "no"):  # HallusionBench-style: exact word, any case, trailing dot ok
+        return given.rstrip(".").strip().lower() == answer.lower()
+    givens, targets = [given], [answer]
+    if choices:  # a letter on either side also stands for its option's text
+        for forms in (givens, targets):
+            i = _letter_index(forms[0], len(choices))
+            if i is not None:
+                forms.append(_clean(choices[i]))
+    # Note: grade_answer copes with the dataset's spaced LaTeX ("5 \sqrt { 3 }" == "5\sqrt{3}"),
+    # so no extra normalisation here. It refuses unreduced fractions ("2/4" != "\frac{1}{2}").
+    return any(grade_answer(g, t) for g in givens for t in targets)
+
+
+def score(response, answer, choices=None):
+    """Reward dict for one response: overall = 0.9*accuracy + 0.1*format."""
+    accuracy = float(is_correct(extract_answer(response), answer, choices))
+    fmt = float(format_ok(response))
+    return {"overall": ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * fmt, "accuracy": accuracy, "format": fmt}
