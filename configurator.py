@@ -50,7 +50,7 @@ def override(defaults, argv):
             continue
         key, has_value, text = arg[2:].partition("=")
         if not has_value:  # --key value
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise SystemExit(f"config error: {arg} needs a value; write {arg}=VALUE")
             text, i = argv[i + 1], i + 1
         if key not in config:

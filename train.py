@@ -184,35 +184,8 @@ def main(argv):
         is_adv = torch.arange(len(texts)) % group >= cfg.n_clean
         row_images = [adv_images[i // group] if is_adv[i] and cfg.logprob_image == "adversarial" else images[i // group]
                       for i in range(len(texts))]
-        seqs, attn, resp_mask = sequences(rollouts, slice(None))
-        prompt_len = rollouts["prompt_ids"].shape[1]
-        n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
-        totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0}
-        entropy = torch.zeros(resp_mask.shape)
-        for mb in range(0, len(texts), cfg.micro_batch_size):
-            rows = slice(mb, mb + cfg.micro_batch_size)
-            pixel_values, grid = batch_pixels(row_images[rows])
-            targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
-            with compute():
-                hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
-                logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
-                # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
-                loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), mask,
-                                            cfg.clip_low, cfg.clip_high, n_tokens)
-                if ref is not None:
-                    with torch.no_grad():
-                        ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
-                        ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
-                                                          cfg.logit_chunk)
-                    kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens
-                    loss = loss + cfg.kl_coef * kl
-                    totals["kl"] += kl.item()
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * (ent * mask).sum() / n_tokens
-            (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
-            totals["loss"] += loss.item()
-            totals["clipped_tokens"] += st["clipped_tokens"]
-            entropy[rows] = ent.detach().cpu()
+        totals, entropy = policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute)
+        resp_mask, n_tokens = rollouts["response_mask"], totals["tokens"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         total_loss = all_reduce_sum(torch.tensor(totals["loss"])).item()
@@ -261,13 +234,59 @@ def main(argv):
         if stopping:
             if rank == 0:
                 print(f"stopped by {stop['signal']} after step {step}; checkpoint saved, continue with --resume=True")
+            if world > 1:
+                torch.distributed.destroy_process_group()
             return None
 
     end = evaluate_now()
     if rank == 0:
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
               f"(format {start['format']:.3f} -> {end['format']:.3f})")
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return start, end
+
+
+def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute):
+    """Step 8 up to the gradients: the clipped-objective loss over all responses, micro-batch by micro-batch.
+
+    rollouts: prompt_ids/prompt_mask (B, P), response_ids/response_mask (B, L); advantages: (B,); row_images:
+    B (3, H, W) images the log-probs condition on. The loss is the token-mean over every response token of every
+    rank, so the gradient does not depend on micro-batching or on the number of ranks. Accumulates .grad and
+    returns (totals, entropy): summed loss/kl/clipped-token statistics and the (B, L) token entropies.
+    """
+    import grpo
+    from model import response_hidden
+    seqs, attn, resp_mask = sequences(rollouts, slice(None))
+    prompt_len = rollouts["prompt_ids"].shape[1]
+    n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
+    totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_tokens}
+    entropy = torch.zeros(resp_mask.shape)
+    for mb in range(0, seqs.shape[0], cfg.micro_batch_size):
+        rows = slice(mb, mb + cfg.micro_batch_size)
+        pixel_values, grid = batch_pixels(row_images[rows])
+        targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
+        with compute():
+            hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+            logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
+            # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
+            loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), mask,
+                                        cfg.clip_low, cfg.clip_high, n_tokens)
+            if ref is not None:
+                with torch.no_grad():
+                    ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+                    ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
+                                                      cfg.logit_chunk)
+                kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens
+                loss = loss + cfg.kl_coef * kl
+                totals["kl"] += kl.item()
+            if cfg.entropy_coef > 0:
+                loss = loss - cfg.entropy_coef * (ent * mask).sum() / n_tokens
+        (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
+        totals["loss"] += loss.item()
+        totals["clipped_tokens"] += st["clipped_tokens"]
+        entropy[rows] = ent.detach().cpu()
+    return totals, entropy
 
 
 def check_config(cfg):

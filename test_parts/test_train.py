@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GEO3K = os.path.join(ROOT, "..", "shared", "data", "geometry3k-sample", "test.parquet")
+SMALL = ["--model", "tiny", "--dataset", GEO3K, "--min_pixels", "3136", "--max_pixels", "12544",
+         "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2"]
+
+
+# ----------------------------------------------------------------------------- configurator.py / train.py config
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_clen=6"], "unknown constant 'n_clen'"),
+    (["--n_clean=six"], "n_clean must be int"),
+    (["--tsec_band=0.3"], "tsec_band must be tuple"),
+    (["--perturb=blur"], "perturb must be one of"),
+    (["--n_clean"], "needs a value"),
+    (["config/no_such_file.py"], "not found"),
+    (["--model", "Qwen9-VL"], "unknown model 'Qwen9-VL'"),
+])
+def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(args + ["--out_dir", str(tmp_path)])
+
+
+def test_configurator_parses_types_and_files(tmp_path):
+    from configurator import override
+    defaults = {"lr": 1e-6, "n_adv": 6, "tsec_band": (1 / 3, 2 / 3), "model": "tiny", "resume": False}
+    conf = tmp_path / "c.py"
+    conf.write_text("lr = 3e-4\nn_adv = 0\n")
+    cfg = override(defaults, [str(conf), "--tsec_band=(0.0, 1.0)", "--model", "Qwen2.5-VL-3B", "--resume=True", "--lr=1"])
+    assert cfg == {"lr": 1.0, "n_adv": 0, "tsec_band": (0.0, 1.0), "model": "Qwen2.5-VL-3B", "resume": True}
+    assert isinstance(cfg["lr"], float)
+
+
+# ----------------------------------------------------------------------------- train.py under torchrun
+
+UPDATE_SCRIPT = textwrap.dedent("""
+    # Same fixed rollouts on 1 rank or split over 2: the token-mean loss and the gradients must agree.
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import train
+    from model import load_policy
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3))
+    rank, world = train.setup_distributed(cfg)
+    policy, tok = load_policy("tiny", seed=0)
+    policy.model.visual.requires_grad_(False)
+    if world > 1:
+        train.shard(policy, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    B, P, L = 8, 30, 12
+    image_tokens = 4  # a 56x56 image: 16 patches, 4 merged tokens
+    prompt = torch.randint(10, 100, (B, P), generator=g)
+    prompt[:, 5:5 + image_tokens] = policy.config.image_token_id
+    response = torch.randint(10, 100, (B, L), generator=g)
+    lengths = torch.randint(3, L + 1, (B,), generator=g)
+    response_mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    images = [torch.rand(3, 56, 56, generator=g) for _ in range(B)]
+    advantages = torch.randn(B, generator=g)
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
+                    response_ids=response[rows] * response_mask[rows], response_mask=response_mask[rows])
+    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world,
+                                    lambda: torch.autocast("cpu", enabled=False))
+    loss = train.all_reduce_sum(torch.tensor(totals["loss"])).item()
+    grads = {{}}
+    for name, p in policy.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = grad.clone()
+    if rank == 0:
+        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"]}}, sys.argv[1])
+    if world > 1:
+        torch.distributed.destroy_process_group()
+""")
+
+
+def _torchrun(args, nproc=2, timeout=300):
+    import socket
+    with socket.socket() as s:  # a free port, so parallel runs never meet at the default one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
+    script = tmp_path / "update.py"
+    script.write_text(UPDATE_SCRIPT.format(root=ROOT))
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun([str(script), str(tmp_path / "two.pt")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["tokens"] == b["tokens"]
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
+    assert not any(k.startswith("model.visual") for k in a["grads"])  # the frozen vision tower gets no gradient
+    worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
+    scale = max(a["grads"][k].abs().max().item() for k in a["grads"])
+    assert scale > 1e-4 and worst < 1e-5 * max(1.0, scale), (worst, scale)
