@@ -234,10 +234,12 @@ def main(argv):
         if stopping:
             if rank == 0:
                 print(f"stopped by {stop['signal']} after step {step}; checkpoint saved, continue with --resume=True")
+            stop["restore"]()
             if world > 1:
                 torch.distributed.destroy_process_group()
             return None
 
+    stop["restore"]()
     end = evaluate_now()
     if rank == 0:
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
@@ -396,8 +398,8 @@ def install_stop_handlers():
         if stop["signal"] is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         stop["signal"] = signal.Signals(signum).name
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop["restore"] = lambda: [signal.signal(sig, h) for sig, h in previous.items()]
     return stop
 
 

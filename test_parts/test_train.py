@@ -77,8 +77,19 @@ UPDATE_SCRIPT = textwrap.dedent("""
         if p.grad is not None:
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name] = grad.clone()
+    # one optimizer step; then every rank gathers the full weights and reports a checksum of them
+    torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    train.reshard(policy) if world > 1 else None
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+    checksum = sum(v.double().abs().sum().item() * (i + 1) for i, v in enumerate(full.values()))
+    checksums = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(checksums, checksum)
+    else:
+        checksums = [checksum]
     if rank == 0:
-        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"]}}, sys.argv[1])
+        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums}}, sys.argv[1])
     if world > 1:
         torch.distributed.destroy_process_group()
 """)
@@ -110,3 +121,51 @@ def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
     scale = max(a["grads"][k].abs().max().item() for k in a["grads"])
     assert scale > 1e-4 and worst < 1e-5 * max(1.0, scale), (worst, scale)
+    # after the step every rank holds the same weights, and they match the single-process step
+    assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
+    assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
+
+
+def test_train_torchrun_two_ranks_runs_saei_steps(tmp_path):
+    run = _torchrun(["train.py"] + SMALL + ["--max_steps=2", "--batch_size=4", "--out_dir", str(tmp_path)])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2]  # rank 0 alone writes the log
+    assert all("attack_gain" in l and l["response_len"] > 0 for l in logs)
+    from model import load_policy
+    policy, _ = load_policy(str(tmp_path / "checkpoint"))
+    assert sum(p.numel() for p in policy.parameters()) > 1e6  # the whole model, gathered from both shards
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "checkpoint", "model.safetensors"))
+
+
+def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    import signal
+    import time
+    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
+    args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100", "--max_steps=4"]
+    train.main(args + ["--out_dir", str(tmp_path / "straight")])
+    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM" in out
+    stopped_at = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 1 <= stopped_at < 4 and logged[-1] == stopped_at
+    train.main(args + ["--resume=True", "--out_dir", str(tmp_path / "killed")])
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # no step repeated or skipped
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
