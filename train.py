@@ -93,7 +93,7 @@ def main(argv):
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.kl_coef > 0:  # a frozen copy of the initial policy
         ref, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)

@@ -169,3 +169,31 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def _fixed_rollouts(policy, B=4, P=30, L=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(10, 100, (B, P), generator=g)
+    prompt[:, 5:9] = policy.config.image_token_id  # a 56x56 image: 4 merged tokens
+    response_mask = (torch.arange(L)[None] < torch.randint(3, L + 1, (B,), generator=g)[:, None]).long()
+    rollouts = dict(prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
+                    response_ids=torch.randint(10, 100, (B, L), generator=g) * response_mask, response_mask=response_mask)
+    return rollouts, [torch.rand(3, 56, 56, generator=g) for _ in range(B)], torch.randn(B, generator=g)
+
+
+def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged():
+    from model import load_policy
+    grads = []
+    for checkpointing, micro in [(False, 4), (True, 4), (False, 1)]:
+        policy, _ = load_policy("tiny", seed=0)
+        policy.model.visual.requires_grad_(False)
+        if checkpointing:
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()
+        assert policy.is_gradient_checkpointing == checkpointing
+        cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=micro))
+        rollouts, images, advantages = _fixed_rollouts(policy)
+        train.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 1e-4
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
