@@ -190,7 +190,7 @@ def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchang
         if checkpointing:
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         policy.train()
-        assert policy.is_gradient_checkpointing == checkpointing
+        assert policy.is_activation_checkpointing == checkpointing
         cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=micro))
         rollouts, images, advantages = _fixed_rollouts(policy)
         train.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
