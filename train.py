@@ -186,14 +186,10 @@ def main(argv):
                       for i in range(len(texts))]
         totals, entropy = policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute)
         resp_mask, n_tokens = rollouts["response_mask"], totals["tokens"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         total_loss = all_reduce_sum(torch.tensor(totals["loss"])).item()
-        if math.isfinite(grad_norm) and math.isfinite(total_loss):
-            optimizer.step()
-        else:
-            log["skipped_update"] = 1  # a non-finite loss or gradient is logged, never applied
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, applied = optimizer_step(optimizer, params, cfg.grad_clip, total_loss)
+        if not applied:
+            log["skipped_update"] = 1
         t4 = time.time()
 
         # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
@@ -289,6 +285,18 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         totals["clipped_tokens"] += st["clipped_tokens"]
         entropy[rows] = ent.detach().cpu()
     return totals, entropy
+
+
+def optimizer_step(optimizer, params, grad_clip, loss):
+    """Clip the gradient norm and step, unless the loss or the norm is not finite: such an update is dropped
+    (the weights stay as they were), never applied. Clears the gradients. Returns (grad_norm, applied)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    applied = math.isfinite(grad_norm) and math.isfinite(loss)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
 
 
 def check_config(cfg):

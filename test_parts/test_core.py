@@ -216,6 +216,22 @@ def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
     assert st["gain"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
+    policy, tok = tiny
+    x = torch.rand(3, 56, 56)
+    prompt = data.build_prompt(tok, "<image>q", data.n_image_tokens(x))
+    response = tok("7<|im_end|>").input_ids  # 2 tokens: round(2/3) == round(4/3), so the middle band is empty
+    ids = torch.tensor([prompt + response])
+    mask = torch.ones(1, len(response), dtype=torch.long)
+    _, st = egas.attack(policy, x, ids, torch.ones_like(ids), mask, len(prompt), steps=1, alpha=2 / 255, eps=2 / 255)
+    assert st["fallback"] == 1
+    pv, grid = data.image_to_pixels(x)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits[:, len(prompt) - 1:-1]
+    assert st["objective_clean"] == pytest.approx(tsec.token_entropy(logits).mean().item(), abs=1e-5)
+    assert math.isfinite(st["gain"])
+
+
 # ----------------------------------------------------------------------------- grpo.py
 
 def test_grpo_group_advantages_hand_computed():

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -197,3 +198,26 @@ def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchang
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
     assert grads[0].abs().max() > 1e-4
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_train_non_finite_update_is_skipped_not_applied():
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    norm, applied = train.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    assert not applied and not math.isfinite(norm) and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    w.grad = torch.tensor([1.0, 1.0, 0.0])
+    _, applied = train.optimizer_step(optimizer, [w], 1.0, loss=float("inf"))
+    assert not applied and torch.equal(w.detach(), torch.ones(3))
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    norm, applied = train.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    assert applied and norm == pytest.approx(5.0) and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_train_hub_model_while_offline_is_one_clear_line():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-VL-3B", "--max_steps=1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in last and "HF_HUB_OFFLINE" in last and "Traceback" not in run.stderr
