@@ -194,6 +194,7 @@ def test_egas_attack_raises_selected_entropy_on_tiny_model(tiny, geo3k):
         _, st_down = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, steps=1, alpha=-2 / 255, eps=2 / 255)
         descents.append(st_down["gain"])
         assert st["objective_clean"] == pytest.approx(st_down["objective_clean"], abs=1e-5)  # same tokens, same image
+    assert all(p.grad is None for p in policy.parameters())  # the attack never creates parameter gradients
     assert sum(g > 0 for g in gains) >= 5, gains  # ascent raises the TsEC objective for most prompts
     assert sum(g < 0 for g in descents) >= 5, descents  # and the opposite sign lowers it
 
