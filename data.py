@@ -98,16 +98,197 @@ def build_prompt(tok, problem, n_tokens, instruction=INSTRUCTION):
 
 # ----------------------------------------------------------------------------- datasets
 
+# Every source maps to one record shape: {"images": [PIL image], "problem": text with one "<image>" placeholder,
+# "answer": str, "choices": [option texts]} -- choices is empty unless the problem is multiple choice; grading
+# (rewards.is_correct) then accepts the option's letter or its text. The column names in each converter's comment
+# are the `dataset_info` features of that dataset's card on the Hugging Face hub.
+
+def _with_image(text):
+    """Put the <image> placeholder first unless the text already places it."""
+    return text if IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + text
+
+
+def _options(choices):
+    """Option texts -> the lines a multiple-choice problem shows: "\\nChoices:\\n(A) ...\\n(B) ..."."""
+    if not choices:
+        return ""
+    return "\nChoices:\n" + "\n".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))
+
+
+def _inline_choices(question):
+    """Options written inside the question ("Choices:\\nA:40°\\nB:60°", or "A. 40°") -> their texts, in order.
+
+    Returns [] unless the lines after the last "Choice" read A, B, C, ... without a gap.
+    """
+    import re
+    found = re.findall(r"^\s*\(?([A-H])\)?\s*[:.]\s*(.+?)\s*$", question.rpartition("Choice")[2], re.MULTILINE)
+    letters = "".join(letter for letter, _ in found)
+    return [text for _, text in found] if found and "ABCDEFGH".startswith(letters) else []
+
+
+def _problem_answer(row):
+    # hiyouga/geometry3k: images [Image], problem (starts with "<image>"), answer, id, choices [str], ground_truth
+    # (the letter). xyliu6/k12-freeform (MMK12 in free form, as NoisyRollout trains; no card features, columns from
+    # the training code that reads it): images [Image], problem, answer. Both are trained free-form: the problem
+    # shows no options, so Geometry3K's `choices` are left out (a letter guessed blind would otherwise earn reward).
+    return {"images": row["images"], "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
+            "choices": []}
+
+
+def _mathvista(row):
+    # AI4Math/MathVista: pid, question, image (a file name), decoded_image (Image), choices [str] (None when
+    # free-form), unit, precision, answer (the option's text for multiple choice), question_type (multi_choice |
+    # free_form), answer_type, metadata, query
+    choices = row["choices"] if row["question_type"] == "multi_choice" else []
+    return {"images": [row["decoded_image"]], "problem": _with_image(row["question"] + _options(choices)),
+            "answer": row["answer"], "choices": choices}
+
+
+def _mathverse(row):
+    # AI4Math/MathVerse, config testmini: sample_index, problem_index, problem_version, question, image (Image),
+    # answer (the letter for multi-choice), question_type (multi-choice | free-form), metadata, query_wo, query_cot,
+    # question_for_eval. The options are written inside `question`; in "Vision Only" everything is in the image.
+    question = row["question"].strip() or "Answer the question shown in the image."
+    choices = _inline_choices(question) if row["question_type"] == "multi-choice" else []
+    return {"images": [row["image"]], "problem": _with_image(question), "answer": row["answer"], "choices": choices}
+
+
+def _mathvision(row):
+    # MathLLMs/MathVision: id, question (may name the figure "<image1>"), options [str] (empty when free-form),
+    # image (a file name), decoded_image (Image), answer (the letter for multiple choice), solution, level, subject
+    question = row["question"].replace("<image1>", IMAGE_PLACEHOLDER, 1)
+    return {"images": [row["decoded_image"]], "problem": _with_image(question + _options(row["options"])),
+            "answer": row["answer"], "choices": row["options"]}
+
+
+def _hallusionbench(row):
+    # lmms-lab/HallusionBench: category, subcategory, visual_input, set_id, figure_id, sample_note, question_id,
+    # question, gt_answer_details, gt_answer ("1" yes, "0" no), filename, image (Image)
+    return {"images": [row["image"]], "problem": _with_image(row["question"]),
+            "answer": "yes" if row["gt_answer"] == "1" else "no", "choices": []}
+
+
+def _ours(row):
+    # a local dataset already in the record schema: images [Image] (or one image), problem, answer[, choices]
+    images = row["images"] if "images" in row else [row["image"]]
+    return {"images": images, "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
+            "choices": row.get("choices") or []}
+
+
+# name -> (hub id, config, split (None: the caller's), converter); sizes from the cards. MathVerse's text-only
+# version is another config (testmini_text_only), so its testmini config holds only questions with the image.
+SOURCES = {
+    "geometry3k": ("hiyouga/geometry3k", None, None, _problem_answer),  # train 2,101 / validation 300 / test 601
+    "mmk12": ("xyliu6/k12-freeform", None, None, _problem_answer),  # train 6,457 / mini_train 2,100 / test 808
+    "mathvista": ("AI4Math/MathVista", None, "testmini", _mathvista),  # 1,000
+    "mathverse": ("AI4Math/MathVerse", "testmini", "testmini", _mathverse),  # 3,940 = 5 versions of 788 with the image
+    "mathvision": ("MathLLMs/MathVision", None, "test", _mathvision),  # 3,040
+    "hallusionbench": ("lmms-lab/HallusionBench", None, "image", _hallusionbench),  # 951 (non_image: 178, no figure)
+}
+ALIASES = {"geo3k": "geometry3k"}
+RECORD_KEYS = ("images", "problem", "answer", "choices")
+
+
 def load_records(name, split):
-    """Dataset name or local path -> a sequence of records {images: [PIL], problem, answer[, choices]}."""
+    """Dataset -> a sequence of records (indexable, with len), images decoded only when a record is read.
+
+    name: "synthetic"; a SOURCES name (or alias), loaded from the hub; "name=path", a local copy of that dataset
+    in its hub schema (a save_to_disk folder, a folder of parquet files or one .parquet file); or a local path
+    alone, a dataset already in the record schema. `split` is ignored by the benchmarks that have one split.
+    """
     import os
     import datasets
     if name == "synthetic":
         return synthetic_split(split)
-    if name == "geometry3k":
-        return datasets.load_dataset("hiyouga/geometry3k", split=split)
-    if os.path.isfile(name) and name.endswith(".parquet"):
-        return datasets.load_dataset("parquet", data_files=name, split="train")
-    if os.path.isdir(name):
-        return datasets.load_dataset(name, split=split)
-    raise SystemExit(f"unknown dataset '{name}': use synthetic, geometry3k, a .parquet file or a local dataset folder")
+    name, _, path = name.partition("=")
+    name = ALIASES.get(name, name)
+    if name in SOURCES:
+        hub_id, config, fixed_split, convert = SOURCES[name]
+        split = fixed_split or split
+        rows = _load_local(path, split, config) if path else datasets.load_dataset(hub_id, config, split=split)
+    elif os.path.exists(name):
+        rows, convert = _load_local(name, split), _ours
+    else:
+        raise SystemExit(f"unknown dataset '{name}': use synthetic, one of {', '.join([*SOURCES, *ALIASES])}, "
+                         f"name=path/to/local/copy, or a local dataset folder or .parquet file")
+
+    def transform(batch):  # datasets hands over a batch of columns; convert row by row
+        records = [convert(dict(zip(batch, values))) for values in zip(*batch.values())]
+        return {key: [r[key] for r in records] for key in RECORD_KEYS}
+    return rows.with_transform(transform)
+
+
+def _load_local(path, split, config=None):
+    """A local copy of a dataset -> the `split` rows (a one-split copy is that split, whatever its files say)."""
+    import os
+    import datasets
+    if os.path.isfile(path):
+        return datasets.load_dataset("parquet", data_files=path, split="train")
+    if not os.path.isdir(path):
+        raise SystemExit(f"dataset path '{path}' does not exist")
+    if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        rows = datasets.load_from_disk(path)
+    else:  # parquet files; a snapshot of the hub repository also names its configs in README.md
+        rows = datasets.load_dataset(path, config if config in datasets.get_dataset_config_names(path) else None)
+    if isinstance(rows, datasets.Dataset):
+        return rows
+    if split in rows:
+        return rows[split]
+    if len(rows) == 1:  # e.g. a testmini.parquet that datasets names "train"
+        return next(iter(rows.values()))
+    raise SystemExit(f"dataset '{path}' has no split '{split}' (it has {', '.join(rows)})")
+
+
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+
+
+def check_record(record, tok, min_pixels, max_pixels, max_prompt_len):
+    """Why a record cannot be used, or None when it can. Everything that would fail inside the model (or
+    silently teach it nothing) is caught here, before training: the image is fully decoded once."""
+    images = record.get("images") or []
+    if not images or images[0] is None:
+        return "missing image"
+    if len(images) > 1 or record["problem"].count(IMAGE_PLACEHOLDER) > 1:
+        return "more than one image"  # one image per problem: the pixel pipeline and the attack assume it
+    if not str(record.get("answer") or "").strip():
+        return "empty answer"
+    if any(t in record["problem"] for t in SPECIAL_TOKENS):
+        return "special token in the problem text"  # would be read as a control token (e.g. a stray image pad)
+    image = images[0]
+    try:
+        image.load()  # a lazy PIL image only reads its pixels here: truncated or corrupt files fail now
+        h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+    except Exception as e:  # PIL raises many types for broken files; the reason is printed, nothing is lost
+        return f"unreadable image ({type(e).__name__})"
+    n_tokens = n_image_tokens(torch.empty(0, h, w))  # only the size matters: no need to resize the image
+    if len(build_prompt(tok, record["problem"], n_tokens)) > max_prompt_len:
+        return f"prompt over {max_prompt_len} tokens"
+    return None
+
+
+def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="dataset"):
+    """Keep the records `check_record` accepts; skip the others, never truncate, and print each reason's count.
+
+    Grayscale, paletted and RGBA images are usable (load_image converts them, compositing alpha onto white).
+    Returns (kept records, {"kept": n, "dropped": n, reason: n, ...}); a dataset with no usable row stops here.
+    """
+    keep, reasons = [], {}
+    for i in range(len(records)):
+        try:
+            record = records[i]  # decoding happens on access: a corrupt stored image can fail right here
+        except Exception as e:
+            why = f"unreadable row ({type(e).__name__})"
+        else:
+            why = check_record(record, tok, min_pixels, max_pixels, max_prompt_len)
+        if why is None:
+            keep.append(i)
+        else:
+            reasons[why] = reasons.get(why, 0) + 1
+    counts = {"kept": len(keep), "dropped": len(records) - len(keep), **reasons}
+    detail = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
+    print(f"{name}: {len(keep)} of {len(records)} rows usable; skipped: {detail}")
+    if not keep:
+        raise SystemExit(f"{name}: no usable row ({detail}); check the dataset path and its columns")
+    kept = records.select(keep) if hasattr(records, "select") else [records[i] for i in keep]
+    return kept, counts

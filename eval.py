@@ -1,20 +1,29 @@
-"""How good it is: greedy, batched evaluation of a checkpoint on a dataset split.
+"""How good it is: greedy, batched evaluation of a checkpoint on the benchmarks, one accuracy table.
 
-`python eval.py --model out/checkpoint --dataset synthetic --split test` prints accuracy and format rate.
+`python eval.py --model out/checkpoint --benchmarks geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench`
+prints accuracy per benchmark and their average, and writes to `out_dir`: results.json and results.csv (the
+table) and samples.jsonl (every problem: question, response, extracted answer, correct). `--limit 50` for a
+quick run. A benchmark can also be a local copy, `mathvista=path/to/copy`, or a local dataset folder (data.py).
 """
+import csv
+import json
+import os
 import sys
 
 import torch
 
 # ----------------------------------------------------------------------------- constants
-model = "tiny"            # checkpoint path, short name (Qwen2.5-VL-7B) or tiny
-dataset = "synthetic"
-split = "test"
-limit = 0                 # evaluate the first N problems (0: all)
+model = "tiny"            # checkpoint path, short name (Qwen2.5-VL-7B), hub id or tiny
+benchmarks = "synthetic"  # comma-separated names (geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench),
+                          # name=path for a local copy, or a local dataset path
+split = "test"            # for the sets with several splits (geo3k, mmk12, local folders); benchmarks have one
+limit = 0                 # evaluate the first N problems of each benchmark (0: all)
 batch_size = 16
+max_prompt_len = 2048     # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
 min_pixels = 262144
 max_pixels = 1000000
+out_dir = "eval_out"
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -37,9 +46,9 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
         out = sample(policy, tok, prompts, images, 1, max_new_tokens, greedy=True)
         for r, text in zip(batch, tok.batch_decode(out["response_ids"], skip_special_tokens=True)):
             s = rewards.score(text, r["answer"], r.get("choices"))
-            samples.append({"problem": r["problem"], "answer": r["answer"], "response": text,
-                            "extracted": rewards.extract_answer(text), "correct": bool(s["accuracy"]),
-                            "format": bool(s["format"])})
+            samples.append({"question": r["problem"], "answer": r["answer"], "choices": r.get("choices") or [],
+                            "response": text, "extracted": rewards.extract_answer(text),
+                            "correct": bool(s["accuracy"]), "format": bool(s["format"])})
     policy.train(was_training)
     n = max(len(samples), 1)
     return {"accuracy": sum(s["correct"] for s in samples) / n, "format": sum(s["format"] for s in samples) / n,
@@ -47,19 +56,45 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
 
 
 def main(argv):
+    """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
     from configurator import override
-    from data import load_records
+    import data
     from model import load_policy
     cfg = type("Config", (), override(DEFAULTS, argv))
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
-    records = load_records(cfg.dataset, cfg.split)
-    if cfg.limit:
-        records = [records[i] for i in range(min(cfg.limit, len(records)))]
-    result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len, cfg.batch_size)
-    print(f"{cfg.dataset}/{cfg.split}: accuracy {result['accuracy']:.4f}  format {result['format']:.4f}  "
-          f"({len(result['samples'])} problems)")
-    return result
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    rows = []
+    with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as samples_file:
+        for spec in cfg.benchmarks.split(","):
+            name = spec.partition("=")[0]
+            print(f"evaluating {name}")
+            records = data.load_records(spec, cfg.split)
+            if cfg.limit:
+                records = [records[i] for i in range(min(cfg.limit, len(records)))]
+            records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name)
+            result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
+                              cfg.batch_size)
+            for s in result["samples"]:
+                samples_file.write(json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n")
+            rows.append({"benchmark": name, "accuracy": result["accuracy"], "format": result["format"],
+                         "problems": counts["kept"], "dropped": counts["dropped"]})
+    average = sum(r["accuracy"] for r in rows) / len(rows)  # unweighted: each benchmark counts once
+
+    w = max(len(r["benchmark"]) for r in rows + [{"benchmark": "benchmark"}]) + 2
+    print(f"\n{'benchmark':<{w}}{'accuracy':>10}{'format':>10}{'problems':>10}{'dropped':>10}")
+    for r in rows:
+        print(f"{r['benchmark']:<{w}}{100 * r['accuracy']:>10.2f}{100 * r['format']:>10.2f}"
+              f"{r['problems']:>10}{r['dropped']:>10}")
+    print(f"{'average':<{w}}{100 * average:>10.2f}")
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump({"model": cfg.model, "benchmarks": rows, "average": average}, f, indent=2)
+    with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + [{"benchmark": "average", "accuracy": average}])
+    print(f"wrote {cfg.out_dir}/results.json, results.csv and samples.jsonl")
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 # ----------------------------------------------------------------------------- constants
 # what to train
 model = "tiny"               # tiny | Qwen2.5-VL-3B | Qwen2.5-VL-7B | Qwen2.5-VL-32B | hub id | local checkpoint
-dataset = "synthetic"        # synthetic | geometry3k | a .parquet file | a local dataset folder
+dataset = "synthetic"        # synthetic | geometry3k | mmk12 | name=path (a local copy) | a local dataset folder or .parquet
 train_split = "train"
 eval_split = "test"
 out_dir = "out"
@@ -110,8 +110,11 @@ def main(argv):
     compute = lambda: torch.autocast(cfg.device.split(":")[0], getattr(torch, cfg.dtype),
                                      enabled=world == 1 and cfg.dtype != "float32")
 
-    train_set = data.load_records(cfg.dataset, cfg.train_split)
-    eval_set = data.load_records(cfg.dataset, cfg.eval_split)
+    # rows that would fail inside the model (bad image, empty answer, prompt too long...) are skipped and counted
+    train_set, _ = data.usable_records(data.load_records(cfg.dataset, cfg.train_split), tok, cfg.min_pixels,
+                                       cfg.max_pixels, cfg.max_prompt_len, f"{cfg.dataset}/{cfg.train_split}")
+    eval_set, _ = data.usable_records(data.load_records(cfg.dataset, cfg.eval_split), tok, cfg.min_pixels,
+                                      cfg.max_pixels, cfg.max_prompt_len, f"{cfg.dataset}/{cfg.eval_split}")
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group = cfg.n_clean + cfg.n_adv
     if cfg.batch_size % world:
