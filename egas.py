@@ -10,7 +10,6 @@ import torch
 import tsec
 from data import image_to_pixels
 from grpo import token_logprobs
-from model import response_hidden
 
 
 def pgd(objective, x, steps, alpha, eps):
@@ -30,43 +29,92 @@ def pgd(objective, x, steps, alpha, eps):
     return x_adv
 
 
+def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_grid_thw, prompt_len):
+    """model.response_hidden for n responses to one prompt, encoding the prompt (and its image) once.
+
+    sequences, attention_mask: (n, P + L), every row the same (left-padded) prompt; pixel_values, image_grid_thw:
+    that one image. Returns (n, L, D), equal to response_hidden on the n rows with the image repeated n times.
+    The prompt's keys and values are computed for one row and repeated; gradients reach the pixels through them.
+    Costs P + n * L tokens instead of n * (P + L), and one vision-tower pass instead of n.
+    """
+    n, total = sequences.shape
+    if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
+        raise ValueError("attack: all rows must share one prompt (the n clean responses of one prompt)")
+    # explicit positions 0..P+L-1, the ones a single forward over the whole sequence uses
+    positions = torch.arange(total, device=sequences.device)
+    captured = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        out = model(input_ids=sequences[:1, :prompt_len], attention_mask=attention_mask[:1, :prompt_len],
+                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=positions[None, :prompt_len],
+                    use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)  # the prompt's keys/values, one copy per response
+        model(input_ids=sequences[:, prompt_len:], attention_mask=attention_mask, cache=cache,
+              position_ids=positions[prompt_len:].expand(n, -1), use_cache=True, logits_to_keep=1)
+    finally:
+        hook.remove()
+    prompt_states, response_states = captured
+    # the last prompt state predicts response token 0; response state t - 1 predicts token t
+    return torch.cat([prompt_states[:, -1:].expand(n, -1, -1), response_states[:, :-1]], 1)
+
+
+def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, band=(1 / 3, 2 / 3), scope="group",
+                   temperature=1.0, chunk_size=1024):
+    """The TsEC objective J(image) on one prompt's n clean responses, as a function of the [0, 1] image.
+
+    sequences, attention_mask: (n, P + L) the prompt + its n clean responses; response_mask: (n, L). On the first
+    call the tokens are ranked by entropy without gradient, within the group of n responses (scope "group") or per
+    response ("response"), and the band is kept fixed for later calls. The LM head then runs with gradient on the
+    selected positions only, chunk by chunk (DESIGN §6), and the prompt is encoded once (`shared_prompt_hidden`).
+    Returns (objective, state): objective(img (3, H, W)) -> scalar J; state["selected"] the (n, L) bool band and
+    state["fallback"] = 1 when the band selected nothing and all tokens were used instead.
+    """
+    n = sequences.shape[0]
+    targets = sequences[:, prompt_len:]
+    head = model.lm_head.weight.detach()  # weights are constants here: no weight gradient is ever computed
+    state = {"selected": None, "fallback": 0}
+
+    def objective(img):
+        pixel_values, grid = image_to_pixels(img)
+        hidden = shared_prompt_hidden(model, sequences, attention_mask, pixel_values, grid, prompt_len)  # (n, L, D)
+        if state["selected"] is None:  # rank on the first (clean) image, without gradient
+            with torch.no_grad():
+                _, entropy = token_logprobs(hidden.detach(), head, targets, response_mask, temperature, chunk_size)
+            selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
+            if not selected.any():  # too few tokens for the band (very short responses): use them all
+                selected, state["fallback"] = response_mask.bool(), 1
+            state["selected"] = selected
+        # the LM head with gradient on the selected positions only, chunked: never an (n, L, V) tensor
+        _, entropy = token_logprobs(hidden, head, targets, state["selected"], temperature, chunk_size)
+        return tsec.selective_entropy(entropy, state["selected"])
+
+    return objective, state
+
+
 def attack(model, x, sequences, attention_mask, response_mask, prompt_len, steps, alpha, eps,
            band=(1 / 3, 2 / 3), scope="group", temperature=1.0, chunk_size=1024):
     """EgAS on one prompt: perturb its image to raise the TsEC entropy of its clean responses.
 
     x: (3, H, W) the clean image in [0, 1]; sequences, attention_mask: (n, P + L) the prompt + its n clean
-    responses; response_mask: (n, L). Tokens are ranked once, on the clean image and without gradient, within
-    the group of n responses (scope "group") or per response ("response"); the objective then applies the LM
-    head with gradient to the selected positions only (DESIGN §6).
+    responses; response_mask: (n, L). PGD ascends `tsec_objective`, whose tokens are ranked on the clean image.
     Returns x_adv and stats: objective on x and on x_adv (same tokens), their difference `gain`, and
     `fallback` = 1 when the band selected nothing and all tokens were used instead.
     """
-    n = sequences.shape[0]
-    targets = sequences[:, prompt_len:]
-    selected, stats = None, {"fallback": 0}
+    objective, state = tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, band, scope,
+                                      temperature, chunk_size)
+    stats = {}
 
-    def objective(img):
-        nonlocal selected
-        pixel_values, grid = image_to_pixels(img)
-        hidden = response_hidden(model, sequences, attention_mask, pixel_values.repeat(n, 1), grid.repeat(n, 1),
-                                 prompt_len)  # (n, L, D)
-        if selected is None:  # rank on the clean image, without gradient
-            with torch.no_grad():
-                _, entropy = token_logprobs(hidden.detach(), model.lm_head, targets, response_mask, temperature,
-                                            chunk_size)
-            selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
-            if not selected.any():  # too few tokens for the band (very short responses): use them all
-                selected, stats["fallback"] = response_mask.bool(), 1
-        entropy_sel = tsec.token_entropy(model.lm_head(hidden[selected]), temperature)  # (n_selected,)
-        full = torch.zeros(selected.shape, dtype=entropy_sel.dtype, device=entropy_sel.device)
-        objective_value = tsec.selective_entropy(full.masked_scatter(selected, entropy_sel), selected)
-        stats.setdefault("objective_clean", objective_value.item())
-        return objective_value
+    def logged(img):  # PGD's first call is on the clean image: record J there for free
+        value = objective(img)
+        stats.setdefault("objective_clean", value.item())
+        return value
 
-    x_adv = pgd(objective, x, steps, alpha, eps) if steps > 0 else x.detach().clone()
+    x_adv = pgd(logged, x, steps, alpha, eps) if steps > 0 else x.detach().clone()
     with torch.no_grad():
-        if selected is None:
-            objective(x)
+        if "objective_clean" not in stats:
+            logged(x)
         stats["objective_adv"] = objective(x_adv).item()
     stats["gain"] = stats["objective_adv"] - stats["objective_clean"]
+    stats["fallback"] = state["fallback"]
     return x_adv, stats

@@ -4,9 +4,6 @@ Each prompt gets a group of sampled responses; a response's advantage is its rew
 its group, so no value network is needed. The policy then takes a PPO-clip step on every response token.
 """
 import torch
-from torch.utils.checkpoint import checkpoint
-
-from tsec import token_entropy
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -21,30 +18,63 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
-def _logp_and_entropy(hidden, weight, targets, temperature):
-    logits = (hidden @ weight.T).float() / temperature  # (n, V) in fp32: the one big tensor, kept per chunk
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    return logp, token_entropy(logits)  # logits are already divided by the temperature
+def _scaled_logits(h, weight, temperature):
+    """(n, D), (V, D) -> (n, V) fp32 logits / T, divided in place (no second (n, V) tensor)."""
+    logits = (h @ weight.T).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _HeadLogpEntropy(torch.autograd.Function):
+    """Target log-prob and entropy of softmax(h W^T / T) for one chunk of positions, never storing the logits.
+
+    h: (n, D), weight: (V, D), targets: (n,) -> logp, entropy: (n,) fp32. Like activation checkpointing, backward
+    recomputes the (n, V) logits; unlike it, the gradient is written in closed form into one buffer, so a chunk
+    costs 2 (n, V) fp32 tensors at peak (autograd through log_softmax, exp and the product would keep ~5).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature):
+        # same autocast (bf16 matmul on GPU) in the recomputation as here, so backward sees identical logits
+        ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
+        logp_all = torch.log_softmax(_scaled_logits(h, weight, temperature), dim=-1)  # (n, V)
+        logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+        entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # H = -sum_v p_v log p_v
+        ctx.save_for_backward(h, weight, targets, entropy)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, targets, entropy = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):
+            logp_all = torch.log_softmax(_scaled_logits(h, weight, ctx.temperature), dim=-1)
+            p = logp_all.exp()
+            # dH/dz = -p * (log p + H);  d log p_t / dz = onehot(t) - p;  z = logits / T
+            grad_z = logp_all.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])  # reuses logp_all's memory
+            grad_z.sub_(p.mul_(grad_logp[:, None]))
+            grad_z.scatter_add_(-1, targets[:, None], grad_logp[:, None]).div_(ctx.temperature)
+            del p
+            grad_h = (grad_z @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (grad_z.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
 
 
 def token_logprobs(hidden, lm_head, targets, mask, temperature=1.0, chunk_size=1024):
     """Log-prob of each response token and the entropy of its next-token distribution, chunk by chunk.
 
     hidden: (B, L, D) states predicting each response token (model.response_hidden); targets, mask: (B, L).
-    Returns logp, entropy: (B, L) fp32, zero at padding. Only valid positions are pushed through the LM head,
-    `chunk_size` at a time; under autograd each chunk is checkpointed, so the (chunk, vocab) logits are
+    lm_head: the LM head module, or its (V, D) weight (pass a detached weight when only `hidden` needs a gradient,
+    as in the attack: then no weight gradient is computed). Returns logp, entropy: (B, L) fp32, zero where mask is 0.
+    Only masked positions are pushed through the LM head, `chunk_size` at a time, and the (chunk, vocab) logits are
     recomputed in backward instead of stored: memory grows with the response length times D, not times V.
     """
+    weight = lm_head.weight if isinstance(lm_head, torch.nn.Module) else lm_head
     mask = mask.bool()
     h, t = hidden[mask], targets[mask]  # (N, D), (N,): padding never reaches the LM head
     logp_parts, ent_parts = [], []
     for i in range(0, h.shape[0], chunk_size):
-        args = (h[i:i + chunk_size], lm_head.weight, t[i:i + chunk_size], temperature)
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_logp_and_entropy, *args, use_reentrant=False)
-        else:
-            lp, ent = _logp_and_entropy(*args)
+        lp, ent = _HeadLogpEntropy.apply(h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature)
         logp_parts.append(lp)
         ent_parts.append(ent)
     logp = hidden.new_zeros(mask.shape, dtype=torch.float32)

@@ -126,7 +126,8 @@ def main(argv):
         return x, data.build_prompt(tok, record["problem"], data.n_image_tokens(x))
 
     def evaluate_now():
-        subset = [eval_set[i] for i in range(rank, min(cfg.eval_limit, len(eval_set)), world)]
+        n = min(cfg.eval_limit, len(eval_set)) // world * world  # equal shares: ranks generate in lockstep
+        subset = [eval_set[i] for i in range(rank, n, world)]
         with compute():
             result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len)
         counts = torch.tensor([result["accuracy"] * len(subset), result["format"] * len(subset), len(subset)])
