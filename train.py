@@ -53,6 +53,7 @@ clip_low = 0.2
 clip_high = 0.2
 kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of the initial policy
 entropy_coef = 0.0           # > 0 adds an entropy bonus
+pg_tokens = "all"            # tokens that get policy gradient: all | vepo (VEPO's top 20%) | top_entropy (80/20)
 grad_clip = 1.0
 micro_batch_size = 8         # responses per forward/backward in the update and the attack
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
@@ -164,8 +165,9 @@ def main(argv):
                                                     cfg.tsec_scope, cfg.temperature, cfg.logit_chunk)
                 gains.append(st["gain"])
                 fallbacks += st["fallback"]
-        elif cfg.n_adv > 0 and cfg.perturb == "noise":
-            adv_images = [noisy_image(x, step, cfg.max_steps) for x in images]
+        elif cfg.n_adv > 0 and cfg.perturb == "noise":  # NoisyRollout: random noise, strong early, ~0 at the end
+            log["noise_k"] = egas.noise_level(step, cfg.max_steps)
+            adv_images = [egas.add_noise(x, log["noise_k"]) for x in images]
         # 5. adversarial rollouts
         t2 = time.time()
         rollouts = clean
@@ -203,7 +205,8 @@ def main(argv):
         fmt = torch.tensor([s["format"] for s in scores])
         answers = [rewards.extract_answer(t) for t in texts]
         per_response = {"reward_clean": (reward, ~is_adv), "accuracy_clean": (acc, ~is_adv),
-                        "entropy_clean": (token_entropy, ~is_adv), "format": (fmt, None),
+                        "entropy_clean": (token_entropy, ~is_adv), "entropy": (token_entropy, None),
+                        "format": (fmt, None),
                         "response_len": (mask_f.sum(1), None), "truncated": (rollouts["truncated"].float().cpu(), None)}
         if cfg.n_adv > 0:
             per_response.update({"reward_adv": (reward, is_adv), "accuracy_adv": (acc, is_adv),
@@ -220,6 +223,11 @@ def main(argv):
                     "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
         if n_gain:
             log.update({"attack_gain": gain_sum / n_gain, "tsec_fallback": int(fallback_sum)})
+        if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient; VEPO: mean clean-vs-noised JSD
+            pg_entropy, jsd_sum = all_reduce_sum(torch.tensor([totals["pg_entropy"], totals["jsd"]])).tolist()
+            log["pg_entropy"] = pg_entropy / n_tokens
+            if cfg.pg_tokens == "vepo":
+                log["vepo_jsd"] = jsd_sum / all_reduce_sum(mask_f.sum()).item()
         if ref is not None:
             log["kl"] = kl_sum
         if cfg.eval_interval and step % cfg.eval_interval == 0:
@@ -254,15 +262,20 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
 
     rollouts: prompt_ids/prompt_mask (B, P), response_ids/response_mask (B, L); advantages: (B,); row_images:
     B (3, H, W) images the log-probs condition on. The loss is the token-mean over every response token of every
-    rank, so the gradient does not depend on micro-batching or on the number of ranks. Accumulates .grad and
-    returns (totals, entropy): summed loss/kl/clipped-token statistics and the (B, L) token entropies.
+    rank (or over the cfg.pg_tokens selection), so the gradient does not depend on micro-batching or on the number
+    of ranks. Accumulates .grad and returns (totals, entropy): summed loss/kl/clipped-token statistics and the
+    (B, L) token entropies.
     """
     import grpo
+    import vepo
     from model import response_hidden
     seqs, attn, resp_mask = sequences(rollouts, slice(None))
     prompt_len = rollouts["prompt_ids"].shape[1]
     n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
-    totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_tokens}
+    # the policy loss averages over the tokens that get gradient (pg_tokens): each response's top 20% is a
+    # count fixed by its length, so the denominator is known before any forward pass
+    n_pg = n_tokens if cfg.pg_tokens == "all" else all_reduce_sum(vepo.n_top(resp_mask).sum().float().cpu()).item()
+    totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0}
     entropy = torch.zeros(resp_mask.shape)
     for mb in range(0, seqs.shape[0], cfg.micro_batch_size):
         rows = slice(mb, mb + cfg.micro_batch_size)
@@ -271,9 +284,20 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         with compute():
             hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
             logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
+            pg_mask = mask  # the tokens that get policy gradient
+            if cfg.pg_tokens == "vepo":  # a second pass with the image drowned in noise: which tokens does it drive?
+                with torch.no_grad():
+                    noisy = response_hidden(policy, seqs[rows], attn[rows], vepo.perturb_pixels(pixel_values), grid,
+                                            prompt_len)
+                    jsd, ent_noisy = vepo.token_jsd(hidden.detach(), noisy, policy.lm_head.weight, mask,
+                                                    cfg.temperature, cfg.logit_chunk)
+                pg_mask = vepo.top_fraction(vepo.score(jsd, ent.detach(), ent_noisy - ent.detach(), mask), mask)
+                totals["jsd"] += jsd.sum().item()
+            elif cfg.pg_tokens == "top_entropy":
+                pg_mask = vepo.top_fraction(ent, mask)
             # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
-            loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), mask,
-                                        cfg.clip_low, cfg.clip_high, n_tokens)
+            loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), pg_mask,
+                                        cfg.clip_low, cfg.clip_high, n_pg)
             if ref is not None:
                 with torch.no_grad():
                     ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
@@ -287,6 +311,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
         totals["loss"] += loss.item()
         totals["clipped_tokens"] += st["clipped_tokens"]
+        totals["pg_entropy"] += (ent.detach() * pg_mask).sum().item()
         entropy[rows] = ent.detach().cpu()
     return totals, entropy
 
@@ -305,7 +330,7 @@ def optimizer_step(optimizer, params, grad_clip, loss):
 
 def check_config(cfg):
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
-               "tsec_scope": ("group", "response")}
+               "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"config error: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
@@ -341,10 +366,6 @@ def batch_pixels(images):
     from data import image_to_pixels
     pixels = [image_to_pixels(x) for x in images]
     return torch.cat([p for p, _ in pixels]), torch.cat([g for _, g in pixels])
-
-
-def noisy_image(x, step, max_steps):
-    raise NotImplementedError("perturb='noise' (NoisyRollout) is not implemented yet")
 
 
 # ----------------------------------------------------------------------------- scale-out and checkpoints
