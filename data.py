@@ -292,3 +292,73 @@ def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="d
         raise SystemExit(f"{name}: no usable row ({detail}); check the dataset path and its columns")
     kept = records.select(keep) if hasattr(records, "select") else [records[i] for i in keep]
     return kept, counts
+
+
+# ----------------------------------------------------------------------------- synthetic task
+# The offline demo's task (DESIGN §8, §11): a 4x4 grid of 28-px cells, each empty or holding a red, green or
+# blue square; "how many <colour> squares?". A 28-px cell is exactly one 2x2 merge window, so each cell is one
+# visual token. The worked solution reads the grid row by row in <think> ("g.r. .rgr ..b. b...") and then boxes
+# the count: a tiny model learns the reading well and the counting imperfectly, which leaves RL room to improve.
+# The asked colour's count is uniform over 0..SYN_MAX_COUNT, so guessing without looking earns about 1 in 7.
+
+SYN_GRID, SYN_CELL, SYN_INSET = 4, 28, 4  # 4x4 cells of 28 px (112x112 image); squares inset 4 px into each cell
+SYN_MAX_COUNT = 6
+SYN_COLORS = {"r": ("red", (220, 30, 30)), "g": ("green", (30, 160, 30)), "b": ("blue", (30, 60, 220))}
+SYN_SIZES = {"train": 2000, "validation": 200, "test": 500}
+SYN_HELD_OUT = 5  # a grid belongs to one split by a hash of its content: 1/5 of all grids is held out
+
+
+def _synthetic_split_of(cells, letter):
+    """Which split a (grid, asked colour) belongs to. Hashing the content, not the seed, makes the splits disjoint
+    by construction however many problems each draws: test = crc % 5 == 0, validation = 1, train = the rest."""
+    import zlib
+    h = zlib.crc32(f"{cells}|{letter}".encode()) % SYN_HELD_OUT
+    return {0: "test", 1: "validation"}.get(h, "train")
+
+
+def synthetic_image(cells):
+    """16-character grid string, row by row ('.' empty, r/g/b a square) -> 112x112 RGB PIL image."""
+    from PIL import ImageDraw
+    size = SYN_GRID * SYN_CELL
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, c in enumerate(cells):
+        if c != ".":
+            x0, y0 = (i % SYN_GRID) * SYN_CELL + SYN_INSET, (i // SYN_GRID) * SYN_CELL + SYN_INSET
+            draw.rectangle([x0, y0, x0 + SYN_CELL - 1 - 2 * SYN_INSET, y0 + SYN_CELL - 1 - 2 * SYN_INSET],
+                           fill=SYN_COLORS[c][1])
+    return image
+
+
+def synthetic_problem(rng, split):
+    """One problem of `split` drawn from `rng` (random.Random): {images, problem, answer, solution, choices}."""
+    while True:
+        letter = rng.choice("rgb")
+        k = rng.randint(0, SYN_MAX_COUNT)  # the asked colour's count first, so answers are uniform
+        others = [c for c in "rgb." if c != letter]
+        cells = [letter] * k + [rng.choice(others) for _ in range(SYN_GRID * SYN_GRID - k)]
+        rng.shuffle(cells)
+        cells = "".join(cells)
+        if _synthetic_split_of(cells, letter) == split:
+            break
+    name = SYN_COLORS[letter][0]
+    rows = " ".join(cells[i:i + SYN_GRID] for i in range(0, len(cells), SYN_GRID))
+    return {"images": [synthetic_image(cells)], "problem": f"<image>How many {name} squares are in the grid?",
+            "answer": str(k), "solution": f"<think>{rows}</think>\\boxed{{{k}}}", "choices": []}
+
+
+def synthetic_stream(split, seed=0):
+    """Endless problems of `split` (train | validation | test), deterministic in (split, seed)."""
+    import random
+    if split not in SYN_SIZES:
+        raise SystemExit(f"synthetic task has no split '{split}': use one of {', '.join(SYN_SIZES)}")
+    rng = random.Random(f"synthetic/{split}/{seed}")  # a string seed: each split its own stream
+    while True:
+        yield synthetic_problem(rng, split)
+
+
+def synthetic_split(split, n=None, seed=0):
+    """The first n problems (default: SYN_SIZES[split]) of synthetic_stream(split, seed), as a list of records."""
+    import itertools
+    stream = synthetic_stream(split, seed)
+    return list(itertools.islice(stream, SYN_SIZES[split] if n is None else n))

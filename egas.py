@@ -4,7 +4,10 @@ Before the second half of the rollouts, SaEI nudges the image so the policy beco
 TsEC-selected tokens of its own clean responses: one (or a few) signed-gradient PGD steps on the raw pixels,
 ascending the selective entropy. Rollouts on the perturbed image then explore more, in the places where
 exploration is cheap. The policy's weights are untouched: gradients go to the pixels only.
+NoisyRollout's random alternative (`perturb="noise"`) lives here too: annealed diffusion-style noise.
 """
+import math
+
 import torch
 
 import tsec
@@ -27,6 +30,33 @@ def pgd(objective, x, steps, alpha, eps):
         x_adv = torch.minimum(torch.maximum(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
         x_adv = torch.round(x_adv * 255) / 255
     return x_adv
+
+
+def noise_level(step, max_steps, k0=500, mid=2 / 3, sharpness=30.0):
+    """NoisyRollout's annealed diffusion step k for training step `step` (1-based) of `max_steps`.
+
+    k = floor(k0 * (1 - sigmoid(sharpness * (step / max_steps - mid)))): ~k0 early, k0 / 2 at `mid` of the run,
+    0 at the end. The released recipe (gaussian_noise_step=500, sigmoid decay_coef=30, decay_sig_mid_step=40
+    of its 60 Geometry3K steps) written relative to the run length, so it fits runs of any length.
+    """
+    return int(k0 * (1 - 1 / (1 + math.exp(-sharpness * (step / max_steps - mid)))))
+
+
+def alpha_bar(n_steps=1000, beta_min=1e-5, beta_max=5e-3):
+    """(n_steps,) fp64 alpha_bar_k = prod_{i <= k} (1 - beta_i), beta linear in a sigmoid over [-6, 6]."""
+    betas = beta_min + (beta_max - beta_min) * torch.sigmoid(torch.linspace(-6, 6, n_steps, dtype=torch.float64))
+    return torch.cumprod(1 - betas, 0)
+
+
+def add_noise(x, k):
+    """Diffusion forward process to step k: sqrt(abar_k) x + sqrt(1 - abar_k) eps, eps ~ N(0, 1).
+
+    x: (3, H, W) in [0, 1] -> same shape, clipped to [0, 1] and rounded to the 1/255 grid (NoisyRollout's
+    noisy image is an 8-bit PIL image). eps comes from torch's global RNG, which train.py seeds per rank.
+    """
+    abar = alpha_bar()[k].item()
+    x_k = math.sqrt(abar) * x + math.sqrt(1 - abar) * torch.randn_like(x)
+    return torch.round(x_k.clamp(0.0, 1.0) * 255) / 255
 
 
 def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_grid_thw, prompt_len):
@@ -72,12 +102,14 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
     """
     n = sequences.shape[0]
     targets = sequences[:, prompt_len:]
-    head = model.lm_head.weight.detach()  # weights are constants here: no weight gradient is ever computed
     state = {"selected": None, "fallback": 0}
 
     def objective(img):
         pixel_values, grid = image_to_pixels(img)
         hidden = shared_prompt_hidden(model, sequences, attention_mask, pixel_values, grid, prompt_len)  # (n, L, D)
+        # weights are constants here, so no weight gradient is computed; read after the forward, which under
+        # FSDP2 is when the LM head holds its gathered (unsharded) weight
+        head = model.lm_head.weight.detach()
         if state["selected"] is None:  # rank on the first (clean) image, without gradient
             with torch.no_grad():
                 _, entropy = token_logprobs(hidden.detach(), head, targets, response_mask, temperature, chunk_size)

@@ -1,0 +1,250 @@
+"""How fast and how big: SaEI against GRPO on this machine's CPU, printed as one markdown table.
+
+    python bench.py            # the full table (about 15 minutes)
+    python bench.py --quick    # the smallest configuration, seconds (the test runs this)
+    python bench.py --threads=2  # torch threads per process (default 1, see below)
+
+Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
+Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
+(a) Step time at the same 12 responses per prompt: train.py runs a few steps per method in a fresh process,
+    SaEI (n_clean 6, n_adv 6) and GRPO (n_clean 12, n_adv 0) alternately, `repeats` times; the per-step split
+    (t_generate, t_attack, t_update) is read from metrics.jsonl, each run's first step (warm-up) is dropped and
+    the median over the remaining steps is reported. The ratio is SaEI's median step over GRPO's.
+(b) Peak memory of the attack objective (forward, and backward to the image), ours (egas.attack with one PGD step,
+    as train.py calls it) against the straightforward version (full (n, P + L, V) logits, entropy of every position,
+    then the band), one fresh process per configuration. Peak = the process's peak resident set (VmHWM, reset
+    through /proc/self/clear_refs after a warm-up call) minus its resident set just before the call: everything
+    the call allocates counts (autograd's saved tensors, temporaries, allocator slack); the model does not.
+(c) Rollout tokens per second: valid response tokens sampled per second of t_generate, from the runs of (a).
+Every process runs single-threaded by default: on cores shared with other jobs, OpenMP threads that wait for
+each other at every op make timings swing by 10x, while one thread per process stays steady. Ratios are what
+this measures; absolute times are those of one core.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+QWEN_VOCAB = 151936  # Qwen2.5-VL-3B's vocabulary (DESIGN §10)
+PROBLEM = "<image>In the figure, find x. Round to the nearest tenth if necessary."
+FULL = dict(steps=4, repeats=3, batch_size=2, response_len=64, image=224, mem_lengths=(256, 1024, 2048), mem_rows=1,
+            mem_repeats=3, models=("tiny", "tiny-152k"), fresh_processes=True)
+QUICK = dict(steps=2, repeats=1, batch_size=1, response_len=8, image=56, mem_lengths=(16,), mem_rows=1,
+             mem_repeats=1, models=("tiny",), fresh_processes=False)
+
+
+# ----------------------------------------------------------------------------- models and data
+
+def build_model(vocab_size=None, seed=0):
+    """The tiny Qwen2.5-VL, optionally with a bigger vocabulary (ids past the tokenizer's 103 decode to nothing)."""
+    from model import Qwen2_5_VLForConditionalGeneration, tiny_config, tiny_tokenizer
+    tok = tiny_tokenizer()
+    config = tiny_config(tok)
+    if vocab_size:
+        config.text_config.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), tok
+
+
+def write_inputs(folder, models, n_records=8, size=224):
+    """A local parquet dataset in the record schema (noise images, one fixed problem) and, for tiny-152k, a saved
+    checkpoint train.py can load by path. Returns {model name: what to pass as --model}, the dataset path."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    images = [Image.fromarray(np.random.RandomState(i).randint(0, 256, (size, size, 3), dtype=np.uint8))
+              for i in range(n_records)]
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "problem": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    path = os.path.join(folder, "bench.parquet")
+    datasets.Dataset.from_dict({"images": [[im] for im in images], "problem": [PROBLEM] * n_records,
+                                "answer": ["12.5"] * n_records}, features=features).to_parquet(path)
+    names = {}
+    for name in models:
+        if name == "tiny":
+            names[name] = "tiny"
+        else:
+            policy, tok = build_model(QWEN_VOCAB)
+            policy.save_pretrained(os.path.join(folder, name))
+            tok.save_pretrained(os.path.join(folder, name))
+            names[name] = os.path.join(folder, name)
+    return names, path
+
+
+# ----------------------------------------------------------------------------- (a) and (c): train.py steps
+
+def _env(cfg):
+    return dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
+
+
+def run_train(model, dataset, out_dir, n_clean, n_adv, cfg):
+    """Run train.py (a fresh process, or in this one for --quick); returns its metrics, the first step dropped."""
+    pixels = cfg["image"] ** 2
+    args = ["--model", model, "--dataset", dataset, "--out_dir", out_dir, f"--n_clean={n_clean}", f"--n_adv={n_adv}",
+            f"--max_steps={cfg['steps']}", f"--batch_size={cfg['batch_size']}",
+            f"--max_response_len={cfg['response_len']}", f"--min_pixels={pixels}", f"--max_pixels={pixels}",
+            "--eval_limit=0", "--save_interval=1000000"]
+    if cfg["fresh_processes"]:
+        run = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                             env=_env(cfg))
+        if run.returncode != 0:
+            raise SystemExit(f"train.py failed ({' '.join(args)}):\n{run.stderr[-2000:]}")
+    else:
+        import train
+        train.main(args)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][1:]
+
+
+def step_times(model, dataset, folder, cfg):
+    """SaEI and GRPO runs, alternated so that load from other processes hits both alike -> per-method medians."""
+    steps = {"saei": [], "grpo": []}
+    for r in range(cfg["repeats"]):
+        for method, (n_clean, n_adv) in (("saei", (6, 6)), ("grpo", (12, 0))):
+            steps[method] += run_train(model, dataset, os.path.join(folder, f"{method}-{r}"), n_clean, n_adv, cfg)
+    result = {}
+    for method, records in steps.items():
+        med = lambda key: statistics.median(r[key] for r in records)
+        tokens = [r["response_len"] * 12 * cfg["batch_size"] / r["t_generate"] for r in records]
+        result[method] = {"step": statistics.median(r["t_generate"] + r["t_attack"] + r["t_update"] for r in records),
+                          "generate": med("t_generate"), "attack": med("t_attack"), "update": med("t_update"),
+                          "tokens_per_s": statistics.median(tokens), "response_len": med("response_len")}
+    return result
+
+
+# ----------------------------------------------------------------------------- (b): attack memory
+
+def full_logits_objective(model, x, sequences, attention_mask, response_mask, prompt_len, band=(1 / 3, 2 / 3),
+                          scope="group", temperature=1.0):
+    """The straightforward TsEC objective, for comparison: the (n, P + L, V) logits of every row, with gradient.
+
+    Same inputs and value as egas.tsec_objective(...)(x); x: (3, H, W) in [0, 1]. Returns the scalar J.
+    """
+    import tsec
+    from data import image_to_pixels
+    n = sequences.shape[0]
+    pixel_values, grid = image_to_pixels(x)
+    logits = model(input_ids=sequences, attention_mask=attention_mask, pixel_values=pixel_values.repeat(n, 1),
+                   image_grid_thw=grid.repeat(n, 1), use_cache=False).logits
+    entropy = tsec.token_entropy(logits[:, prompt_len - 1:-1], temperature) * response_mask
+    selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
+    return tsec.selective_entropy(entropy, selected)
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def attack_memory(method, length, rows, repeats, image):
+    """One attack objective, forward and backward to the image -> {"peak_mb", "seconds" (median of repeats)}.
+
+    Honest only in a fresh process (`--memory-worker`): in a long-lived one, memory the allocator kept from
+    earlier work can be reused without raising the resident set.
+    """
+    import egas
+    import train
+    from data import build_prompt, n_image_tokens
+    torch.manual_seed(0)
+    policy, tok = build_model(QWEN_VOCAB)
+    x = torch.randint(0, 256, (3, image, image)).float() / 255
+    prompt = torch.tensor(build_prompt(tok, PROBLEM, n_image_tokens(x)))
+    chunk = train.DEFAULTS["logit_chunk"]
+
+    def call(L):
+        response = torch.randint(10, QWEN_VOCAB, (rows, L))  # any non-special ids: the cost does not depend on them
+        seqs = torch.cat([prompt.expand(rows, -1), response], 1)
+        attn, mask = torch.ones_like(seqs), torch.ones_like(response)
+        if method == "ours":
+            egas.attack(policy, x, seqs, attn, mask, len(prompt), steps=1, alpha=2 / 255, eps=2 / 255, chunk_size=chunk)
+        else:
+            img = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(full_logits_objective(policy, img, seqs, attn, mask, len(prompt)), img)
+            (x + 2 / 255 * grad.sign()).clamp(0, 1)
+
+    call(8)  # warm-up: lazy initializations and thread pools are not the method's memory
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(length)
+        times.append(time.perf_counter() - start)
+        if len(times) == 1:
+            peak = _status_kb("VmHWM")
+    return {"peak_mb": (peak - before) / 1024, "seconds": statistics.median(times)}
+
+
+def attack_memory_fresh(method, length, cfg):
+    """attack_memory in a fresh process (or in this one for --quick)."""
+    args = (method, length, cfg["mem_rows"], cfg["mem_repeats"], cfg["image"])
+    if not cfg["fresh_processes"]:
+        return attack_memory(*args)
+    run = subprocess.run([sys.executable, __file__, "--memory-worker", *map(str, args)], cwd=ROOT,
+                         capture_output=True, text=True, env=_env(cfg))
+    if run.returncode != 0:
+        raise SystemExit(f"memory worker {method} L={length} failed:\n{run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the table
+
+def main(quick=False, threads=1):
+    cfg = dict(QUICK if quick else FULL, threads=threads)
+    rows = []
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # for what runs in this process (--quick); restored at the end
+    with tempfile.TemporaryDirectory() as folder:
+        names, dataset = write_inputs(folder, cfg["models"], size=cfg["image"])
+        for name in cfg["models"]:
+            t = step_times(names[name], dataset, os.path.join(folder, name), cfg)
+            s, g = t["saei"], t["grpo"]
+            ratio = s["step"] / g["step"]
+            split = lambda m: f"{m['step']:.2f} = {m['generate']:.2f} + {m['attack']:.2f} + {m['update']:.2f}"
+            rows.append((name, f"step time (s) = generate + attack + update, {cfg['batch_size']} prompts x 12 "
+                               f"responses x <= {cfg['response_len']} tokens", split(s), split(g), f"{ratio:.2f}",
+                         f"<= 1.3: {'yes' if ratio <= 1.3 else 'NO'}"))
+            rows.append((name, f"rollout tokens/s (mean response {s['response_len']:.0f} / {g['response_len']:.0f} "
+                               "tokens)", f"{s['tokens_per_s']:.0f}", f"{g['tokens_per_s']:.0f}",
+                         f"{s['tokens_per_s'] / g['tokens_per_s']:.2f}", ""))
+    mem = {(m, L): attack_memory_fresh(m, L, cfg) for L in cfg["mem_lengths"] for m in ("ours", "full")}
+    vocab = f"V={QWEN_VOCAB}"
+    for L in cfg["mem_lengths"]:
+        ours, full = mem["ours", L]["peak_mb"], mem["full", L]["peak_mb"]
+        last = L == cfg["mem_lengths"][-1]
+        rows.append(("tiny-152k", f"attack peak memory (MB), {cfg['mem_rows']} response x {L} tokens, {vocab}",
+                     f"{ours:.0f}", f"{full:.0f}", f"{ours / full:.2f}",
+                     f"<= 0.25: {'yes' if ours / full <= 0.25 else 'NO'}" if last else ""))
+    for L in cfg["mem_lengths"]:
+        ours, full = mem["ours", L]["seconds"], mem["full", L]["seconds"]
+        rows.append(("tiny-152k", f"attack time (s), {cfg['mem_rows']} response x {L} tokens", f"{ours:.2f}",
+                     f"{full:.2f}", f"{ours / full:.2f}", ""))
+    if len(cfg["mem_lengths"]) > 1:
+        lo, hi = cfg["mem_lengths"][0], cfg["mem_lengths"][-1]
+        growth = mem["ours", hi]["peak_mb"] / mem["ours", lo]["peak_mb"]
+        rows.append(("tiny-152k", f"attack peak memory growth, {lo} -> {hi} tokens (x{hi // lo} length)",
+                     f"x{growth:.1f}", f"x{mem['full', hi]['peak_mb'] / mem['full', lo]['peak_mb']:.1f}", "",
+                     f"<= x{hi // lo} (linear): {'yes' if growth <= hi / lo else 'NO'}"))
+    header = ("model", "measurement", "SaEI / ours", "GRPO / full logits", "ratio", "target")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    print(f"torch {torch.__version__}, {threads} thread(s) per process, {os.cpu_count()} CPUs")
+    print("\n".join(lines))
+    torch.set_num_threads(threads_before)
+    return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--memory-worker"]:
+        method, length, rows, repeats, image = sys.argv[2], *map(int, sys.argv[3:7])
+        print(json.dumps(attack_memory(method, length, rows, repeats, image)))
+    else:
+        threads = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")]
+        main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)

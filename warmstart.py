@@ -1,0 +1,149 @@
+"""Warm start: supervised fine-tuning of the tiny Qwen2.5-VL on the synthetic task's worked solutions.
+
+RL only learns where the policy is sometimes right, and a random tiny model never writes a boxed answer. So the
+offline demo starts from a checkpoint trained here to imitate the worked solutions of data.py's synthetic task
+(read the grid row by row in <think>, then box the count): it learns the format and the reading, and counts
+imperfectly. The result is saved in Hugging Face format (weights in fp16, ~2.6 MB) under `out_dir`, which
+`model.load_policy(out_dir)` loads; the demo ships it, so this script only runs to rebuild it:
+
+    python warmstart.py                                  # ~10 minutes on 2 CPU cores, writes assets/tiny-synthetic
+    python warmstart.py --steps=5 --out_dir=/tmp/ws      # a quick end-to-end check
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+# ----------------------------------------------------------------------------- constants
+out_dir = "assets/tiny-synthetic"
+seed = 0
+steps = 700
+batch_size = 32
+lr = 1e-3
+warmup = 30                 # linear warmup steps, then cosine decay to lr / 10
+weight_decay = 0.0
+grad_clip = 1.0
+text_layers = 4             # model size (model.tiny_config): the demo's default tiny model
+text_hidden = 128
+vision_depth = 2
+vision_hidden = 64
+log_interval = 50
+eval_interval = 0           # greedy accuracy on the validation split every this many steps (0: only at the end)
+eval_n = 200                # problems per evaluation (validation during training, test at the end)
+max_response_len = 96       # same as the demo's rollouts
+save_dtype = "float16"      # the shipped weights; load_policy casts them back to float32
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
+SYN_PIXELS = 112 * 112      # min_pixels = max_pixels = the synthetic image's area: load_image never resizes it
+
+
+def build_model(cfg):
+    """A random tiny Qwen2.5-VL of the configured size and its character-level tokenizer."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from model import tiny_config, tiny_tokenizer
+    tok = tiny_tokenizer()
+    torch.manual_seed(cfg.seed)
+    config = tiny_config(tok, cfg.text_layers, cfg.text_hidden, cfg.vision_depth, cfg.vision_hidden)
+    return Qwen2_5_VLForConditionalGeneration(config), tok
+
+
+def sft_batch(tok, records):
+    """Records -> teacher-forcing inputs: prompt left-padded to P, solution + <|im_end|> right-padded to L.
+
+    Returns input_ids, attention_mask: (B, P + L); pixel_values: (B * 64, 1176); image_grid_thw: (B, 3);
+    targets, target_mask: (B, L), the response tokens and which of them are real; prompt_len: P.
+    """
+    import data
+    images = [data.load_image(r["images"][0], SYN_PIXELS, SYN_PIXELS) for r in records]
+    prompts = [data.build_prompt(tok, r["problem"], data.n_image_tokens(x)) for r, x in zip(records, images)]
+    # the stop token is part of the target: the policy must learn to end its answer
+    answers = [tok.encode(r["solution"], add_special_tokens=False) + [tok.eos_token_id] for r in records]
+    B, P, L = len(records), max(map(len, prompts)), max(map(len, answers))
+    ids = torch.full((B, P + L), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((B, P + L), dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids[i, P - len(p):P], ids[i, P:P + len(a)] = torch.tensor(p), torch.tensor(a)
+        mask[i, P - len(p):P + len(a)] = 1
+    pixels = [data.image_to_pixels(x) for x in images]
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([pv for pv, _ in pixels]),
+            "image_grid_thw": torch.cat([g for _, g in pixels]), "targets": ids[:, P:], "target_mask": mask[:, P:],
+            "prompt_len": P}
+
+
+def sft_loss(policy, batch):
+    """Mean cross-entropy over the batch's response tokens, through the same log-prob function as GRPO."""
+    import grpo
+    from model import response_hidden
+    hidden = response_hidden(policy, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                             batch["image_grid_thw"], batch["prompt_len"])  # (B, L, D)
+    logp, _ = grpo.token_logprobs(hidden, policy.lm_head, batch["targets"], batch["target_mask"])  # (B, L)
+    return -logp.sum() / batch["target_mask"].sum()
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to a tenth of cfg.lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def greedy_eval(policy, tok, split, n, cfg):
+    """Greedy accuracy and format rate on the first n problems of a synthetic split (eval.py's evaluation)."""
+    import data
+    import eval as evaluation
+    records = data.synthetic_split(split, n=n)
+    result = evaluation.evaluate(policy, tok, records, SYN_PIXELS, SYN_PIXELS, cfg.max_response_len)
+    return result["accuracy"], result["format"]
+
+
+def main(argv):
+    """Train, evaluate on the test split, save to cfg.out_dir. Returns {"accuracy", "format", "loss", "seconds"}."""
+    from configurator import override
+    import data
+    cfg = type("Config", (), override(DEFAULTS, argv))
+    policy, tok = build_model(cfg)
+    print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # its own stream (seed + 1): the RL demo's train split (seed 0) stays problems the warm start never saw
+    stream = data.synthetic_stream("train", seed=cfg.seed + 1)
+    t0, loss_avg = time.time(), None
+    policy.train()
+    for step in range(cfg.steps):
+        batch = sft_batch(tok, [next(stream) for _ in range(cfg.batch_size)])
+        loss = sft_loss(policy, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        optimizer.step()
+        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()  # smoothed for the log
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.steps:
+            print(f"step {step + 1}/{cfg.steps}  loss {loss_avg:.4f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
+        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
+            acc, fmt = greedy_eval(policy, tok, "validation", cfg.eval_n, cfg)
+            print(f"step {step + 1}: validation greedy accuracy {100 * acc:.1f}%  format {100 * fmt:.1f}%")
+    train_seconds = time.time() - t0
+
+    # save in the shipped precision, then evaluate what was saved, exactly as the demo will load it
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    policy.to(getattr(torch, cfg.save_dtype)).save_pretrained(cfg.out_dir)
+    tok.save_pretrained(cfg.out_dir)
+    from model import load_policy
+    policy, tok = load_policy(cfg.out_dir)
+    acc, fmt = greedy_eval(policy, tok, "test", cfg.eval_n, cfg)
+    result = {"accuracy": acc, "format": fmt, "loss": loss_avg, "seconds": round(train_seconds, 1),
+              "test_problems": cfg.eval_n, "config": {k: getattr(cfg, k) for k in DEFAULTS}}
+    with open(os.path.join(cfg.out_dir, "warmstart.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"test greedy accuracy {100 * acc:.1f}%  format {100 * fmt:.1f}%  ({cfg.eval_n} problems); "
+          f"trained {train_seconds:.0f}s; saved {cfg.out_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
