@@ -221,3 +221,30 @@ def test_train_hub_model_while_offline_is_one_clear_line():
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in last and "HF_HUB_OFFLINE" in last and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("method", [[], ["--n_clean=4", "--n_adv=0"]], ids=["saei", "grpo"])
+def test_train_two_steps_write_metrics_and_a_loadable_checkpoint(method, tmp_path):
+    import eval as evaluation
+    from model import load_policy
+    # the random tiny model never boxes an answer: every group is dead, so GRPO alone must not move the weights...
+    base = SMALL + method + ["--max_steps=2", "--weight_decay=0.0", "--lr=1e-2"]
+    train.main(base + ["--out_dir", str(tmp_path / "dead")])
+    initial = load_policy("tiny", seed=0)[0].state_dict()
+    dead = load_policy(str(tmp_path / "dead" / "checkpoint"))[0].state_dict()
+    assert all(torch.equal(dead[k], initial[k]) for k in dead)
+    # ...while a signal through the same update path (an entropy bonus) does
+    train.main(base + ["--entropy_coef=0.1", "--out_dir", str(tmp_path / "live")])
+    live = load_policy(str(tmp_path / "live" / "checkpoint"))[0].state_dict()
+    changed = [k for k in live if not torch.equal(live[k], initial[k])]
+    assert changed and not any(k.startswith("model.visual") for k in changed)  # the vision tower stays frozen
+    logs = [json.loads(line) for line in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2]
+    keys = {"reward_clean", "accuracy_clean", "format", "entropy_clean", "dead_groups", "response_len", "clip_frac",
+            "grad_norm", "t_generate", "t_attack", "t_update"}
+    assert all(keys <= set(l) for l in logs) and all(l["dead_groups"] == 1.0 for l in logs)
+    assert all(("attack_gain" in l) == (method == []) for l in logs)  # n_adv=0 runs no attack at all
+    rows = evaluation.main(["--model", str(tmp_path / "live" / "checkpoint"), "--benchmarks", GEO3K,
+                            "--limit", "2", "--max_response_len", "8", "--min_pixels", "3136", "--max_pixels", "12544",
+                            "--max_prompt_len", "4096", "--out_dir", str(tmp_path / "eval")])
+    assert rows[0]["problems"] == 2
