@@ -20,7 +20,7 @@ import torch
 # ----------------------------------------------------------------------------- constants
 out_dir = "assets/tiny-synthetic"
 seed = 0
-steps = 700
+steps = 700                 # at most: the learning-rate schedule spans this many
 batch_size = 32
 lr = 1e-3
 warmup = 30                 # linear warmup steps, then cosine decay to lr / 10
@@ -31,8 +31,13 @@ text_hidden = 128
 vision_depth = 2
 vision_hidden = 64
 log_interval = 50
-eval_interval = 0           # greedy accuracy on the validation split every this many steps (0: only at the end)
-eval_n = 200                # problems per evaluation (validation during training, test at the end)
+# Stop early, on purpose: RL needs a policy that is sometimes right, not one that already solves the task (left
+# alone, greedy accuracy jumps from ~30% to ~65% between steps 500 and 600 as counting clicks).
+stop_accuracy = 0.35        # stop once greedy validation accuracy reaches this (0: train all `steps`)
+eval_start = 300            # first validation step
+eval_interval = 25          # then every this many steps
+val_n = 100                 # validation problems per check
+test_n = 200                # held-out test problems for the final report
 max_response_len = 96       # same as the demo's rollouts
 save_dtype = "float16"      # the shipped weights; load_policy casts them back to float32
 # -----------------------------------------------------------------------------
@@ -124,9 +129,11 @@ def main(argv):
         loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()  # smoothed for the log
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.steps:
             print(f"step {step + 1}/{cfg.steps}  loss {loss_avg:.4f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
-        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            acc, fmt = greedy_eval(policy, tok, "validation", cfg.eval_n, cfg)
+        if cfg.stop_accuracy and step + 1 >= cfg.eval_start and (step + 1 - cfg.eval_start) % cfg.eval_interval == 0:
+            acc, fmt = greedy_eval(policy, tok, "validation", cfg.val_n, cfg)
             print(f"step {step + 1}: validation greedy accuracy {100 * acc:.1f}%  format {100 * fmt:.1f}%")
+            if acc >= cfg.stop_accuracy:
+                break
     train_seconds = time.time() - t0
 
     # save in the shipped precision, then evaluate what was saved, exactly as the demo will load it
@@ -135,13 +142,13 @@ def main(argv):
     tok.save_pretrained(cfg.out_dir)
     from model import load_policy
     policy, tok = load_policy(cfg.out_dir)
-    acc, fmt = greedy_eval(policy, tok, "test", cfg.eval_n, cfg)
-    result = {"accuracy": acc, "format": fmt, "loss": loss_avg, "seconds": round(train_seconds, 1),
-              "test_problems": cfg.eval_n, "config": {k: getattr(cfg, k) for k in DEFAULTS}}
+    acc, fmt = greedy_eval(policy, tok, "test", cfg.test_n, cfg)
+    result = {"accuracy": acc, "format": fmt, "loss": loss_avg, "steps": step + 1, "seconds": round(train_seconds, 1),
+              "test_problems": cfg.test_n, "config": {k: getattr(cfg, k) for k in DEFAULTS}}
     with open(os.path.join(cfg.out_dir, "warmstart.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"test greedy accuracy {100 * acc:.1f}%  format {100 * fmt:.1f}%  ({cfg.eval_n} problems); "
-          f"trained {train_seconds:.0f}s; saved {cfg.out_dir}")
+    print(f"test greedy accuracy {100 * acc:.1f}%  format {100 * fmt:.1f}%  ({cfg.test_n} problems); "
+          f"trained {step + 1} steps in {train_seconds:.0f}s; saved {cfg.out_dir}")
     return result
 
 

@@ -96,7 +96,8 @@ def test_warmstart_runs_end_to_end_and_checkpoint_loads(tmp_path):
     import warmstart
     from model import load_policy, sample
     out = str(tmp_path / "ws")
-    result = warmstart.main(["--steps=3", "--batch_size=2", "--eval_n=2", "--log_interval=1", f"--out_dir={out}"])
+    result = warmstart.main(["--steps=3", "--batch_size=2", "--eval_start=2", "--val_n=2", "--test_n=2",
+                             "--log_interval=1", f"--out_dir={out}"])
     assert set(result) >= {"accuracy", "format", "loss", "seconds"} and result["loss"] > 0
     assert os.path.getsize(os.path.join(out, "model.safetensors")) < 5e6
     policy, tok = load_policy(out)
