@@ -12,6 +12,7 @@ import torch
 
 import tsec
 from data import image_to_pixels
+from model import multimodal_positions
 from grpo import token_logprobs
 
 
@@ -70,18 +71,18 @@ def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_g
     n, total = sequences.shape
     if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
         raise ValueError("attack: all rows must share one prompt (the n clean responses of one prompt)")
-    # explicit positions 0..P+L-1, the ones a single forward over the whole sequence uses
-    positions = torch.arange(total, device=sequences.device)
+    # Qwen2.5-VL's 3D (time, height, width) positions of the whole sequences, computed as one forward would
+    positions = multimodal_positions(model, sequences, attention_mask, image_grid_thw.repeat(n, 1))  # (3, n, P + L)
     captured = []
     hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
         out = model(input_ids=sequences[:1, :prompt_len], attention_mask=attention_mask[:1, :prompt_len],
-                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=positions[None, :prompt_len],
+                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=positions[:, :1, :prompt_len],
                     use_cache=True, logits_to_keep=1)
         cache = out.cache
         cache.batch_repeat_interleave(n)  # the prompt's keys/values, one copy per response
         model(input_ids=sequences[:, prompt_len:], attention_mask=attention_mask, cache=cache,
-              position_ids=positions[prompt_len:].expand(n, -1), use_cache=True, logits_to_keep=1)
+              position_ids=positions[:, :, prompt_len:], use_cache=True, logits_to_keep=1)
     finally:
         hook.remove()
     prompt_states, response_states = captured

@@ -110,10 +110,24 @@ def response_hidden(model, input_ids, attention_mask, pixel_values, image_grid_t
     hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-              image_grid_thw=image_grid_thw, use_cache=False, logits_to_keep=1)
+              image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_types(model, input_ids), use_cache=False,
+              logits_to_keep=1)
     finally:
         hook.remove()
     return captured[-1][:, prompt_len - 1:-1]
+
+
+def mm_token_types(model, input_ids):
+    """(B, T) 1 at image tokens, 0 at text: transformers needs it to give image tokens their 3D (time, height,
+    width) rotary positions; without it every token gets a plain text position, wrong for a pretrained Qwen."""
+    return (input_ids == model.config.image_token_id).int()
+
+
+def multimodal_positions(model, input_ids, attention_mask, image_grid_thw):
+    """(B, T) sequences with their images -> (3, B, T) rotary positions, exactly as a forward pass computes them."""
+    positions, _ = model.model.get_rope_index(input_ids, mm_token_types(model, input_ids), image_grid_thw=image_grid_thw,
+                                              attention_mask=attention_mask)
+    return positions
 
 
 def stop_token_ids(tok):
@@ -150,7 +164,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     for m in sharded:
         m.unshard()
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
-                         image_grid_thw=grid, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                         image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids), max_new_tokens=max_new_tokens, do_sample=not greedy,
                          temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
                          top_p=1.0 if not greedy else None, suppress_tokens=vision_token_ids(tok),
                          eos_token_id=stops, pad_token_id=tok.pad_token_id, synced_gpus=bool(sharded))

@@ -93,11 +93,28 @@ def test_model_response_hidden_predicts_response_tokens(tiny):
     ids = torch.tensor([prompt + response])
     pv, grid = data.image_to_pixels(x)
     with torch.no_grad():
-        full_logits = policy(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid).logits
+        full_logits = policy(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+                             mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
         hidden = model_lib.response_hidden(policy, ids, torch.ones_like(ids), pv, grid, len(prompt))
     assert hidden.shape[1] == len(response)
     expected = full_logits[0, len(prompt) - 1:-1]
     assert torch.allclose(policy.lm_head(hidden)[0], expected, atol=1e-5)
+
+
+def test_model_image_tokens_get_3d_rotary_positions(tiny):
+    policy, tok = tiny
+    x = torch.rand(3, 56, 84)  # 4 x 6 patches: 2 x 3 merged image tokens
+    ids = torch.tensor([data.build_prompt(tok, "<image>q", data.n_image_tokens(x))])
+    pv, grid = data.image_to_pixels(x)
+    pos = model_lib.multimodal_positions(policy, ids, torch.ones_like(ids), grid)  # (3, 1, T)
+    image = ids[0] == policy.config.image_token_id
+    rows, cols = pos[1, 0, image], pos[2, 0, image]
+    assert (rows - rows.min()).tolist() == [0, 0, 0, 1, 1, 1] and (cols - cols.min()).tolist() == [0, 1, 2, 0, 1, 2]
+    # response_hidden uses them: a forward without the image-token types (plain text positions) differs
+    with torch.no_grad():
+        ours = model_lib.response_hidden(policy, ids, torch.ones_like(ids), pv, grid, ids.shape[1] - 3)
+        plain = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid, output_hidden_states=True).hidden_states[-1]
+    assert (ours - plain[:, -4:-1]).abs().max() > 1e-4
 
 
 def test_model_sample_never_emits_vision_tokens(tiny):
@@ -210,7 +227,8 @@ def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
     _, st = egas.attack(policy, x, ids, attn, out["response_mask"], P, steps=0, alpha=0.0, eps=0.0)
     pv, grid = data.image_to_pixels(x)
     with torch.no_grad():  # straightforward recomputation with full logits
-        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv.repeat(n, 1), image_grid_thw=grid.repeat(n, 1)).logits
+        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv.repeat(n, 1), image_grid_thw=grid.repeat(n, 1),
+                        mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
     entropy = tsec.token_entropy(logits[:, P - 1:-1]) * out["response_mask"]
     selected = tsec.select_band(entropy, out["response_mask"], group_size=n)
     assert st["objective_clean"] == pytest.approx(tsec.selective_entropy(entropy, selected).item(), abs=1e-5)
@@ -228,7 +246,8 @@ def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
     assert st["fallback"] == 1
     pv, grid = data.image_to_pixels(x)
     with torch.no_grad():
-        logits = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits[:, len(prompt) - 1:-1]
+        logits = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
+                             mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, len(prompt) - 1:-1]
     assert st["objective_clean"] == pytest.approx(tsec.token_entropy(logits).mean().item(), abs=1e-5)
     assert math.isfinite(st["gain"])
 

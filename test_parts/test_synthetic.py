@@ -83,7 +83,8 @@ def test_warmstart_sft_loss_is_mean_token_cross_entropy():
     batch = warmstart.sft_batch(tok, data.synthetic_split("train", n=3))
     loss = warmstart.sft_loss(policy, batch)
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]).logits
+                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    mm_token_type_ids=(batch["input_ids"] == policy.config.image_token_id).int()).logits
     P = batch["prompt_len"]
     ce = torch.nn.functional.cross_entropy(logits[:, P - 1:-1].flatten(0, 1), batch["targets"].flatten(), reduction="none")
     m = batch["target_mask"].flatten().float()
