@@ -1,0 +1,1483 @@
+"""The test suite: CPU, offline, a few minutes. Organised by the file it tests, in the order of README's file map.
+
+Every test asserts a number or a behaviour that would be wrong if the code were wrong. The model is the real
+Qwen2_5_VLForConditionalGeneration class at a tiny size; the real Geometry3K diagrams come from
+../shared/data/geometry3k-sample.
+"""
+import csv
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+from PIL import Image
+from datasets import load_dataset
+import datasets
+import pytest
+import torch
+
+from rewards import ACCURACY_WEIGHT, FORMAT_WEIGHT, extract_answer, format_ok, is_correct, score
+import bench
+import data
+import egas
+import grpo
+import model as model_lib
+import rewards
+import train
+import tsec
+import vepo
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GEO3K_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "geometry3k-sample", "test.parquet")
+# a small SaEI run: the tiny model, 2 prompts x (2 clean + 2 adversarial) responses of at most 24 tokens
+SMALL = ["--model", "tiny", "--dataset", GEO3K_SAMPLE, "--min_pixels", "3136", "--max_pixels", "12544",
+         "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2"]
+SMALL_ONE_STEP = SMALL + ["--max_steps", "1"]
+
+
+# ----------------------------------------------------------------------------- shared fixtures and helpers
+
+@pytest.fixture(scope="module")
+def geo3k():
+    import datasets
+    return datasets.load_dataset("parquet", data_files=GEO3K_SAMPLE, split="train")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    policy, tok = model_lib.load_policy("tiny", seed=0)
+    return policy.eval(), tok
+
+
+def _clean_rollouts(policy, tok, images, n, max_new_tokens=40, seed=0):
+    prompts = [data.build_prompt(tok, "<image>How many sides?", data.n_image_tokens(x)) for x in images]
+    torch.manual_seed(seed)
+    return model_lib.sample(policy, tok, prompts, images, n, max_new_tokens)
+
+
+V, IMAGE, STRINGS = datasets.Value, datasets.Image(), datasets.List(datasets.Value("string"))
+
+
+def _image(color, size=(60, 40)):
+    return Image.new("RGB", size, color)
+
+
+def _table(rows, features):
+    """Rows (dicts) -> a datasets.Dataset with the given features; images are stored as datasets stores them."""
+    return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=datasets.Features(features))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Keep the arrow files `datasets` builds from the local copies out of the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory):
+    """Local copies of MMK12, MathVista, MathVerse, MathVision and HallusionBench in their hub schemas and in the
+    layouts they come in (save_to_disk folders, hub-style parquet folders). Returns name -> path."""
+    root = tmp_path_factory.mktemp("hub")
+    paths = {}
+
+    # xyliu6/k12-freeform: images, problem, answer; splits train / test -> a save_to_disk DatasetDict
+    k12 = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    datasets.DatasetDict({
+        "train": _table([{"images": [_image("red")], "problem": "<image>How many apples? ", "answer": "3"},
+                         {"images": [_image("blue")], "problem": "Solve for x: 2x = 1.", "answer": "\\frac{1}{2}"},
+                         {"images": [_image("green")], "problem": "<image>Area?", "answer": "12"}], k12),
+        "test": _table([{"images": [_image("red")], "problem": "<image>Find the slope.", "answer": "-2"},
+                        {"images": [_image("blue")], "problem": "<image>Speed in m/s?", "answer": "2.5"}], k12),
+    }).save_to_disk(str(root / "mmk12"))
+    paths["mmk12"] = root / "mmk12"
+
+    # AI4Math/MathVista testmini -> data/testmini-00000-of-00001.parquet, as on the hub
+    meta = {"category": V("string"), "context": V("string"), "grade": V("string"), "img_height": V("int64"),
+            "img_width": V("int64"), "language": V("string"), "skills": STRINGS, "source": V("string"),
+            "split": V("string"), "task": V("string")}
+    vista = {"pid": V("string"), "question": V("string"), "image": V("string"), "decoded_image": IMAGE,
+             "choices": STRINGS, "unit": V("string"), "precision": V("float64"), "answer": V("string"),
+             "question_type": V("string"), "answer_type": V("string"), "metadata": meta, "query": V("string")}
+    m = {"category": "math-targeted-vqa", "context": "geometry diagram", "grade": "high school", "img_height": 40,
+         "img_width": 60, "language": "english", "skills": ["geometry reasoning"], "source": "Geometry3K",
+         "split": "testmini", "task": "geometry problem solving"}
+    _table([{"pid": "1", "question": "What is the measure of angle B?", "image": "images/1.jpg",
+             "decoded_image": _image("red"), "choices": ["30°", "45°", "60°", "90°"], "unit": None,
+             "precision": None, "answer": "45°", "question_type": "multi_choice", "answer_type": "text",
+             "metadata": m, "query": "..."},
+            {"pid": "2", "question": "What is the value of the bar labeled x?", "image": "images/2.jpg",
+             "decoded_image": _image("blue"), "choices": None, "unit": None, "precision": 1.0, "answer": "1.5",
+             "question_type": "free_form", "answer_type": "float", "metadata": m, "query": "..."}],
+           vista).to_parquet(str(root / "mathvista" / "data" / "testmini-00000-of-00001.parquet"))
+    paths["mathvista"] = root / "mathvista"
+
+    # AI4Math/MathVerse, config testmini -> testmini.parquet at the repository's root, as on the hub
+    verse = {"sample_index": V("string"), "problem_index": V("string"), "problem_version": V("string"),
+             "question": V("string"), "image": IMAGE, "answer": V("string"), "question_type": V("string"),
+             "metadata": {"split": V("string"), "source": V("string"), "subject": V("string"),
+                          "subfield": V("string")},
+             "query_wo": V("string"), "query_cot": V("string"), "question_for_eval": V("string")}
+    vm = {"split": "testmini", "source": "GeoQA", "subject": "Plane Geometry", "subfield": "Angle"}
+    mc = ("As shown in the figure, AB is parallel to CD and angle 1 = 40.0, then angle 2 is ()\n"
+          "Choices:\nA:40°\nB:50°\nC:130°\nD:140°")
+    _table([{"sample_index": "1", "problem_index": "1", "problem_version": "Text Dominant", "question": mc,
+             "image": _image("red"), "answer": "D", "question_type": "multi-choice", "metadata": vm,
+             "query_wo": "...", "query_cot": "...", "question_for_eval": mc},
+            {"sample_index": "2", "problem_index": "2", "problem_version": "Text Lite",
+             "question": "Find the length of AC.", "image": _image("blue"), "answer": "10",
+             "question_type": "free-form", "metadata": vm, "query_wo": "...", "query_cot": "...",
+             "question_for_eval": "Find the length of AC."},
+            {"sample_index": "3", "problem_index": "1", "problem_version": "Vision Only", "question": "",
+             "image": _image("green"), "answer": "D", "question_type": "multi-choice", "metadata": vm,
+             "query_wo": "...", "query_cot": "...", "question_for_eval": mc}],
+           verse).to_parquet(str(root / "mathverse" / "testmini.parquet"))
+    paths["mathverse"] = root / "mathverse"
+
+    # MathLLMs/MathVision test (and testmini) -> a save_to_disk DatasetDict
+    vision = {"id": V("string"), "question": V("string"), "options": STRINGS, "image": V("string"),
+              "decoded_image": IMAGE, "answer": V("string"), "solution": V("string"), "level": V("int64"),
+              "subject": V("string")}
+    rows = [{"id": "1", "question": "Which of the cubes can be folded from <image1>?",
+             "options": ["1", "2", "3", "4", "5"], "image": "images/1.jpg", "decoded_image": _image("red"),
+             "answer": "C", "solution": None, "level": 2, "subject": "solid geometry"},
+            {"id": "2", "question": "How many triangles are there in the picture?", "options": [],
+             "image": "images/2.jpg", "decoded_image": _image("blue"), "answer": "7", "solution": None, "level": 1,
+             "subject": "counting"}]
+    datasets.DatasetDict({"test": _table(rows, vision), "testmini": _table(rows[:1], vision)}).save_to_disk(
+        str(root / "mathvision"))
+    paths["mathvision"] = root / "mathvision"
+
+    # lmms-lab/HallusionBench -> data/image-*.parquet and data/non_image-*.parquet, as on the hub
+    hallu = {k: V("string") for k in ("category", "subcategory", "visual_input", "set_id", "figure_id", "sample_note",
+                                      "question_id", "question", "gt_answer_details", "gt_answer", "filename")}
+    hallu["image"] = IMAGE
+
+    def hallu_row(i, question, gt, image):
+        return {"category": "VD", "subcategory": "illusion", "visual_input": "1" if image else "0", "set_id": "0",
+                "figure_id": str(i), "sample_note": "circle", "question_id": str(i), "question": question,
+                "gt_answer_details": "", "gt_answer": gt, "filename": f"VD/illusion/0_{i}.png", "image": image}
+    _table([hallu_row(0, "Is the left orange circle the same size as the right one?", "1", _image("orange")),
+            hallu_row(1, "Is the left orange circle larger than the right one?", "0", _image("orange")),
+            hallu_row(2, "Is the line on top longer?", "0", _image("gray"))],
+           hallu).to_parquet(str(root / "hallusionbench" / "data" / "image-00000-of-00001.parquet"))
+    _table([hallu_row(3, "Is Paris the capital of France?", "1", None)],
+           hallu).to_parquet(str(root / "hallusionbench" / "data" / "non_image-00000-of-00001.parquet"))
+    paths["hallusionbench"] = root / "hallusionbench"
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _check_shape(records):
+    for i in range(len(records)):
+        r = records[i]
+        assert set(r) == {"images", "problem", "answer", "choices"}
+        assert len(r["images"]) == 1 and isinstance(r["images"][0], Image.Image)
+        assert r["problem"].count(data.IMAGE_PLACEHOLDER) == 1
+        assert isinstance(r["answer"], str) and isinstance(r["choices"], list)
+
+
+def _box(answer):
+    return f"<think>I read the figure.</think> The answer is \\boxed{{{answer}}}."
+
+
+GEO3K_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "geometry3k-sample",
+                     "test.parquet")
+
+
+sigmoid = lambda z: 1 / (1 + math.exp(-z))
+
+
+def _run(tmp_path, *args):
+    train.main(SMALL_ONE_STEP + list(args) + ["--out_dir", str(tmp_path)])
+    return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on cores shared with other jobs, waiting OpenMP threads make these tests 5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rollouts():
+    """The tiny policy and 3 sampled responses for each of two prompts of different lengths (so the shorter
+    prompt's rows are left-padded)."""
+    policy, tok = model_lib.load_policy("tiny", seed=0)
+    policy.eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 56, 84), generator=g).float() / 255 for _ in range(2)]
+    prompts = [data.build_prompt(tok, q, data.n_image_tokens(x))
+               for q, x in zip(["<image>How many sides?", "<image>Area?"], images)]
+    torch.manual_seed(0)
+    out = model_lib.sample(policy, tok, prompts, images, 3, max_new_tokens=30)
+    return policy, images, out
+
+
+def _rows(out, i, n=3):
+    rows = slice(i * n, (i + 1) * n)
+    ids = torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1)
+    attn = torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1)
+    return ids, attn, out["response_mask"][rows]
+
+
+GEO3K_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                   "geometry3k-sample", "test.parquet")
+
+
+def _resp(boxed, think="Let me work it out."):
+    return f"<think>{think}</think> The answer is \\boxed{{{boxed}}}."
+
+
+def _read_grid(image):
+    """Re-measure a drawn grid from its pixels alone: each cell's centre pixel -> the nearest palette colour,
+    or '.' when it is white. Independent of the generator's own cell string."""
+    palette = {letter: rgb for letter, (_, rgb) in data.SYN_COLORS.items()}
+    palette["."] = (255, 255, 255)
+    cells = ""
+    for row in range(data.SYN_GRID):
+        for col in range(data.SYN_GRID):
+            c = image.getpixel((col * data.SYN_CELL + data.SYN_CELL // 2, row * data.SYN_CELL + data.SYN_CELL // 2))
+            cells += min(palette, key=lambda k: sum((a - b) ** 2 for a, b in zip(c, palette[k])))
+    return cells
+
+
+GEO3K_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "geometry3k-sample", "test.parquet")
+
+
+UPDATE_SCRIPT = textwrap.dedent("""
+    # Same fixed rollouts on 1 rank or split over 2: the token-mean loss and the gradients must agree.
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import train
+    from model import load_policy
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3))
+    rank, world = train.setup_distributed(cfg)
+    policy, tok = load_policy("tiny", seed=0)
+    policy.model.visual.requires_grad_(False)
+    if world > 1:
+        train.shard(policy, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    B, P, L = 8, 30, 12
+    image_tokens = 4  # a 56x56 image: 16 patches, 4 merged tokens
+    prompt = torch.randint(10, 100, (B, P), generator=g)
+    prompt[:, 5:5 + image_tokens] = policy.config.image_token_id
+    response = torch.randint(10, 100, (B, L), generator=g)
+    lengths = torch.randint(3, L + 1, (B,), generator=g)
+    response_mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    images = [torch.rand(3, 56, 56, generator=g) for _ in range(B)]
+    advantages = torch.randn(B, generator=g)
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
+                    response_ids=response[rows] * response_mask[rows], response_mask=response_mask[rows])
+    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world,
+                                    lambda: torch.autocast("cpu", enabled=False))
+    loss = train.all_reduce_sum(torch.tensor(totals["loss"])).item()
+    grads = {{}}
+    for name, p in policy.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = grad.clone()
+    # one optimizer step; then every rank gathers the full weights and reports a checksum of them
+    torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    train.reshard(policy) if world > 1 else None
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+    checksum = sum(v.double().abs().sum().item() * (i + 1) for i, v in enumerate(full.values()))
+    checksums = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(checksums, checksum)
+    else:
+        checksums = [checksum]
+    if rank == 0:
+        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums}}, sys.argv[1])
+    if world > 1:
+        torch.distributed.destroy_process_group()
+""")
+
+
+def _torchrun(args, nproc=2, timeout=300):
+    import socket
+    with socket.socket() as s:  # a free port, so parallel runs never meet at the default one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "checkpoint", "model.safetensors"))
+
+
+def _fixed_rollouts(policy, B=4, P=30, L=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(10, 100, (B, P), generator=g)
+    prompt[:, 5:9] = policy.config.image_token_id  # a 56x56 image: 4 merged tokens
+    response_mask = (torch.arange(L)[None] < torch.randint(3, L + 1, (B,), generator=g)[:, None]).long()
+    rollouts = dict(prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
+                    response_ids=torch.randint(10, 100, (B, L), generator=g) * response_mask, response_mask=response_mask)
+    return rollouts, [torch.rand(3, 56, 56, generator=g) for _ in range(B)], torch.randn(B, generator=g)
+
+
+# ----------------------------------------------------------------------------- data.py
+
+def test_data_smart_resize_matches_transformers():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+    for h, w in [(28, 28), (10, 1000), (251, 250), (453, 628), (303, 214), (4000, 3000), (57, 3), (1080, 1920)]:
+        for lo, hi in [(56 * 56, 28 * 28 * 1280), (262144, 1000000), (112 * 112, 112 * 112)]:
+            assert data.smart_resize(h, w, min_pixels=lo, max_pixels=hi) == hf_smart_resize(h, w, min_pixels=lo, max_pixels=hi)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        data.smart_resize(10, 3000)
+
+
+@pytest.mark.parametrize("min_pixels,max_pixels", [(262144, 1000000), (56 * 56, 128 * 28 * 28)])
+def test_data_pixel_map_equals_qwen_image_processor_on_real_diagrams(geo3k, min_pixels, max_pixels):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    for row in geo3k:
+        image = row["images"][0]
+        assert image.mode == "RGBA"  # the real diagrams carry transparency; both sides composite onto white
+        reference = processor(images=[image], return_tensors="pt")
+        x = data.load_image(image, min_pixels, max_pixels)
+        pixel_values, grid = data.image_to_pixels(x)
+        assert grid.tolist() == reference["image_grid_thw"].tolist()
+        assert pixel_values.shape == reference["pixel_values"].shape
+        assert (pixel_values - reference["pixel_values"]).abs().max().item() < 1e-5
+        assert data.n_image_tokens(x) == int(grid.prod()) // 4
+
+
+def test_data_pixel_map_is_differentiable_and_local():
+    x = torch.rand(3, 56, 84, requires_grad=True)
+    pixel_values, grid = data.image_to_pixels(x)
+    assert grid.tolist() == [[1, 4, 6]] and pixel_values.shape == (24, 1176)
+    pixel_values[0].sum().backward()  # the first patch: the top-left 14x14 pixels, in both frames
+    touched = x.grad.abs().sum(0) > 0
+    assert touched[:14, :14].all() and touched.sum() == 14 * 14
+    assert torch.allclose(x.grad[:, :14, :14], 2 / torch.tensor(data.CLIP_STD).view(3, 1, 1).expand(3, 14, 14))
+
+
+def test_data_build_prompt_places_image_and_expands_pads(tiny):
+    _, tok = tiny
+    ids = data.build_prompt(tok, "Look: <image> What is x?", 16)
+    text = tok.decode(ids)
+    assert text.count("<|image_pad|>") == 16
+    assert text.index("Look:") < text.index("<|vision_start|>") < text.index("What is x?")
+    assert text.rstrip().endswith("<|im_start|>assistant")
+    no_placeholder = tok.decode(data.build_prompt(tok, "What is x?", 4))
+    assert no_placeholder.index("<|vision_end|>") < no_placeholder.index("What is x?")
+    with pytest.raises(ValueError, match="placeholders"):
+        data.build_prompt(tok, "<image> and <image>", 4)
+
+
+def test_data_geometry3k_real_sample():
+    raw = datasets.load_dataset("parquet", data_files=GEO3K_SAMPLE, split="train")
+    for spec in (f"geometry3k={GEO3K_SAMPLE}", f"geo3k={os.path.dirname(GEO3K_SAMPLE)}"):  # a file, a folder
+        records = data.load_records(spec, "test")
+        assert len(records) == 6
+        _check_shape(records)
+        for i in range(6):
+            assert records[i]["problem"] == raw[i]["problem"] and records[i]["answer"] == raw[i]["answer"]
+            assert records[i]["choices"] == []  # trained free-form: the problem shows no options
+            assert records[i]["images"][0].mode == "RGBA" and records[i]["images"][0].size == raw[i]["images"][0].size
+    assert records[3]["answer"] == "5 \\sqrt { 3 }"
+
+
+def test_data_mmk12_splits(copies):
+    train = data.load_records(f"mmk12={copies['mmk12']}", "train")
+    test = data.load_records(f"mmk12={copies['mmk12']}", "test")
+    assert (len(train), len(test)) == (3, 2)
+    _check_shape(train)
+    _check_shape(test)
+    assert train[1]["problem"] == "<image>Solve for x: 2x = 1."  # the placeholder goes first when missing
+    assert train[1]["answer"] == "\\frac{1}{2}" and test[0]["answer"] == "-2"
+    assert train[0]["images"][0].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_data_mathvista_testmini(copies):
+    records = data.load_records(f"mathvista={copies['mathvista']}", "train")  # one split: testmini, whatever asked
+    assert len(records) == 2
+    _check_shape(records)
+    mc, free = records[0], records[1]
+    assert mc["problem"] == ("<image>What is the measure of angle B?\nChoices:\n(A) 30°\n(B) 45°\n(C) 60°\n(D) 90°")
+    assert mc["choices"] == ["30°", "45°", "60°", "90°"] and mc["answer"] == "45°"
+    assert free["problem"] == "<image>What is the value of the bar labeled x?" and free["choices"] == []
+    assert free["images"][0].getpixel((0, 0)) == (0, 0, 255)  # decoded_image, not the file name in `image`
+
+
+def test_data_mathverse_testmini(copies):
+    records = data.load_records(f"mathverse={copies['mathverse']}", "test")
+    assert len(records) == 3
+    _check_shape(records)
+    assert records[0]["choices"] == ["40°", "50°", "130°", "140°"] and records[0]["answer"] == "D"
+    assert records[0]["problem"].startswith("<image>As shown in the figure")
+    assert records[1]["choices"] == [] and records[1]["answer"] == "10"
+    assert records[2]["problem"] == "<image>Answer the question shown in the image."  # Vision Only
+    assert records[2]["choices"] == []
+
+
+def test_data_mathverse_hub_snapshot(copies, tmp_path):
+    # a download of the hub repository: README.md names two configs, and datasets wants one of them
+    import shutil
+    shutil.copy(os.path.join(copies["mathverse"], "testmini.parquet"), tmp_path / "testmini.parquet")
+    shutil.copy(os.path.join(copies["mathverse"], "testmini.parquet"), tmp_path / "testmini_text_only.parquet")
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: testmini\n  data_files:\n  - split: testmini\n    path: testmini.parquet\n"
+        "- config_name: testmini_text_only\n  data_files:\n  - split: testmini_text_only\n"
+        "    path: testmini_text_only.parquet\n---\n# MathVerse\n")
+    records = data.load_records(f"mathverse={tmp_path}", "test")
+    assert len(records) == 3 and records[0]["answer"] == "D"
+
+
+def test_data_mathvision_test(copies):
+    records = data.load_records(f"mathvision={copies['mathvision']}", "test")
+    assert len(records) == 2  # the test split, not testmini
+    _check_shape(records)
+    assert records[0]["problem"] == ("Which of the cubes can be folded from <image>?\n"
+                                     "Choices:\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n(E) 5")
+    assert records[0]["choices"] == ["1", "2", "3", "4", "5"] and records[0]["answer"] == "C"
+    assert records[1]["problem"] == "<image>How many triangles are there in the picture?"
+    assert records[1]["choices"] == []
+
+
+def test_data_hallusionbench_image_split(copies):
+    records = data.load_records(f"hallusionbench={copies['hallusionbench']}", "test")
+    assert len(records) == 3  # the questions with a figure; non_image is left out
+    _check_shape(records)
+    assert [records[i]["answer"] for i in range(3)] == ["yes", "no", "no"]
+    assert records[0]["problem"] == "<image>Is the left orange circle the same size as the right one?"
+
+
+def test_data_local_record_schema(tmp_path):
+    features = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string"), "choices": STRINGS}
+    _table([{"images": [_image("red")], "problem": "<image>Which colour?", "answer": "red",
+             "choices": ["red", "blue"]},
+            {"images": [_image("blue")], "problem": "How many squares?", "answer": "4", "choices": []}],
+           features).to_parquet(str(tmp_path / "mine" / "test.parquet"))
+    for path in (str(tmp_path / "mine"), str(tmp_path / "mine" / "test.parquet")):
+        records = data.load_records(path, "test")
+        _check_shape(records)
+        assert records[0]["choices"] == ["red", "blue"] and records[1]["problem"] == "<image>How many squares?"
+    assert len(data.load_records(GEO3K_SAMPLE, "test")) == 6  # a hub-schema parquet also fits the record schema
+
+
+def test_data_bad_names_fail_clearly(copies, tmp_path):
+    with pytest.raises(SystemExit, match="unknown dataset 'geometry4k'"):
+        data.load_records("geometry4k", "test")
+    with pytest.raises(SystemExit, match="does not exist"):
+        data.load_records(f"mathvista={tmp_path / 'nowhere'}", "test")
+    with pytest.raises(SystemExit, match="no split 'validation'"):
+        data.load_records(f"mmk12={copies['mmk12']}", "validation")
+
+
+def test_data_inline_choices():
+    assert data._inline_choices("Find x.\nChoices:\nA:40°\nB:50°\nC:60°") == ["40°", "50°", "60°"]
+    assert data._inline_choices("Which?\nChoices:\nA. 5 cm\nB. 5 m") == ["5 cm", "5 m"]
+    assert data._inline_choices("Find x.\nChoices:\nA:1\nC:3") == []  # a gap: not read as options
+    assert data._inline_choices("Find the length of AC.") == []
+
+
+def test_data_usable_records_drops_long_prompts_and_counts(capsys):
+    from model import tiny_tokenizer
+    tok = tiny_tokenizer()
+    records = data.load_records(f"geometry3k={GEO3K_SAMPLE}", "test")
+    lo, hi = 28 * 28 * 4, 28 * 28 * 64
+    lengths = []
+    for i in range(len(records)):  # the real path: resize the image, build the prompt
+        x = data.load_image(records[i]["images"][0], lo, hi)
+        lengths.append(len(data.build_prompt(tok, records[i]["problem"], data.n_image_tokens(x))))
+    limit = sorted(lengths)[2]
+    kept, counts = data.usable_records(records, tok, lo, hi, limit)
+    expected = [i for i, n in enumerate(lengths) if n <= limit]
+    assert counts == {"kept": len(expected), "dropped": 6 - len(expected),
+                      f"prompt over {limit} tokens": 6 - len(expected)} and 0 < len(expected) < 6
+    assert [kept[j]["problem"] for j in range(len(kept))] == [records[i]["problem"] for i in expected]
+    assert f"{len(expected)} of 6 rows usable; skipped: {6 - len(expected)} prompt over {limit} tokens" in capsys.readouterr().out
+    _check_shape(kept)  # still records, still lazy
+    assert data.usable_records(records, tok, lo, hi, 10 ** 6)[1] == {"kept": 6, "dropped": 0}
+
+
+def test_data_bad_rows_are_skipped_with_counted_reasons(tmp_path, capsys):
+    import io
+    from PIL import Image
+    from model import tiny_tokenizer
+    tok = tiny_tokenizer()
+    good = Image.new("RGB", (60, 40), "white")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    truncated = Image.open(io.BytesIO(png.getvalue()[:60]))  # a PNG cut short: the header reads, the pixels do not
+    rows = [
+        {"images": [good], "problem": "<image>ok", "answer": "1"},
+        {"images": [Image.new("L", (50, 70), 128)], "problem": "gray", "answer": "2"},  # grayscale: usable
+        {"images": [Image.new("RGBA", (30, 30), (0, 0, 0, 0))], "problem": "rgba", "answer": "3"},  # usable
+        {"images": [], "problem": "<image>no image", "answer": "1"},
+        {"images": [truncated], "problem": "<image>corrupt", "answer": "1"},
+        {"images": [Image.new("RGB", (3000, 10))], "problem": "<image>strip", "answer": "1"},  # aspect ratio 300
+        {"images": [good], "problem": "<image>empty answer", "answer": "  "},
+        {"images": [good, good], "problem": "<image> and <image>", "answer": "1"},
+        {"images": [good], "problem": "<image> and <image>", "answer": "1"},
+        {"images": [good], "problem": "<image>sneaky <|image_pad|>", "answer": "1"},
+    ]
+    kept, counts = data.usable_records(rows, tok, 56 * 56, 28 * 28 * 16, 10 ** 6, name="fixture")
+    assert [r["problem"] for r in kept] == ["<image>ok", "gray", "rgba"]
+    assert counts == {"kept": 3, "dropped": 7, "missing image": 1, "unreadable image (OSError)": 1,
+                      "unreadable image (ValueError)": 1, "empty answer": 1, "more than one image": 2,
+                      "special token in the problem text": 1}
+    assert "fixture: 3 of 10 rows usable; skipped: " in capsys.readouterr().out
+    for r in kept:  # and what is kept really goes through the pixel pipeline
+        x = data.load_image(r["images"][0], 56 * 56, 28 * 28 * 16)
+        assert x.shape[0] == 3 and data.image_to_pixels(x)[0].shape[1] == 1176
+    with pytest.raises(SystemExit, match="fixture: no usable row"):
+        data.usable_records(rows[3:], tok, 56 * 56, 28 * 28 * 16, 10 ** 6, name="fixture")
+
+
+def test_data_configs_assign_train_constants():
+    import configurator
+    import train
+    files = sorted(glob.glob(os.path.join(os.path.dirname(data.__file__), "config", "*.py")))
+    recipes = [f for f in files if os.path.basename(f) != "demo.py"]
+    names = {f"{run}{size}.py" for run in ("geo3k_saei", "geo3k_grpo", "mmk12_saei") for size in ("", "_3b")}
+    assert {os.path.basename(f) for f in recipes} == names
+    for f in recipes:
+        cfg = configurator.override(train.DEFAULTS, [f])  # only train.py's names, with train.py's types
+        assert cfg["dataset"] in data.SOURCES
+        assert cfg["model"] == ("Qwen2.5-VL-3B" if f.endswith("_3b.py") else "Qwen2.5-VL-7B")
+        assert (cfg["n_clean"], cfg["n_adv"]) == ((12, 0) if "grpo" in f else (6, 6))
+        update = (cfg["lr"], cfg["weight_decay"], cfg["clip_low"], cfg["clip_high"], cfg["kl_coef"])
+        assert update == (1e-6, 1e-2, 0.2, 0.2, 0.0)
+        assert (cfg["temperature"], cfg["max_prompt_len"], cfg["max_response_len"]) == (1.0, 2048, 2048)
+        assert (cfg["min_pixels"], cfg["max_pixels"], cfg["freeze_vision"]) == (262144, 1000000, True)
+
+
+def test_data_synthetic_deterministic_per_seed():
+    a, b = data.synthetic_split("train", n=20, seed=3), data.synthetic_split("train", n=20, seed=3)
+    assert [r["problem"] for r in a] == [r["problem"] for r in b]
+    assert [r["solution"] for r in a] == [r["solution"] for r in b]
+    assert all(x["images"][0].tobytes() == y["images"][0].tobytes() for x, y in zip(a, b))
+    c = data.synthetic_split("train", n=20, seed=4)
+    assert [r["solution"] for r in a] != [r["solution"] for r in c]  # another seed, other problems
+    assert len(data.synthetic_split("test")) == data.SYN_SIZES["test"]
+
+
+def test_data_synthetic_answers_match_the_pixels():
+    names = {name: letter for letter, (name, _) in data.SYN_COLORS.items()}
+    records = data.synthetic_split("test", n=200)
+    for r in records:
+        image = r["images"][0]
+        assert image.size == (112, 112) and image.mode == "RGB"
+        cells = _read_grid(image)
+        asked = names[re.search(r"How many (\w+) squares", r["problem"]).group(1)]
+        assert r["answer"] == str(cells.count(asked))
+        # the worked solution reads the same grid, row by row
+        assert r["solution"].startswith("<think>" + " ".join(cells[i:i + 4] for i in range(0, 16, 4)) + "</think>")
+    # every answer 0..6 occurs, none dominates: looking at the image is needed
+    counts = [sum(r["answer"] == str(k) for r in records) for k in range(data.SYN_MAX_COUNT + 1)]
+    assert min(counts) > 0 and max(counts) < 0.3 * len(records)
+
+
+def test_data_synthetic_records_fit_the_pipeline():
+    """The image reaches the model unresized (one visual token per cell) and the record passes check_record."""
+    from model import tiny_tokenizer
+    tok = tiny_tokenizer()
+    r = data.load_records("synthetic", "test")[0]
+    assert "<image>" in r["problem"] and r["choices"] == []
+    x = data.load_image(r["images"][0], 112 * 112, 112 * 112)
+    assert x.shape == (3, 112, 112) and data.n_image_tokens(x) == 16
+    assert torch.equal((x * 255).round().byte().permute(1, 2, 0).flatten(), torch.tensor(list(r["images"][0].tobytes()), dtype=torch.uint8))
+    assert data.check_record(r, tok, 112 * 112, 112 * 112, 2048) is None
+
+
+def test_data_synthetic_train_test_disjoint():
+    def keys(split, n):
+        return {(r["problem"], r["images"][0].tobytes()) for r in data.synthetic_split(split, n=n)}
+    train, val, test = keys("train", 2000), keys("validation", 200), keys("test", 500)
+    assert not train & test and not train & val and not val & test
+    assert len(test) > 450  # few repeats inside a split either
+
+
+def test_data_synthetic_solution_scores_full_reward():
+    for r in data.synthetic_split("train", n=50) + data.synthetic_split("test", n=50):
+        assert rewards.score(r["solution"], r["answer"]) == {"overall": 1.0, "accuracy": 1.0, "format": 1.0}
+        wrong = str((int(r["answer"]) + 1) % 7)
+        assert rewards.score(r["solution"].replace("{" + r["answer"] + "}", "{" + wrong + "}"), r["answer"])["accuracy"] == 0.0
+
+
+# ----------------------------------------------------------------------------- model.py
+
+def test_model_unknown_name_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown model 'Qwen9-VL'"):
+        model_lib.load_policy("Qwen9-VL")
+    with pytest.raises(SystemExit, match="does not exist"):
+        model_lib.load_policy("./no/such/checkpoint")
+
+
+def test_model_response_hidden_predicts_response_tokens(tiny):
+    policy, tok = tiny
+    x = torch.rand(3, 56, 56)
+    prompt = data.build_prompt(tok, "<image>count", data.n_image_tokens(x))
+    response = tok("<think>ab</think>\\boxed{1}<|im_end|>").input_ids
+    ids = torch.tensor([prompt + response])
+    pv, grid = data.image_to_pixels(x)
+    with torch.no_grad():
+        full_logits = policy(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+                             mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
+        hidden = model_lib.response_hidden(policy, ids, torch.ones_like(ids), pv, grid, len(prompt))
+    assert hidden.shape[1] == len(response)
+    expected = full_logits[0, len(prompt) - 1:-1]
+    assert torch.allclose(policy.lm_head(hidden)[0], expected, atol=1e-5)
+
+
+def test_model_image_tokens_get_3d_rotary_positions(tiny):
+    policy, tok = tiny
+    x = torch.rand(3, 56, 84)  # 4 x 6 patches: 2 x 3 merged image tokens
+    ids = torch.tensor([data.build_prompt(tok, "<image>q", data.n_image_tokens(x))])
+    pv, grid = data.image_to_pixels(x)
+    pos = model_lib.multimodal_positions(policy, ids, torch.ones_like(ids), grid)  # (3, 1, T)
+    image = ids[0] == policy.config.image_token_id
+    rows, cols = pos[1, 0, image], pos[2, 0, image]
+    assert (rows - rows.min()).tolist() == [0, 0, 0, 1, 1, 1] and (cols - cols.min()).tolist() == [0, 1, 2, 0, 1, 2]
+    # response_hidden uses them: a forward without the image-token types (plain text positions) differs
+    with torch.no_grad():
+        ours = model_lib.response_hidden(policy, ids, torch.ones_like(ids), pv, grid, ids.shape[1] - 3)
+        plain = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid, output_hidden_states=True).hidden_states[-1]
+    assert (ours - plain[:, -4:-1]).abs().max() > 1e-4
+
+
+def test_model_sample_never_emits_vision_tokens(tiny):
+    policy, tok = tiny
+    policy = model_lib.Qwen2_5_VLForConditionalGeneration(policy.config).eval()
+    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    with torch.no_grad():
+        policy.lm_head.weight[pad_id] = policy.lm_head.weight[pad_id] * 0 + 1.0  # make <|image_pad|> very likely
+    x = torch.rand(3, 56, 56)
+    prompt = data.build_prompt(tok, "<image>q", data.n_image_tokens(x))
+    out = model_lib.sample(policy, tok, [prompt], [x], n=4, max_new_tokens=24)
+    vision = torch.tensor(model_lib.vision_token_ids(tok))
+    assert not torch.isin(out["response_ids"], vision).any()
+    # the mask ends at the first stop token and the tensors agree on what is padding
+    stops = torch.tensor(model_lib.stop_token_ids(tok))
+    for ids, mask, truncated in zip(out["response_ids"], out["response_mask"], out["truncated"]):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        assert truncated == (not torch.isin(ids[n - 1], stops))
+
+
+# ----------------------------------------------------------------------------- rewards.py
+
+def test_rewards_extract_nested_braces():
+    assert extract_answer(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{\frac{2\sqrt{2}}{5}}") == r"\frac{2\sqrt{2}}{5}"
+    assert extract_answer(r"\boxed{ 7 }") == "7"
+
+
+def test_rewards_extract_last_box_counts():
+    assert extract_answer(r"first \boxed{3}, then \boxed{4}") == "4"
+    assert score(r"<think>t</think> \boxed{3} no wait \boxed{4}", "3")["accuracy"] == 0.0
+    assert score(r"<think>t</think> \boxed{4} no wait \boxed{3}", "3")["accuracy"] == 1.0
+
+
+def test_rewards_extract_missing_empty_unclosed():
+    assert extract_answer("the answer is 5") is None
+    assert extract_answer(r"\boxed{}") is None
+    assert extract_answer(r"\boxed{   }") is None
+    assert extract_answer(r"\boxed{5} and then \boxed{\frac{1}{2") is None  # truncated last box
+    assert extract_answer("None") is None  # mathruler's extractor would return the string "None"
+
+
+def test_rewards_fractions():
+    assert is_correct(r"\frac{1}{2}", "0.5") and is_correct("0.5", r"\frac{1}{2}")
+    assert is_correct(r"\dfrac{1}{2}", r"\frac{1}{2}")
+    assert is_correct("1/2", r"\frac{1}{2}")
+    assert not is_correct(r"\frac{1}{3}", "0.5")
+    assert not is_correct("2/4", r"\frac{1}{2}")  # mathruler refuses unreduced fractions
+
+
+def test_rewards_degrees_and_units():
+    for given in [r"80^\circ", r"80^{\circ}", "80°", "80 °", "80 degrees"]:
+        assert is_correct(given, "80"), given
+    assert not is_correct(r"40^\circ", "80") and not is_correct("40°", "80")
+    assert is_correct("5 cm", "5") and is_correct(r"5\text{ cm}", "5")
+    assert not is_correct("6 cm", "5")
+
+
+def test_rewards_spaced_latex_from_dataset():
+    # Geometry3K writes answers with spaces around braces; compact and equivalent forms must match
+    assert is_correct(r"5\sqrt{3}", r"5 \sqrt { 3 }")
+    assert is_correct(r"\sqrt{75}", r"5 \sqrt { 3 }")
+    assert is_correct(r"\frac{2\sqrt{2}}{5}", r"\frac { 2 \sqrt { 2 } } { 5 }")
+    assert is_correct(r"\frac{2}{5}\sqrt{2}", r"\frac { 2 \sqrt { 2 } } { 5 }")
+    assert not is_correct(r"5\sqrt{2}", r"5 \sqrt { 3 }")
+    assert not is_correct(r"\frac{\sqrt{2}}{5}", r"\frac { 2 \sqrt { 2 } } { 5 }")
+
+
+def test_rewards_choice_letters():
+    choices = ["8", "10", "12", "13.5"]
+    for given in ["B", "(B)", "B.", r"\text{B}"]:
+        assert is_correct(given, "10", choices), given
+    assert not is_correct("C", "10", choices)
+    assert not is_correct("B", "10")  # without choices a letter is just a letter
+    assert not is_correct("E", "10", choices)  # out of range
+    # the reference may itself be the letter: accept the letter and the option text
+    assert is_correct("D", "D", choices) and is_correct("13.5", "D", choices)
+    assert is_correct(r"\frac{27}{2}", "D", choices)
+    assert not is_correct("A", "D", choices) and not is_correct("8", "D", choices)
+
+
+def test_rewards_yes_no():
+    assert is_correct("Yes", "yes") and is_correct("yes", "Yes") and is_correct("NO", "no")
+    assert is_correct(r"\text{No}", "No") and is_correct("Yes.", "Yes")
+    assert not is_correct("No", "Yes") and not is_correct("yes", "no")
+    assert not is_correct("maybe", "Yes")
+
+
+def test_rewards_format():
+    assert format_ok(_resp("5"))
+    assert format_ok("  <think>\nmulti\nline\n</think>\n\\boxed{\\frac{1}{2}}\n")
+    assert not format_ok(r"The answer is \boxed{5}.")  # no think
+    assert not format_ok(r"Sure. <think>t</think> \boxed{5}")  # text before think
+    assert not format_ok("<think>t</think> The answer is 5.")  # no box
+    assert not format_ok(r"<think>t</think> \boxed{}")  # empty box
+    assert not format_ok(r"<think>t</think> so \boxed{\frac{1}{2")  # truncated at the length limit
+    assert not format_ok(r"<think>t \boxed{5}")  # think never closed
+    assert not format_ok(r"<think>a</think><think>b</think> \boxed{5}")  # two think blocks
+    assert not format_ok(r"<think>a<think>b</think> \boxed{5}")  # nested think
+
+
+def test_rewards_overall_weights():
+    assert (ACCURACY_WEIGHT, FORMAT_WEIGHT) == (0.9, 0.1)
+    assert score(_resp("5"), "5") == {"overall": 1.0, "accuracy": 1.0, "format": 1.0}
+    r = score(r"The answer is \boxed{5}", "5")  # right answer, bad format
+    assert r["accuracy"] == 1.0 and r["format"] == 0.0 and abs(r["overall"] - 0.9) < 1e-12
+    r = score(_resp("6"), "5")  # wrong answer, good format
+    assert r["accuracy"] == 0.0 and r["format"] == 1.0 and abs(r["overall"] - 0.1) < 1e-12
+    assert score("<think>t</think> 5", "5") == {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
+    assert score(r"<think>t</think> \boxed{}", "5")["overall"] == 0.0
+
+
+def test_rewards_pathological_answers_stay_fast():
+    t0 = time.time()
+    assert not is_correct("(99!)!", r"5 \sqrt { 3 }")  # would hang sympy
+    assert not is_correct("9**9**9", r"5 \sqrt { 3 }")  # would hang sympy
+    assert not is_correct("1" * 300, "1" * 300)  # too long: wrong, even if equal
+    assert is_correct("1,\\!000", "1000")  # LaTeX thin space \! is not a factorial
+    assert time.time() - t0 < 2.0
+
+
+def test_rewards_real_geometry3k():
+    ds = load_dataset("parquet", data_files=GEO3K_SAMPLE, split="train")
+    assert len(ds) == 6
+    letters = "ABCD"
+    for row in ds:
+        ans, choices, gt = row["answer"], row["choices"], row["ground_truth"]
+        assert choices[letters.index(gt)] == ans  # sanity of the sample itself
+        assert score(_resp(ans), ans)["overall"] == 1.0
+        assert score(_resp(gt), ans, choices)["accuracy"] == 1.0
+        # the compact form a model would write (no spaces around braces) is still right
+        compact = ans.replace(" {", "{").replace("{ ", "{").replace(" }", "}").replace("} ", "}")
+        assert score(_resp(compact), ans, choices)["accuracy"] == 1.0
+        for k, wrong in enumerate(choices):
+            if letters[k] != gt:
+                assert score(_resp(wrong), ans, choices)["accuracy"] == 0.0, (wrong, ans)
+                assert score(_resp(letters[k]), ans, choices)["accuracy"] == 0.0
+
+
+# ----------------------------------------------------------------------------- tsec.py
+
+def test_tsec_token_entropy_matches_formula():
+    logits = torch.randn(5, 7, 11)
+    for temperature in (1.0, 0.7):
+        p = torch.softmax(logits / temperature, -1)
+        assert torch.allclose(tsec.token_entropy(logits, temperature), -(p * p.log()).sum(-1), atol=1e-6)
+    assert math.isclose(tsec.token_entropy(torch.zeros(50)).item(), math.log(50), rel_tol=1e-6)
+    assert tsec.token_entropy(torch.tensor([0.0, 1e4, 0.0])).item() < 1e-6
+
+
+def test_tsec_select_band_keeps_exactly_the_middle_third():
+    entropy = torch.tensor([[5., 1., 9., 3., 7., 2., 8., 4., 6., 0., 0., 0.]])
+    mask = torch.tensor([[1] * 9 + [0] * 3])
+    selected = tsec.select_band(entropy, mask)
+    assert sorted(entropy[selected].tolist()) == [4., 5., 6.]  # ranks 3, 4, 5 of 9
+    assert not selected[0, 9:].any()  # padding is never selected, even when its value would rank in band
+    everything = tsec.select_band(entropy, mask, band=(0.0, 1.0))
+    assert everything.equal(mask.bool())
+
+
+def test_tsec_select_band_ranks_within_groups():
+    entropy = torch.tensor([[1., 2., 3.], [4., 5., 6.], [10., 20., 30.], [40., 50., 60.]])
+    mask = torch.ones(4, 3)
+    per_group = tsec.select_band(entropy, mask, group_size=2)
+    assert entropy[per_group].tolist() == [3., 4., 30., 40.]  # 6 tokens per group: ranks 2 and 3
+    per_response = tsec.select_band(entropy, mask, group_size=None)
+    assert entropy[per_response].tolist() == [2., 5., 20., 50.]
+    assert tsec.selective_entropy(entropy, per_response).item() == pytest.approx((2 + 5 + 20 + 50) / 4)
+    # the objective averages per response first: a response with 1 token counts as much as one with 3
+    sel = torch.tensor([[True, True, True], [True, False, False], [False] * 3, [False] * 3])
+    assert tsec.selective_entropy(entropy, sel).item() == pytest.approx((2 + 4) / 2)
+
+
+# ----------------------------------------------------------------------------- egas.py
+
+def test_egas_pgd_ascends_a_linear_objective_within_the_ball_and_grid():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (3, 28, 28)).float() / 255
+    w = torch.randn(3, 28, 28)
+    objective = lambda img: (img * w).sum()
+    for steps, alpha, eps in [(1, 2 / 255, 2 / 255), (3, 1 / 255, 2 / 255), (2, -3 / 255, 6 / 255)]:
+        x_adv = egas.pgd(objective, x, steps, alpha, eps)
+        assert (x_adv - x).abs().max().item() <= eps + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert torch.allclose(x_adv * 255, (x_adv * 255).round(), atol=1e-4)  # still an 8-bit image
+        expected = (x + w.sign() * min(abs(alpha) * steps, eps) * math.copysign(1, alpha)).clamp(0, 1)
+        assert torch.allclose(x_adv, (expected * 255).round() / 255, atol=1e-6)
+        gain = objective(x_adv) - objective(x)
+        assert gain > 0 if alpha > 0 else gain < 0
+
+
+def test_egas_attack_raises_selected_entropy_on_tiny_model(tiny, geo3k):
+    policy, tok = tiny
+    images = [data.load_image(row["images"][0], 56 * 56, 112 * 112) for row in geo3k]
+    n = 4
+    out = _clean_rollouts(policy, tok, images, n)
+    P = out["prompt_ids"].shape[1]
+    gains, descents = [], []
+    for i, x in enumerate(images):
+        rows = slice(i * n, (i + 1) * n)
+        ids = torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1)
+        attn = torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1)
+        x_adv, st = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, steps=1, alpha=2 / 255, eps=2 / 255)
+        assert (x_adv - x).abs().max() <= 2 / 255 + 1e-6 and not torch.equal(x_adv, x)
+        gains.append(st["gain"])
+        _, st_down = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, steps=1, alpha=-2 / 255, eps=2 / 255)
+        descents.append(st_down["gain"])
+        assert st["objective_clean"] == pytest.approx(st_down["objective_clean"], abs=1e-5)  # same tokens, same image
+    assert all(p.grad is None for p in policy.parameters())  # the attack never creates parameter gradients
+    assert sum(g > 0 for g in gains) >= 5, gains  # ascent raises the TsEC objective for most prompts
+    assert sum(g < 0 for g in descents) >= 5, descents  # and the opposite sign lowers it
+
+
+def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
+    policy, tok = tiny
+    x = torch.rand(3, 56, 56)
+    n = 3
+    out = _clean_rollouts(policy, tok, [x], n, seed=1)
+    P = out["prompt_ids"].shape[1]
+    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+    _, st = egas.attack(policy, x, ids, attn, out["response_mask"], P, steps=0, alpha=0.0, eps=0.0)
+    pv, grid = data.image_to_pixels(x)
+    with torch.no_grad():  # straightforward recomputation with full logits
+        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv.repeat(n, 1), image_grid_thw=grid.repeat(n, 1),
+                        mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
+    entropy = tsec.token_entropy(logits[:, P - 1:-1]) * out["response_mask"]
+    selected = tsec.select_band(entropy, out["response_mask"], group_size=n)
+    assert st["objective_clean"] == pytest.approx(tsec.selective_entropy(entropy, selected).item(), abs=1e-5)
+    assert st["gain"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
+    policy, tok = tiny
+    x = torch.rand(3, 56, 56)
+    prompt = data.build_prompt(tok, "<image>q", data.n_image_tokens(x))
+    response = tok("7<|im_end|>").input_ids  # 2 tokens: round(2/3) == round(4/3), so the middle band is empty
+    ids = torch.tensor([prompt + response])
+    mask = torch.ones(1, len(response), dtype=torch.long)
+    _, st = egas.attack(policy, x, ids, torch.ones_like(ids), mask, len(prompt), steps=1, alpha=2 / 255, eps=2 / 255)
+    assert st["fallback"] == 1
+    pv, grid = data.image_to_pixels(x)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
+                             mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, len(prompt) - 1:-1]
+    assert st["objective_clean"] == pytest.approx(tsec.token_entropy(logits).mean().item(), abs=1e-5)
+    assert math.isfinite(st["gain"])
+
+
+def test_egas_noise_level_anneals_by_a_sigmoid_of_the_step():
+    # k = floor(500 * (1 - sigmoid(30 * (step / max_steps - 2/3))))
+    assert egas.noise_level(1, 60) == 499   # 500 * (1 - sigmoid(-19.5)) = 499.999998
+    assert egas.noise_level(30, 60) == 496  # 500 * (1 - sigmoid(-5)) = 496.65
+    assert egas.noise_level(40, 60) == 250  # the midpoint, 2/3 of the run: sigmoid(0) = 1/2
+    assert egas.noise_level(45, 60) == 37   # 500 * (1 - sigmoid(2.5)) = 37.93
+    assert egas.noise_level(60, 60) == 0    # 500 * (1 - sigmoid(10)) = 0.023
+    assert [egas.noise_level(s, 3) for s in (1, 2, 3)] == [499, 250, 0]
+
+
+def test_egas_noise_alpha_bar_is_the_sigmoid_beta_schedule():
+    abar = egas.alpha_bar()
+    beta = lambda i: 1e-5 + (5e-3 - 1e-5) * sigmoid(-6 + 12 * i / 999)  # beta_i, linear-in-sigmoid over 1000 steps
+    assert abar.shape == (1000,)
+    assert abar[0].item() == pytest.approx(1 - beta(0), rel=1e-12)  # beta_0 = 2.2338e-5
+    assert abar[1].item() == pytest.approx((1 - beta(0)) * (1 - beta(1)), rel=1e-12)
+    assert beta(999) == pytest.approx(4.98766e-3, rel=1e-5)
+    assert (abar[1:] < abar[:-1]).all()  # more steps, less signal
+    assert abar[499].item() == pytest.approx(math.prod(1 - beta(i) for i in range(500)), rel=1e-9)
+
+
+def test_egas_noise_image_matches_the_forward_process():
+    torch.manual_seed(0)
+    x = torch.full((3, 224, 224), 0.5)
+    k = 250
+    abar = egas.alpha_bar()[k].item()
+    x_k = egas.add_noise(x, k)
+    assert x_k.shape == x.shape and x_k.min() >= 0 and x_k.max() <= 1
+    assert torch.equal(x_k, (x_k * 255).round() / 255)  # still an 8-bit image
+    # 0.5 sits 3.4 noise stds from either clip, so mean and std are the forward process's (up to the 1/255 grid)
+    assert x_k.mean().item() == pytest.approx(math.sqrt(abar) * 0.5, abs=2e-3)
+    assert x_k.std().item() == pytest.approx(math.sqrt(1 - abar), rel=2e-2)
+    assert (egas.add_noise(x, 0) - x).abs().mean() < (x_k - x).abs().mean() / 10  # k = 0: almost clean
+
+
+def test_egas_shared_prompt_hidden_equals_response_hidden(rollouts):
+    policy, images, out = rollouts
+    P = out["prompt_ids"].shape[1]
+    assert (out["prompt_mask"][3:] == 0).any()  # the second prompt is left-padded
+    for i, x in enumerate(images):
+        ids, attn, mask = _rows(out, i)
+        pv, grid = data.image_to_pixels(x)
+        with torch.no_grad():
+            ref = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
+            ours = egas.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+        valid = mask.bool()
+        assert (ours - ref)[valid].abs().max() < 1e-5
+    two_prompts = torch.cat([_rows(out, 0)[0][:1], _rows(out, 1)[0][:1]])
+    with pytest.raises(ValueError, match="share one prompt"):
+        egas.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
+
+
+@pytest.mark.parametrize("scope,temperature,chunk_size", [("group", 1.0, 1024), ("response", 0.7, 5)])
+def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(rollouts, scope, temperature, chunk_size):
+    policy, images, out = rollouts
+    P = out["prompt_ids"].shape[1]
+    for i, x in enumerate(images):
+        ids, attn, mask = _rows(out, i)
+        objective, state = egas.tsec_objective(policy, ids, attn, mask, P, scope=scope, temperature=temperature,
+                                               chunk_size=chunk_size)
+        img = x.clone().requires_grad_(True)
+        value = objective(img)
+        (grad,) = torch.autograd.grad(value, img)
+        img_ref = x.clone().requires_grad_(True)
+        value_ref = bench.full_logits_objective(policy, img_ref, ids, attn, mask, P, scope=scope,
+                                                temperature=temperature)
+        (grad_ref,) = torch.autograd.grad(value_ref, img_ref)
+        assert state["fallback"] == 0 and 0 < state["selected"].sum() < mask.sum()
+        assert abs(value.item() - value_ref.item()) < 1e-5
+        assert grad_ref.abs().max() > 1e-6 and grad.norm() > 0.5 * grad_ref.norm()  # not a vanishing gradient
+        assert (grad - grad_ref).abs().max() < 1e-5
+        assert (grad - grad_ref).norm() / grad_ref.norm() < 1e-4  # relative: the gradients are small
+    assert all(p.grad is None for p in policy.parameters())
+
+
+# ----------------------------------------------------------------------------- vepo.py
+
+def test_vepo_jsd_symmetric_zero_on_equal_and_bounded_by_ln2():
+    torch.manual_seed(0)
+    logp, logq = torch.log_softmax(3 * torch.randn(2, 5, 50), -1), torch.log_softmax(3 * torch.randn(2, 5, 50), -1)
+    d = vepo.jsd(logp, logq)
+    assert d.shape == (2, 5)
+    assert torch.allclose(d, vepo.jsd(logq, logp), atol=1e-7)
+    assert vepo.jsd(logp, logp).abs().max() < 1e-6
+    assert (d > 0).all() and (d <= math.log(2) + 1e-6).all()
+    # hand-computed: p = (1/2, 1/2), q = (1, 0): m = (3/4, 1/4), JSD = (KL(p||m) + KL(q||m)) / 2 = 3/4 ln(4/3)
+    p, q = torch.tensor([0.5, 0.5]).log(), torch.tensor([1.0, 0.0]).log()
+    assert vepo.jsd(p, q).item() == pytest.approx(0.75 * math.log(4 / 3), rel=1e-6)
+    # disjoint supports reach the bound exactly
+    assert vepo.jsd(torch.tensor([0.0, -math.inf]), torch.tensor([-math.inf, 0.0])).item() == pytest.approx(math.log(2))
+
+
+def test_vepo_token_jsd_chunked_equals_full_logits():
+    torch.manual_seed(0)
+    B, L, D, V = 3, 7, 16, 40
+    h, hn, w = torch.randn(B, L, D), torch.randn(B, L, D), torch.randn(V, D)
+    mask = (torch.arange(L)[None] < torch.tensor([[7], [4], [1]])).long()
+    jsd, ent_noisy = vepo.token_jsd(h, hn, w, mask, temperature=0.7, chunk_size=3)
+    logp, logq = torch.log_softmax(h @ w.T / 0.7, -1), torch.log_softmax(hn @ w.T / 0.7, -1)
+    assert torch.allclose(jsd, vepo.jsd(logp, logq) * mask, atol=1e-6)
+    assert torch.allclose(ent_noisy, -(logq.exp() * logq).sum(-1) * mask, atol=1e-5)
+
+
+def test_vepo_score_hand_computed_and_normalized_per_response():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    jsd = torch.tensor([[0.0, 0.2, 0.4, 0.1, 9.0], [0.0, 0.2, 0.4, 0.1, 0.2]])
+    entropy = torch.tensor([[1.0, 3.0, 2.0, 5.0, 9.0], [1.0, 3.0, 2.0, 5.0, 1.0]])
+    gap = torch.tensor([[0.5, -1.0, 0.0, 0.25, 9.0], [0.5, -1.0, 0.0, 0.25, 0.0]])  # H_noisy - H, sign ignored
+    s = vepo.score(jsd, entropy, gap, mask)
+    # row 0: j = (0, .5, 1, .25), h = (0, .5, .25, 1), |g| = (.5, 1, 0, .25); s = (1 - (1-j)^.7 (1-|g|)^.3) h
+    #   t0: h = 0 -> 0;  t1: (1-|g|) = 0 -> h = .5;  t2: (1-j) = 0 -> h = .25;  t3: 1 - .75^.7 .75^.3 = .25, h = 1
+    assert torch.allclose(s[0], torch.tensor([0.0, 0.5, 0.25, 0.25, 0.0]), atol=1e-6)  # padding scores 0
+    # row 1: the same four tokens and a fifth (j = .5, h = 0); min-max is per response, so the four score the same
+    assert s[1, 4].item() == 0.0 and torch.allclose(s[1, :4], s[0, :4], atol=1e-6)
+    # top 20% per response: ceil(0.2 * 4) = 1 and ceil(0.2 * 5) = 1 token, the highest score
+    assert vepo.top_fraction(s, mask).tolist() == [[False, True, False, False, False]] * 2
+
+
+def test_vepo_top_fraction_keeps_ceil_20_percent_per_response():
+    lengths = torch.tensor([5, 15, 1, 0, 24])
+    mask = torch.arange(24)[None] < lengths[:, None]
+    assert vepo.n_top(mask).tolist() == [1, 3, 1, 0, 5]
+    torch.manual_seed(0)
+    values = torch.randn(5, 24)
+    kept = vepo.top_fraction(values, mask)
+    assert kept.sum(1).tolist() == [1, 3, 1, 0, 5] and not (kept & ~mask).any()
+    for row in range(5):  # every kept token beats every valid dropped one
+        if kept[row].any() and (mask[row] & ~kept[row]).any():
+            assert values[row][kept[row]].min() > values[row][mask[row] & ~kept[row]].max()
+
+
+# ----------------------------------------------------------------------------- grpo.py
+
+def test_grpo_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 1.0, 0.1, 0.1, 0.1])
+    adv = grpo.group_advantages(rewards, 4)
+    std = math.sqrt(((0.5 ** 2) * 4) / 3)  # unbiased: divide by n - 1
+    assert torch.allclose(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
+    assert adv[4:8].eq(0).all()  # a dead group: equal rewards give exactly zero, never NaN
+    mean, std3 = 1.3 / 4, torch.tensor([1.0, 0.1, 0.1, 0.1]).std().item()
+    assert adv[8].item() == pytest.approx((1.0 - mean) / (std3 + 1e-6), rel=1e-5)
+    with pytest.raises(ValueError):
+        grpo.group_advantages(torch.ones(4), 1)
+
+
+def test_grpo_policy_loss_clips_both_sides_hand_computed():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]]))  # ratios 1.5, 0.5, 1.1, 0.5
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # A > 0: ratio 1.5 is clipped to 1.2; A < 0 on a per-token advantage: ratio 0.5 is clipped to 0.8
+    adv = torch.tensor([[2.0, -1.0, 2.0, 5.0]])
+    loss, stats = grpo.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    expected = (-2.0 * 1.2 + 1.0 * 0.8 - 2.0 * 1.1) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["clipped_tokens"] == 2 and stats["tokens"] == 3
+    # the clipped side carries no gradient; the unclipped token's gradient is -A * ratio / n
+    logp = logp.clone().requires_grad_(True)
+    grpo.policy_loss(logp, old, adv, mask)[0].backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 0.0, -2.0 * 1.1 / 3, 0.0]]), atol=1e-6)
+    # asymmetric clip ("clip-higher"): 1.5 is now inside [0.8, 1.6]
+    loss_hi, _ = grpo.policy_loss(logp.detach(), old, adv, mask, clip_low=0.2, clip_high=0.6)
+    assert loss_hi.item() == pytest.approx((-2.0 * 1.5 + 1.0 * 0.8 - 2.0 * 1.1) / 3, rel=1e-6)
+
+
+def test_grpo_token_mean_is_unchanged_by_micro_batching():
+    torch.manual_seed(0)
+    logp, old = torch.randn(6, 9) * 0.3, torch.randn(6, 9) * 0.3
+    mask = (torch.rand(6, 9) > 0.3).long()
+    adv = torch.randn(6)
+    full, _ = grpo.policy_loss(logp, old, adv, mask)
+    n = mask.sum()
+    split = sum(grpo.policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], n_tokens=n)[0] for i in range(0, 6, 2))
+    assert split.item() == pytest.approx(full.item(), rel=1e-6)
+    # not a mean of per-micro-batch means (which would weight short micro-batches more)
+    means = sum(grpo.policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2])[0] for i in range(0, 6, 2)) / 3
+    assert abs(means.item() - full.item()) > 1e-4
+
+
+def test_grpo_chunked_logprobs_equal_full_logits_values_and_gradients():
+    torch.manual_seed(0)
+    B, L, D, V = 3, 7, 16, 50
+    lm_head = torch.nn.Linear(D, V, bias=False)
+    hidden = torch.randn(B, L, D, requires_grad=True)
+    targets = torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 4:] = 0
+    logp, ent = grpo.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
+    logits = lm_head(hidden) / 0.8
+    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    ref_ent = tsec.token_entropy(logits) * mask
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    (g,) = torch.autograd.grad((logp * 1.3 + ent).sum(), hidden)
+    (g_ref,) = torch.autograd.grad((ref_logp * 1.3 + ref_ent).sum(), hidden)
+    assert torch.allclose(g, g_ref, atol=1e-5)
+    assert g[1, 4:].abs().sum() == 0  # padding receives no gradient
+
+
+def test_grpo_kl_penalty():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    assert grpo.kl_penalty(logp, logp).abs().max() == 0
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    d = ref - logp
+    assert torch.allclose(grpo.kl_penalty(logp, ref), d.exp() - d - 1)
+    assert (grpo.kl_penalty(logp, ref) >= 0).all()
+
+
+def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
+    torch.manual_seed(0)
+    B, L, D, V = 2, 9, 8, 300
+    lm_head = torch.nn.Linear(D, V, bias=False)
+    hidden = torch.randn(B, L, D, requires_grad=True)
+    targets, mask = torch.randint(0, V, (B, L)), torch.ones(B, L, dtype=torch.long)
+    mask[0, 6:] = 0
+    logp, ent = grpo.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
+    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
+    logits = lm_head(hidden) / 0.9
+    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    ref_ent = tsec.token_entropy(logits) * mask
+    r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
+    assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
+    # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
+    _, ent2 = grpo.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
+    (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
+    (r_h2,) = torch.autograd.grad(-tsec.token_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
+    assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
+
+
+def test_grpo_bench_quick_configuration_runs():
+    rows = bench.main(quick=True)
+    measured = {(r[0], r[1].split(" (")[0].split(",")[0]) for r in rows}
+    assert {("tiny", "step time"), ("tiny", "rollout tokens/s"), ("tiny-152k", "attack peak memory"),
+            ("tiny-152k", "attack time")} <= measured
+    step = next(r for r in rows if r[1].startswith("step time"))
+    assert float(step[4]) > 0
+    memory = next(r for r in rows if r[1].startswith("attack peak memory"))
+    assert float(memory[2]) < float(memory[3])  # ours below the full-logits version even at 16 tokens
+
+
+# ----------------------------------------------------------------------------- configurator.py
+
+def test_configurator_parses_types_and_files(tmp_path):
+    from configurator import override
+    defaults = {"lr": 1e-6, "n_adv": 6, "tsec_band": (1 / 3, 2 / 3), "model": "tiny", "resume": False}
+    conf = tmp_path / "c.py"
+    conf.write_text("lr = 3e-4\nn_adv = 0\n")
+    cfg = override(defaults, [str(conf), "--tsec_band=(0.0, 1.0)", "--model", "Qwen2.5-VL-3B", "--resume=True", "--lr=1"])
+    assert cfg == {"lr": 1.0, "n_adv": 0, "tsec_band": (0.0, 1.0), "model": "Qwen2.5-VL-3B", "resume": True}
+    assert isinstance(cfg["lr"], float)
+
+
+# ----------------------------------------------------------------------------- train.py
+
+@pytest.mark.parametrize("pg_tokens", ["vepo", "top_entropy"])
+def test_train_selected_tokens_loss_is_the_mean_over_the_top_20_percent(pg_tokens):
+    # with pi_old = pi every ratio is 1, so the loss is -sum_r A_r k_r / sum_r k_r, k_r = ceil(0.2 * len_r)
+    from model import load_policy
+    policy, _ = load_policy("tiny", seed=0)
+    g = torch.Generator().manual_seed(0)
+    B, P, L = 4, 12, 10
+    prompt = torch.randint(10, 100, (B, P), generator=g)
+    prompt[:, 2:6] = policy.config.image_token_id  # one 56x56 image: 4 merged tokens
+    lengths = torch.tensor([10, 6, 3, 1])
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    rollouts = dict(prompt_ids=prompt, prompt_mask=torch.ones_like(prompt), response_mask=mask,
+                    response_ids=torch.randint(10, 100, (B, L), generator=g) * mask)
+    advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, pg_tokens=pg_tokens))
+    images = [torch.rand(3, 56, 56, generator=g) for _ in range(B)]
+    totals, entropy = train.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
+                                          lambda: torch.autocast("cpu", enabled=False))
+    k = torch.tensor([2.0, 2.0, 1.0, 1.0])
+    assert totals["tokens"] == 6
+    assert totals["loss"] == pytest.approx(-(advantages * k).sum().item() / 6, abs=1e-6)
+    if pg_tokens == "top_entropy":  # the two highest-entropy tokens of the first response, and so on
+        top = sum(entropy[r].topk(int(k[r])).values.sum().item() for r in range(B))
+        assert totals["pg_entropy"] == pytest.approx(top, rel=1e-5)
+    else:
+        assert totals["jsd"] > 0
+
+
+def test_train_grpo_samples_only_clean_rollouts(tmp_path):
+    (log,) = _run(tmp_path, "--n_clean", "4", "--n_adv", "0")
+    assert "entropy_adv" not in log and "attack_gain" not in log and "noise_k" not in log
+    assert log["entropy"] == pytest.approx(log["entropy_clean"])
+
+
+def test_train_noisyrollout_anneals_the_noise(tmp_path):
+    logs = _run(tmp_path, "--perturb", "noise", "--max_steps", "3")
+    assert [l["noise_k"] for l in logs] == [499, 250, 0]
+    assert all("attack_gain" not in l and "entropy_adv" in l for l in logs)
+
+
+@pytest.mark.parametrize("args", [[], ["--tsec_band=(0.0, 1.0)"], ["--tsec_scope", "response"]],
+                         ids=["saei", "no_tsec", "per_response"])
+def test_train_saei_and_its_tsec_ablations_raise_the_entropy(tmp_path, args):
+    (log,) = _run(tmp_path, *args)
+    assert log["attack_gain"] > 0 and log["tsec_fallback"] == 0
+
+
+def test_train_saei_descending_sign_lowers_the_entropy(tmp_path):
+    (log,) = _run(tmp_path, f"--pgd_alpha={-2 / 255}")
+    assert log["attack_gain"] < 0
+
+
+@pytest.mark.parametrize("args", [["--n_clean", "4", "--n_adv", "0"], []], ids=["vepo", "saei_vepo"])
+def test_train_vepo_alone_and_with_saei(tmp_path, args):
+    (log,) = _run(tmp_path, "--pg_tokens", "vepo", *args)
+    assert 0 < log["vepo_jsd"] <= math.log(2)
+    assert ("attack_gain" in log) == (args == [])  # VEPO selects tokens; SaEI still attacks the image
+
+
+def test_train_top_entropy_updates_higher_entropy_tokens(tmp_path):
+    (log,) = _run(tmp_path, "--pg_tokens", "top_entropy")
+    assert log["pg_entropy"] > log["entropy_clean"] and log["pg_entropy"] > log["entropy_adv"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_clen=6"], "unknown constant 'n_clen'"),
+    (["--n_clean=six"], "n_clean must be int"),
+    (["--tsec_band=0.3"], "tsec_band must be tuple"),
+    (["--perturb=blur"], "perturb must be one of"),
+    (["--n_clean"], "needs a value"),
+    (["config/no_such_file.py"], "not found"),
+    (["--model", "Qwen9-VL"], "unknown model 'Qwen9-VL'"),
+])
+def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(args + ["--out_dir", str(tmp_path)])
+
+
+def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
+    script = tmp_path / "update.py"
+    script.write_text(UPDATE_SCRIPT.format(root=ROOT))
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun([str(script), str(tmp_path / "two.pt")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["tokens"] == b["tokens"]
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
+    assert not any(k.startswith("model.visual") for k in a["grads"])  # the frozen vision tower gets no gradient
+    worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
+    scale = max(a["grads"][k].abs().max().item() for k in a["grads"])
+    assert scale > 1e-4 and worst < 1e-5 * max(1.0, scale), (worst, scale)
+    # after the step every rank holds the same weights, and they match the single-process step
+    assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
+    assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
+
+
+def test_train_torchrun_two_ranks_runs_saei_steps(tmp_path):
+    run = _torchrun(["train.py"] + SMALL + ["--max_steps=2", "--batch_size=4", "--out_dir", str(tmp_path)])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2]  # rank 0 alone writes the log
+    assert all("attack_gain" in l and l["response_len"] > 0 for l in logs)
+    from model import load_policy
+    policy, _ = load_policy(str(tmp_path / "checkpoint"))
+    assert sum(p.numel() for p in policy.parameters()) > 1e6  # the whole model, gathered from both shards
+
+
+def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    import signal
+    import time
+    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
+    args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100", "--max_steps=4"]
+    train.main(args + ["--out_dir", str(tmp_path / "straight")])
+    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM" in out
+    stopped_at = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 1 <= stopped_at < 4 and logged[-1] == stopped_at
+    train.main(args + ["--resume=True", "--out_dir", str(tmp_path / "killed")])
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # no step repeated or skipped
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged():
+    from model import load_policy
+    grads = []
+    for checkpointing, micro in [(False, 4), (True, 4), (False, 1)]:
+        policy, _ = load_policy("tiny", seed=0)
+        policy.model.visual.requires_grad_(False)
+        if checkpointing:
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()
+        assert policy.is_activation_checkpointing == checkpointing
+        cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=micro))
+        rollouts, images, advantages = _fixed_rollouts(policy)
+        train.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 1e-4
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_train_non_finite_update_is_skipped_not_applied():
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    norm, applied = train.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    assert not applied and not math.isfinite(norm) and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    w.grad = torch.tensor([1.0, 1.0, 0.0])
+    _, applied = train.optimizer_step(optimizer, [w], 1.0, loss=float("inf"))
+    assert not applied and torch.equal(w.detach(), torch.ones(3))
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    norm, applied = train.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    assert applied and norm == pytest.approx(5.0) and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_train_hub_model_while_offline_is_one_clear_line():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-VL-3B", "--max_steps=1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in last and "HF_HUB_OFFLINE" in last and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("method", [[], ["--n_clean=4", "--n_adv=0"]], ids=["saei", "grpo"])
+def test_train_two_steps_write_metrics_and_a_loadable_checkpoint(method, tmp_path):
+    import eval as evaluation
+    from model import load_policy
+    # the random tiny model never boxes an answer: every group is dead, so GRPO alone must not move the weights...
+    base = SMALL + method + ["--max_steps=2", "--weight_decay=0.0", "--lr=1e-2"]
+    train.main(base + ["--out_dir", str(tmp_path / "dead")])
+    initial = load_policy("tiny", seed=0)[0].state_dict()
+    dead = load_policy(str(tmp_path / "dead" / "checkpoint"))[0].state_dict()
+    assert all(torch.equal(dead[k], initial[k]) for k in dead)
+    # ...while a signal through the same update path (an entropy bonus) does
+    train.main(base + ["--entropy_coef=0.1", "--out_dir", str(tmp_path / "live")])
+    live = load_policy(str(tmp_path / "live" / "checkpoint"))[0].state_dict()
+    changed = [k for k in live if not torch.equal(live[k], initial[k])]
+    assert changed and not any(k.startswith("model.visual") for k in changed)  # the vision tower stays frozen
+    logs = [json.loads(line) for line in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2]
+    keys = {"reward_clean", "accuracy_clean", "format", "entropy_clean", "dead_groups", "response_len", "clip_frac",
+            "grad_norm", "t_generate", "t_attack", "t_update"}
+    assert all(keys <= set(l) for l in logs) and all(l["dead_groups"] == 1.0 for l in logs)
+    assert all(("attack_gain" in l) == (method == []) for l in logs)  # n_adv=0 runs no attack at all
+    rows = evaluation.main(["--model", str(tmp_path / "live" / "checkpoint"), "--benchmarks", GEO3K_SAMPLE,
+                            "--limit", "2", "--max_response_len", "8", "--min_pixels", "3136", "--max_pixels", "12544",
+                            "--max_prompt_len", "4096", "--out_dir", str(tmp_path / "eval")])
+    assert rows[0]["problems"] == 2
+
+
+# ----------------------------------------------------------------------------- eval.py
+
+def test_eval_answer_styles(copies):
+    def graded(spec, i, answer_text):
+        r = data.load_records(spec, "test")[i]
+        return rewards.score(_box(answer_text), r["answer"], r["choices"])["accuracy"] == 1.0
+
+    geo = f"geometry3k={GEO3K_SAMPLE}"
+    assert graded(geo, 3, "5\\sqrt{3}") and graded(geo, 5, "\\frac{2\\sqrt{2}}{5}") and graded(geo, 0, "80^\\circ")
+    assert not graded(geo, 3, "C")  # free-form: a bare letter is not an answer
+    mmk12 = f"mmk12={copies['mmk12']}"
+    assert graded(mmk12, 1, "2.5") and graded(mmk12, 1, "\\frac{5}{2}") and graded(mmk12, 0, "-2")
+    vista = f"mathvista={copies['mathvista']}"
+    assert graded(vista, 0, "B") and graded(vista, 0, "(B)") and graded(vista, 0, "45°")  # letter or option text
+    assert not graded(vista, 0, "A") and not graded(vista, 0, "30°")
+    assert graded(vista, 1, "1.5") and not graded(vista, 1, "15")
+    verse = f"mathverse={copies['mathverse']}"
+    assert graded(verse, 0, "D") and graded(verse, 0, "140°") and not graded(verse, 0, "C")
+    assert graded(verse, 2, "D") and graded(verse, 1, "10")
+    vision = f"mathvision={copies['mathvision']}"
+    assert graded(vision, 0, "C") and graded(vision, 0, "3") and not graded(vision, 0, "D")
+    assert graded(vision, 1, "7") and not graded(vision, 1, "8")
+    hallu = f"hallusionbench={copies['hallusionbench']}"
+    assert graded(hallu, 0, "Yes") and graded(hallu, 0, "yes.") and not graded(hallu, 0, "no")
+    assert graded(hallu, 1, "No") and not graded(hallu, 1, "Yes")
+
+
+def test_eval_writes_table_and_samples(copies, tmp_path, capsys):
+    import eval as evaluation
+    out = tmp_path / "eval"
+    benchmarks = f"geo3k={GEO3K_SAMPLE},hallusionbench={copies['hallusionbench']}"
+    rows = evaluation.main(["--model", "tiny", "--benchmarks", benchmarks, "--limit", "2", "--batch_size", "2",
+                            "--max_response_len", "6",
+                            "--min_pixels", str(28 * 28 * 4), "--max_pixels", str(28 * 28 * 16), "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert [r["benchmark"] for r in rows] == ["geo3k", "hallusionbench"]
+    assert all(r["problems"] == 2 and r["dropped"] == 0 for r in rows)
+    assert "geo3k" in printed and "hallusionbench" in printed and "average" in printed
+    results = json.load(open(out / "results.json"))
+    assert results["model"] == "tiny" and len(results["benchmarks"]) == 2
+    assert results["average"] == pytest.approx(sum(r["accuracy"] for r in rows) / 2)
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert [t["benchmark"] for t in table] == ["geo3k", "hallusionbench", "average"]
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(samples) == 4 and [s["benchmark"] for s in samples] == ["geo3k"] * 2 + ["hallusionbench"] * 2
+    for s in samples:
+        assert {"question", "response", "extracted", "correct", "answer"} <= set(s)
+        assert s["correct"] == (rewards.score(s["response"], s["answer"], s["choices"])["accuracy"] == 1.0)
+    assert samples[2]["answer"] == "yes" and samples[0]["question"].startswith("<image>")
+
+
+def test_eval_drops_long_prompts_and_counts(tmp_path):
+    import eval as evaluation
+    args = ["--model", "tiny", "--benchmarks", f"geo3k={GEO3K_SAMPLE}", "--max_response_len", "4",
+            "--min_pixels", str(28 * 28 * 4), "--max_pixels", str(28 * 28 * 16), "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"geo3k: no usable row \(6 prompt over 100 tokens\)"):
+        evaluation.main(args + ["--max_prompt_len", "100"])  # every prompt is over 100 tokens
+    rows = evaluation.main(args + ["--max_prompt_len", "400", "--limit", "2"])
+    assert rows[0]["problems"] + rows[0]["dropped"] == 2
+
+
+# ----------------------------------------------------------------------------- compare.py
+
+def test_compare_table_from_finished_runs(tmp_path):
+    import compare
+    # two finished seeds of two methods, as train.py leaves them: compare.py reuses them instead of training
+    finals = {("grpo", 0): 0.5, ("grpo", 1): 0.7, ("saei", 0): 0.6, ("saei", 1): 0.6}
+    for (method, seed), final in finals.items():
+        path = tmp_path / method / f"seed{seed}"
+        path.mkdir(parents=True)
+        (path / "train.log").write_text(f"held-out greedy accuracy: 0.300 before -> {final:.3f} after (format ...)\n")
+        logs = [{"step": 1, "entropy": 1.0 + seed, "answer_diversity": 2.0},
+                {"step": 2, "entropy": 3.0 + seed, "answer_diversity": 4.0, "eval_accuracy": final}]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in logs))
+    compare.main([f"--out_dir={tmp_path}", "--methods=grpo,saei", "--seeds=2", "--steps=2", "--smooth=2"])
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert float(rows["grpo"]["final_accuracy"]) == pytest.approx(0.6)
+    assert float(rows["grpo"]["final_accuracy_std"]) == pytest.approx(math.sqrt(0.02))  # sample std of 0.5, 0.7
+    assert float(rows["saei"]["final_accuracy_std"]) == 0.0
+    assert float(rows["saei"]["rollout_entropy"]) == pytest.approx(2.5)  # mean over steps, then over seeds
+    assert float(rows["saei"]["answer_diversity"]) == pytest.approx(3.0)
+    assert "| grpo | 2 | 0.300 | 0.600 ± 0.141 |" in (tmp_path / "results.md").read_text()
+    curves = (tmp_path / "curves.csv").read_text().splitlines()
+    assert "grpo,accuracy,0,0.3" in curves  # the accuracy before training is the curve's step 0
+    assert "grpo,entropy,2,2.5" in curves  # seed means 1.5 and 3.5 at steps 1 and 2, averaged over the 2-step window
+
+
+# ----------------------------------------------------------------------------- warmstart.py
+
+def test_warmstart_sft_loss_is_mean_token_cross_entropy():
+    """The SFT loss equals cross-entropy on the response tokens computed from full logits, and only those."""
+    import warmstart
+    from model import load_policy
+    policy, tok = load_policy("tiny", seed=0)
+    batch = warmstart.sft_batch(tok, data.synthetic_split("train", n=3))
+    loss = warmstart.sft_loss(policy, batch)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    mm_token_type_ids=(batch["input_ids"] == policy.config.image_token_id).int()).logits
+    P = batch["prompt_len"]
+    ce = torch.nn.functional.cross_entropy(logits[:, P - 1:-1].flatten(0, 1), batch["targets"].flatten(), reduction="none")
+    m = batch["target_mask"].flatten().float()
+    torch.testing.assert_close(loss, (ce * m).sum() / m.sum(), rtol=1e-4, atol=1e-5)
+    # every target row ends with exactly one stop token: the policy learns to end its answer
+    assert ((batch["targets"] == tok.eos_token_id) & batch["target_mask"].bool()).sum(1).tolist() == [1, 1, 1]
+
+
+def test_warmstart_runs_end_to_end_and_checkpoint_loads(tmp_path):
+    import warmstart
+    from model import load_policy, sample
+    out = str(tmp_path / "ws")
+    result = warmstart.main(["--steps=3", "--batch_size=2", "--eval_start=2", "--val_n=2", "--test_n=2",
+                             "--log_interval=1", f"--out_dir={out}"])
+    assert set(result) >= {"accuracy", "format", "loss", "seconds"} and result["loss"] > 0
+    assert os.path.getsize(os.path.join(out, "model.safetensors")) < 5e6
+    policy, tok = load_policy(out)
+    assert next(policy.parameters()).dtype == torch.float32
+    r = data.synthetic_split("test", n=1)[0]
+    x = data.load_image(r["images"][0], 112 * 112, 112 * 112)
+    got = sample(policy, tok, [data.build_prompt(tok, r["problem"], 16)], [x], 2, 8)
+    assert got["response_ids"].shape[0] == 2
