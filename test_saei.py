@@ -301,7 +301,9 @@ UPDATE_SCRIPT = textwrap.dedent("""
     if rank == 0:
         torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums}}, sys.argv[1])
     if world > 1:
-        torch.distributed.destroy_process_group()
+        train.leave_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads at exit sometimes abort ("terminate called ...")
 """)
 
 

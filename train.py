@@ -244,7 +244,7 @@ def main(argv):
                 print(f"stopped by {stop['signal']} after step {step}; checkpoint saved, continue with --resume=True")
             stop["restore"]()
             if world > 1:
-                torch.distributed.destroy_process_group()
+                leave_process_group()
             return None
 
     stop["restore"]()
@@ -253,7 +253,7 @@ def main(argv):
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
               f"(format {start['format']:.3f} -> {end['format']:.3f})")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        leave_process_group()
     return start, end
 
 
@@ -382,6 +382,13 @@ def setup_distributed(cfg):
         cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(cfg.device)
     return dist.get_rank(), world
+
+
+def leave_process_group():
+    """Every rank waits for the others before tearing down; a rank leaving early can abort its peer in gloo."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t):
