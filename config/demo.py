@@ -1,5 +1,5 @@
 # The offline demo: the tiny Qwen2.5-VL on the synthetic task, on a laptop CPU (`python train.py`).
-model = "tiny"
+model = "assets/tiny-synthetic"  # the shipped warm start (python warmstart.py rebuilds it)
 dataset = "synthetic"
 min_pixels = 112 * 112
 max_pixels = 112 * 112
