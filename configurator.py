@@ -1,7 +1,8 @@
 """One config mechanism for every script, nanoGPT style.
 
 A script keeps its defaults as lowercase module constants. `override(defaults, argv)` applies, in order:
-config files (`config/name.py`, plain Python assigning the same names) and `--key=value` or `--key value`
+config files (`config/name.py`, plain Python assigning the same names, optionally starting from another
+file with `include("base.py")`) and `--key=value` or `--key value`
 arguments. Values are parsed as Python literals (falling back to a plain string) and must keep the type of
 the default (an int is accepted where a float is expected). Any mistake ends the run with one line that
 names the problem and the fix.
@@ -29,6 +30,20 @@ def _check(key, value, default):
     return value
 
 
+def _read_config_file(path):
+    """Run a config file and return the names it assigns. `include("other.py")` inside it first assigns
+    everything the other file (same folder) assigns, so a variant states only what it changes."""
+    values = {}
+
+    def include(name):
+        other = os.path.join(os.path.dirname(path), name)
+        if not os.path.isfile(other):
+            raise SystemExit(f"config error: {path} includes '{name}', which is not in {os.path.dirname(path) or '.'}")
+        values.update(_read_config_file(other))
+    exec(open(path).read(), {"include": include}, values)
+    return values
+
+
 def override(defaults, argv):
     """defaults: dict of name -> value; argv: list of strings. Returns a new dict."""
     config = dict(defaults)
@@ -38,8 +53,7 @@ def override(defaults, argv):
         if not arg.startswith("--"):  # a config file
             if not os.path.isfile(arg):
                 raise SystemExit(f"config error: config file '{arg}' not found; pass an existing path like config/demo.py")
-            values = {}
-            exec(open(arg).read(), {}, values)
+            values = _read_config_file(arg)
             for key, value in values.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue

@@ -1152,6 +1152,13 @@ def test_configurator_parses_types_and_files(tmp_path):
     cfg = override(defaults, [str(conf), "--tsec_band=(0.0, 1.0)", "--model", "Qwen2.5-VL-3B", "--resume=True", "--lr=1"])
     assert cfg == {"lr": 1.0, "n_adv": 0, "tsec_band": (0.0, 1.0), "model": "Qwen2.5-VL-3B", "resume": True}
     assert isinstance(cfg["lr"], float)
+    # a variant includes its base and states only what it changes; the command line still wins
+    (tmp_path / "variant.py").write_text('include("c.py")\nmodel = "Qwen2.5-VL-7B"\n')
+    cfg = override(defaults, [str(tmp_path / "variant.py"), "--n_adv=2"])
+    assert (cfg["lr"], cfg["n_adv"], cfg["model"]) == (3e-4, 2, "Qwen2.5-VL-7B")
+    (tmp_path / "broken.py").write_text('include("missing.py")\n')
+    with pytest.raises(SystemExit, match="includes 'missing.py'"):
+        override(defaults, [str(tmp_path / "broken.py")])
 
 
 # ----------------------------------------------------------------------------- train.py
