@@ -73,6 +73,12 @@ def image_to_pixels(x):
     return pixel_values, torch.tensor([[1, gh, gw]], device=x.device)
 
 
+def batch_pixels(images):
+    """One (3, H, W) image per row -> concatenated pixel_values and (rows, 3) image_grid_thw for a batch."""
+    pixels = [image_to_pixels(x) for x in images]
+    return torch.cat([p for p, _ in pixels]), torch.cat([g for _, g in pixels])
+
+
 def n_image_tokens(x):
     """Number of <|image_pad|> tokens the language model sees for image x: one per 2x2 window of patches."""
     return (x.shape[1] // PATCH) * (x.shape[2] // PATCH) // (MERGE * MERGE)

@@ -146,16 +146,14 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
       response kept up to and including its first stop token; truncated: (B,) bool, no stop token within
       max_new_tokens.
     """
-    from data import image_to_pixels
+    from data import batch_pixels
     device = next(model.parameters()).device
     P = max(len(p) for p in prompts)
     prompt_ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for i, p in enumerate(prompts):
         prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
-    pixels = [image_to_pixels(x.to(device)) for x in images]
-    pixel_values = torch.cat([pv for pv, _ in pixels for _ in range(n)])
-    grid = torch.cat([g for _, g in pixels for _ in range(n)])
+    pixel_values, grid = batch_pixels([x.to(device) for x in images for _ in range(n)])  # row i * n + j: image i
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
     stops = stop_token_ids(tok)
     # under FSDP2, gather the weights once for the whole rollout rather than once per token, and keep

@@ -55,7 +55,7 @@ kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of 
 entropy_coef = 0.0           # > 0 adds an entropy bonus
 pg_tokens = "all"            # tokens that get policy gradient: all | vepo (VEPO's top 20%) | top_entropy (80/20)
 grad_clip = 1.0
-micro_batch_size = 8         # responses per forward/backward in the update and the attack
+micro_batch_size = 8         # responses per forward/backward in the update (the attack takes one prompt's n_clean)
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
 freeze_vision = True         # the paper family freezes the vision tower (gradients still reach the image)
 gradient_checkpointing = False  # recompute decoder layers in backward: less memory, ~30% more compute
@@ -81,7 +81,7 @@ def main(argv):
     import eval as evaluation
     import grpo
     import rewards
-    from model import load_policy, response_hidden, sample
+    from model import load_policy, sample
     from tqdm import tqdm
 
     rank, world = setup_distributed(cfg)
@@ -266,6 +266,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     of ranks. Accumulates .grad and returns (totals, entropy): summed loss/kl/clipped-token statistics and the
     (B, L) token entropies.
     """
+    import data
     import grpo
     import vepo
     from model import response_hidden
@@ -279,7 +280,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     entropy = torch.zeros(resp_mask.shape)
     for mb in range(0, seqs.shape[0], cfg.micro_batch_size):
         rows = slice(mb, mb + cfg.micro_batch_size)
-        pixel_values, grid = batch_pixels(row_images[rows])
+        pixel_values, grid = data.batch_pixels(row_images[rows])
         targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
         with compute():
             hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
@@ -359,13 +360,6 @@ def merge_groups(clean, adv, n_clean, n_adv, pad_id):
         a, b = a.view(n_prompts, n_clean, *a.shape[1:]), b.view(n_prompts, n_adv, *b.shape[1:])
         merged[key] = torch.cat([a, b], 1).flatten(0, 1)
     return merged
-
-
-def batch_pixels(images):
-    """One (3, H, W) image per row -> concatenated pixel_values and (rows, 3) image_grid_thw."""
-    from data import image_to_pixels
-    pixels = [image_to_pixels(x) for x in images]
-    return torch.cat([p for p, _ in pixels]), torch.cat([g for _, g in pixels])
 
 
 # ----------------------------------------------------------------------------- scale-out and checkpoints

@@ -72,10 +72,9 @@ def sft_batch(tok, records):
     for i, (p, a) in enumerate(zip(prompts, answers)):
         ids[i, P - len(p):P], ids[i, P:P + len(a)] = torch.tensor(p), torch.tensor(a)
         mask[i, P - len(p):P + len(a)] = 1
-    pixels = [data.image_to_pixels(x) for x in images]
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([pv for pv, _ in pixels]),
-            "image_grid_thw": torch.cat([g for _, g in pixels]), "targets": ids[:, P:], "target_mask": mask[:, P:],
-            "prompt_len": P}
+    pixel_values, grid = data.batch_pixels(images)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": grid,
+            "targets": ids[:, P:], "target_mask": mask[:, P:], "prompt_len": P}
 
 
 def sft_loss(policy, batch):
