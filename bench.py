@@ -89,7 +89,8 @@ def run_train(model, dataset, out_dir, n_clean, n_adv, cfg):
     args = ["--model", model, "--dataset", dataset, "--out_dir", out_dir, f"--n_clean={n_clean}", f"--n_adv={n_adv}",
             f"--max_steps={cfg['steps']}", f"--batch_size={cfg['batch_size']}",
             f"--max_response_len={cfg['response_len']}", f"--min_pixels={pixels}", f"--max_pixels={pixels}",
-            "--eval_limit=0", "--save_interval=1000000"]
+            "--eval_limit=0", "--eval_interval=0", "--save_interval=1000000", "--micro_batch_size=8",
+            "--gradient_checkpointing=False"]  # the CPU demo's update: micro-batches share their prompt's encoding
     if cfg["fresh_processes"]:
         run = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                              env=_env(cfg))

@@ -8,7 +8,8 @@ method's overrides), then writes to out_dir:
   curves.png               accuracy, rollout entropy and answer diversity against step (needs matplotlib)
 A finished run (its train.log ends with the final accuracy) is never redone: an interrupted comparison continues
 where it stopped, and calling it again only rewrites the table. Quick look:
-`python compare.py --steps=20 --seeds=1 --methods=grpo,saei`; another task: `--dataset=geometry3k`.
+`python compare.py --steps=20 --seeds=1 --methods=grpo,saei`; another task: `--dataset=geometry3k`; on a 2-core
+laptop `--parallel=2` runs two single-threaded runs at once.
 """
 import csv
 import json
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 # ----------------------------------------------------------------------------- constants
 config = "config/demo.py"    # base train.py config every method starts from
@@ -26,9 +28,10 @@ dataset = ""                 # "" keeps the config's dataset; else any train.py 
 steps = 100                  # training steps per run
 seeds = 3                    # runs per method: seeds 0 .. seeds - 1
 methods = "grpo,noisyrollout,saei,saei_no_tsec,vepo,saei_vepo"  # which of METHODS, comma-separated
-eval_interval = 10           # held-out accuracy every this many steps: the accuracy curve's points
+eval_interval = 20           # held-out accuracy every this many steps: the accuracy curve's points
 smooth = 10                  # moving-average window (steps) of the entropy and diversity curves
 out_dir = "out/compare"
+parallel = 1                 # runs at once; each gets cpu_count // parallel torch threads (2 on a 2-core laptop)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
@@ -61,7 +64,9 @@ def run(cfg, method, seed):
     with open(log_path, "w") as log:
         log.write(" ".join(args) + "\n")
         log.flush()
-        code = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        threads = str(max(1, (os.cpu_count() or 1) // cfg.parallel))  # parallel runs must not oversubscribe the cores
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not FINAL.search(open(log_path).read()):
         raise SystemExit(f"{method} seed {seed} failed or stopped early (exit {code}); see {log_path}")
     shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)  # only the metrics are compared
@@ -165,14 +170,18 @@ def main(argv):
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}: use some of {','.join(METHODS)}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    runs = {m: [] for m in names}
     jobs = [(m, s) for m in names for s in range(cfg.seeds)]
-    for i, (method, seed) in enumerate(jobs, 1):
-        t0 = time.time()
-        path = run(cfg, method, seed)
-        runs[method].append(read_run(path))
-        print(f"[{i}/{len(jobs)}] {method} seed {seed}: accuracy {runs[method][-1]['start']:.3f} -> "
-              f"{runs[method][-1]['final']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    t0 = time.time()
+
+    def one(job):
+        path = run(cfg, *job)
+        r = read_run(path)
+        print(f"{job[0]} seed {job[1]}: accuracy {r['start']:.3f} -> {r['final']:.3f} "
+              f"({time.time() - t0:.0f} s since start)", flush=True)
+        return r
+    with ThreadPoolExecutor(cfg.parallel) as pool:  # threads only wait on train.py subprocesses
+        done = list(pool.map(one, jobs))
+    runs = {m: [r for (method, _), r in zip(jobs, done) if method == m] for m in names}
     with open(os.path.join(cfg.out_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "seed", "start_accuracy", "final_accuracy", "rollout_entropy", "answer_diversity"])

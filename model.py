@@ -117,6 +117,36 @@ def response_hidden(model, input_ids, attention_mask, pixel_values, image_grid_t
     return captured[-1][:, prompt_len - 1:-1]
 
 
+def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_grid_thw, prompt_len):
+    """response_hidden for n responses to one prompt, encoding the prompt (and its image) once.
+
+    sequences, attention_mask: (n, P + L), every row the same (left-padded) prompt; pixel_values, image_grid_thw:
+    that one image. Returns (n, L, D), equal to response_hidden on the n rows with the image repeated n times.
+    The prompt's keys and values are computed for one row and repeated; gradients reach the pixels through them.
+    Costs P + n * L tokens instead of n * (P + L), and one vision-tower pass instead of n.
+    """
+    n, total = sequences.shape
+    if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
+        raise ValueError("shared_prompt_hidden: all rows must share one prompt")
+    # Qwen2.5-VL's 3D (time, height, width) positions of the whole sequences, computed as one forward would
+    positions = multimodal_positions(model, sequences, attention_mask, image_grid_thw.repeat(n, 1))  # (3, n, P + L)
+    captured = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        out = model(input_ids=sequences[:1, :prompt_len], attention_mask=attention_mask[:1, :prompt_len],
+                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=positions[:, :1, :prompt_len],
+                    use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)  # the prompt's keys/values, one copy per response
+        model(input_ids=sequences[:, prompt_len:], attention_mask=attention_mask, cache=cache,
+              position_ids=positions[:, :, prompt_len:], use_cache=True, logits_to_keep=1)
+    finally:
+        hook.remove()
+    prompt_states, response_states = captured
+    # the last prompt state predicts response token 0; response state t - 1 predicts token t
+    return torch.cat([prompt_states[:, -1:].expand(n, -1, -1), response_states[:, :-1]], 1)
+
+
 def mm_token_types(model, input_ids):
     """(B, T) 1 at image tokens, 0 at text: transformers needs it to give image tokens their 3D (time, height,
     width) rotary positions; without it every token gets a plain text position, wrong for a pretrained Qwen."""

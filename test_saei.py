@@ -260,7 +260,9 @@ UPDATE_SCRIPT = textwrap.dedent("""
     import train
     from model import load_policy
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3))
+    # two prompts x (2 clean + 2 adversarial) responses; micro-batches of 3 rows that share their prompt's encoding
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=2, n_adv=2,
+                                  gradient_checkpointing=False))
     rank, world = train.setup_distributed(cfg)
     policy, tok = load_policy("tiny", seed=0)
     policy.model.visual.requires_grad_(False)
@@ -269,12 +271,12 @@ UPDATE_SCRIPT = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     B, P, L = 8, 30, 12
     image_tokens = 4  # a 56x56 image: 16 patches, 4 merged tokens
-    prompt = torch.randint(10, 100, (B, P), generator=g)
+    prompt = torch.randint(10, 100, (B // 4, P), generator=g).repeat_interleave(4, 0)
     prompt[:, 5:5 + image_tokens] = policy.config.image_token_id
     response = torch.randint(10, 100, (B, L), generator=g)
     lengths = torch.randint(3, L + 1, (B,), generator=g)
     response_mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    images = [torch.rand(3, 56, 56, generator=g) for _ in range(B)]
+    images = [x for x in [torch.rand(3, 56, 56, generator=g) for _ in range(B // 4)] for _ in range(4)]
     advantages = torch.randn(B, generator=g)
     rows = slice(rank * B // world, (rank + 1) * B // world)
     rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
@@ -1189,6 +1191,44 @@ def test_train_selected_tokens_loss_is_the_mean_over_the_top_20_percent(pg_token
         assert totals["pg_entropy"] == pytest.approx(top, rel=1e-5)
     else:
         assert totals["jsd"] > 0
+
+
+def test_train_update_sharing_each_prompt_equals_encoding_every_row():
+    # the update encodes a prompt once per micro-batch (P + m L tokens) unless gradient checkpointing is on; both
+    # ways must give the same loss and gradients, with micro-batches cut at prompt and image boundaries
+    from model import load_policy
+    g = torch.Generator().manual_seed(1)
+    n_clean, n_adv, P, L = 2, 3, 14, 9
+    group = n_clean + n_adv
+    prompt = torch.randint(10, 100, (2, P), generator=g)
+    prompt[:, 2:6] = 0
+    prompt = prompt.repeat_interleave(group, 0)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[group:, :2] = 0  # the second prompt is shorter: left padding
+    lengths = torch.randint(1, L + 1, (2 * group,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    rollouts = dict(prompt_ids=prompt, prompt_mask=prompt_mask, response_mask=mask,
+                    response_ids=torch.randint(10, 100, (2 * group, L), generator=g) * mask)
+    advantages = torch.randn(2 * group, generator=g)
+    clean = [torch.rand(3, 56, 56, generator=g) for _ in range(2)]
+    adv = [x.flip(2) for x in clean]  # logprob_image="adversarial": a group's last n_adv rows see another image
+    images = [adv[r // group] if r % group >= n_clean else clean[r // group] for r in range(2 * group)]
+    results = []
+    for checkpointing in (False, True):
+        policy, tok = load_policy("tiny", seed=0)
+        prompt[:, 2:6] = policy.config.image_token_id
+        cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=n_clean, n_adv=n_adv,
+                                      gradient_checkpointing=checkpointing))
+        totals, entropy = train.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
+                                              lambda: torch.autocast("cpu", enabled=False))
+        grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
+        results.append((totals["loss"], entropy, grads))
+    (shared_loss, shared_entropy, shared_grads), (full_loss, full_entropy, full_grads) = results
+    assert shared_loss == pytest.approx(full_loss, abs=1e-6) and abs(full_loss) > 1e-4
+    assert torch.allclose(shared_entropy, full_entropy, atol=1e-5) and shared_entropy.abs().sum() > 0
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 10
+    scale = max(v.abs().max().item() for v in full_grads.values())
+    assert max((shared_grads[k] - full_grads[k]).abs().max().item() for k in full_grads) < 1e-5 * max(1.0, scale)
 
 
 def test_train_grpo_samples_only_clean_rollouts(tmp_path):

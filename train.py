@@ -9,8 +9,8 @@ One training step (DESIGN §4):
   7. advantages: one group of n_clean + n_adv per prompt, standardized (grpo.py)
   8. update: PPO-clip on every response token, log-probs on the clean image (grpo.py)
 
-Run: `python train.py` (the offline demo), `python train.py --model tiny --max_steps 2`,
-`torchrun --nproc_per_node=8 train.py config/geo3k_saei.py --model Qwen2.5-VL-3B`.
+Run: `python train.py` (the offline demo: config/demo.py), `python train.py --max_steps=20` (the demo, shorter),
+`torchrun --nproc_per_node=8 train.py --model Qwen2.5-VL-3B` (the paper-family recipe below, on Geometry3K).
 """
 import json
 import math
@@ -21,15 +21,19 @@ import time
 import torch
 
 # ----------------------------------------------------------------------------- constants
+# The constants are the paper-family recipe (Geometry3K, DESIGN §4). Given neither a config file nor --model,
+# train.py starts from config/demo.py instead: the offline demo on CPU.
 # what to train
-model = "tiny"               # tiny | Qwen2.5-VL-3B | Qwen2.5-VL-7B | Qwen2.5-VL-32B | hub id | local checkpoint
-dataset = "synthetic"        # synthetic | geometry3k | mmk12 | name=path (a local copy) | a local dataset folder or .parquet
-train_split = "train"
-eval_split = "test"
+model = "Qwen2.5-VL-7B"      # tiny | Qwen2.5-VL-3B | Qwen2.5-VL-7B | Qwen2.5-VL-32B | hub id | local checkpoint
+dataset = "geometry3k"       # geometry3k | mmk12 | synthetic | name=path (a local copy) | a local folder or .parquet
+train_split = "train"        # 2,101 problems
+eval_split = "test"          # 601 problems, greedy
 out_dir = "out"
-max_steps = 100
+# NoisyRollout samples 512 prompts per step and updates on 4 mini-batches of 128 (train.py makes one update per
+# rollout batch), so 128 prompts per step keep its update batch, and 246 steps are its 15 epochs of 2,101
+max_steps = 246
 seed = 0
-batch_size = 8               # prompts per step, over all ranks
+batch_size = 128             # prompts per step, over all ranks
 # rollouts
 n_clean = 6                  # n1: responses per prompt on the clean image
 n_adv = 6                    # n2: responses per prompt on the perturbed image; 0 = vanilla GRPO
@@ -47,21 +51,22 @@ pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the
 pgd_eps = 2 / 255            # L-inf radius around the clean image (= |alpha| * T)
 logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
 # update
-lr = 1e-6
+lr = 1e-6                    # constant, no warmup
 weight_decay = 1e-2
 clip_low = 0.2
 clip_high = 0.2
 kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of the initial policy
-entropy_coef = 0.0           # > 0 adds an entropy bonus
+entropy_coef = 0.0           # > 0 adds an entropy bonus (the released NoisyRollout scripts use 1e-3; the papers do not)
 pg_tokens = "all"            # tokens that get policy gradient: all | vepo (VEPO's top 20%) | top_entropy (80/20)
 grad_clip = 1.0
-micro_batch_size = 8         # responses per forward/backward in the update (the attack takes one prompt's n_clean)
+micro_batch_size = 4         # responses per forward/backward in the update (the attack takes one prompt's n_clean);
+                             # 4 and gradient checkpointing are our memory choice for 8 x 80 GB, not the papers'
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
 freeze_vision = True         # the paper family freezes the vision tower (gradients still reach the image)
-gradient_checkpointing = False  # recompute decoder layers in backward: less memory, ~30% more compute
+gradient_checkpointing = True   # recompute decoder layers in backward: less memory, ~30% more compute
 # evaluation, logging, checkpoints
-eval_interval = 0            # greedy held-out accuracy every this many steps (0: only before and after training)
-eval_limit = 200             # held-out problems per evaluation
+eval_interval = 20           # greedy held-out accuracy every this many steps (0: only before and after training)
+eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split)
 save_interval = 50           # also on the last step and on SIGINT/SIGTERM
 resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,7 +77,9 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 
 def main(argv):
     from configurator import override
-    cfg = override(DEFAULTS, argv or ["config/demo.py"])  # no arguments: the offline demo
+    if not any(a == "--model" or a.startswith("--model=") or not a.startswith("--") for a in argv):
+        argv = ["config/demo.py", *argv]  # neither a config file nor a model: the offline demo
+    cfg = override(DEFAULTS, argv)
     cfg = type("Config", (), cfg)  # cfg.n_clean reads better than cfg["n_clean"]
     check_config(cfg)
 
@@ -230,7 +237,7 @@ def main(argv):
                 log["vepo_jsd"] = jsd_sum / all_reduce_sum(mask_f.sum()).item()
         if ref is not None:
             log["kl"] = kl_sum
-        if cfg.eval_interval and step % cfg.eval_interval == 0:
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:  # the last: after the loop
             log["eval_accuracy"] = evaluate_now()["accuracy"]
         if rank == 0:
             metrics_file.write(json.dumps(log) + "\n")
@@ -269,7 +276,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     import data
     import grpo
     import vepo
-    from model import response_hidden
+    from model import response_hidden, shared_prompt_hidden
     seqs, attn, resp_mask = sequences(rollouts, slice(None))
     prompt_len = rollouts["prompt_ids"].shape[1]
     n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
@@ -278,18 +285,32 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     n_pg = n_tokens if cfg.pg_tokens == "all" else all_reduce_sum(vepo.n_top(resp_mask).sum().float().cpu()).item()
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0}
     entropy = torch.zeros(resp_mask.shape)
-    for mb in range(0, seqs.shape[0], cfg.micro_batch_size):
-        rows = slice(mb, mb + cfg.micro_batch_size)
-        pixel_values, grid = data.batch_pixels(row_images[rows])
+    # A micro-batch never mixes two prompts or two images, so it encodes its prompt and image once and shares
+    # their keys/values among its rows: P + m * L tokens instead of m * (P + L). Under gradient checkpointing
+    # transformers drops the KV cache, so there every row is encoded in full instead (same result).
+    share = not cfg.gradient_checkpointing
+    group = cfg.n_clean + cfg.n_adv
+    starts = []  # first row of each micro-batch
+    for r in range(seqs.shape[0]):
+        if (not starts or r - starts[-1] == cfg.micro_batch_size or r // group != starts[-1] // group
+                or row_images[r] is not row_images[starts[-1]]):
+            starts.append(r)
+
+    def hidden_of(model, rows, pixel_values, grid):
+        if share:
+            return shared_prompt_hidden(model, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+        return response_hidden(model, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+    for first, end in zip(starts, starts[1:] + [seqs.shape[0]]):
+        rows = slice(first, end)
+        pixel_values, grid = data.batch_pixels(row_images[first:first + 1] if share else row_images[rows])
         targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
         with compute():
-            hidden = response_hidden(policy, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+            hidden = hidden_of(policy, rows, pixel_values, grid)
             logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
             pg_mask = mask  # the tokens that get policy gradient
             if cfg.pg_tokens == "vepo":  # a second pass with the image drowned in noise: which tokens does it drive?
                 with torch.no_grad():
-                    noisy = response_hidden(policy, seqs[rows], attn[rows], vepo.perturb_pixels(pixel_values), grid,
-                                            prompt_len)
+                    noisy = hidden_of(policy, rows, vepo.perturb_pixels(pixel_values), grid)
                     jsd, ent_noisy = vepo.token_jsd(hidden.detach(), noisy, policy.lm_head.weight, mask,
                                                     cfg.temperature, cfg.logit_chunk)
                 pg_mask = vepo.top_fraction(vepo.score(jsd, ent.detach(), ent_noisy - ent.detach(), mask), mask)
@@ -301,7 +322,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                                         cfg.clip_low, cfg.clip_high, n_pg)
             if ref is not None:
                 with torch.no_grad():
-                    ref_hidden = response_hidden(ref, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+                    ref_hidden = hidden_of(ref, rows, pixel_values, grid)
                     ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
                                                       cfg.logit_chunk)
                 kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens

@@ -1,4 +1,5 @@
-# The offline demo: the tiny Qwen2.5-VL on the synthetic task, on a laptop CPU (`python train.py`).
+# The offline demo: the tiny Qwen2.5-VL on the synthetic task, on a laptop CPU. `python train.py` runs it (given
+# neither a config file nor --model); `python train.py --max_steps=20` runs it shorter.
 model = "assets/tiny-synthetic"  # the shipped warm start (python warmstart.py rebuilds it)
 dataset = "synthetic"
 min_pixels = 112 * 112
@@ -7,3 +8,7 @@ max_response_len = 96
 batch_size = 8
 lr = 1e-4
 max_steps = 100
+eval_interval = 0                # held-out accuracy before and after training only
+eval_limit = 500                 # the whole synthetic test split
+micro_batch_size = 8
+gradient_checkpointing = False
