@@ -303,12 +303,10 @@ def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="d
 # ----------------------------------------------------------------------------- synthetic task
 # The offline demo's task (DESIGN §8, §11): a 4x4 grid of 28-px cells, each empty or holding a red, green or
 # blue square; "how many <colour> squares?". A 28-px cell is exactly one 2x2 merge window, so each cell is one
-# visual token. The worked solution counts every colour in <think> ("red 3, green 5, blue 4") and boxes the asked
-# one. Why counts and not the cells read out in order: Qwen2.5-VL gives image tokens 3D rotary positions, and in
-# the tiny model a column's only share is the lowest frequencies (under 0.004 rad per column), so it cannot tell
-# cells apart by position; it can count by attending evenly over the 16 image tokens, and does so imperfectly
-# (off by one near the thresholds), which leaves RL room to improve. The asked colour's count is uniform over
-# 0..SYN_MAX_COUNT, so guessing without looking earns about 1 in 7.
+# visual token. The worked solution reads the grid row by row in <think> ("g.r. .rgr ..b. b...") and then boxes
+# the count: the shipped tiny warm start reads the grid imperfectly and counts imperfectly (45% greedy), which
+# leaves RL room to improve. The asked colour's count is uniform over 0..SYN_MAX_COUNT, so guessing without
+# looking earns about 1 in 7.
 
 SYN_GRID, SYN_CELL, SYN_INSET = 4, 28, 4  # 4x4 cells of 28 px (112x112 image); squares inset 4 px into each cell
 SYN_MAX_COUNT = 6
@@ -351,9 +349,9 @@ def synthetic_problem(rng, split):
         if _synthetic_split_of(cells, letter) == split:
             break
     name = SYN_COLORS[letter][0]
-    counts = ", ".join(f"{color} {cells.count(c)}" for c, (color, _) in SYN_COLORS.items())
+    rows = " ".join(cells[i:i + SYN_GRID] for i in range(0, len(cells), SYN_GRID))
     return {"images": [synthetic_image(cells)], "problem": f"<image>How many {name} squares are in the grid?",
-            "answer": str(k), "solution": f"<think>{counts}</think>\\boxed{{{k}}}", "choices": []}
+            "answer": str(k), "solution": f"<think>{rows}</think>\\boxed{{{k}}}", "choices": []}
 
 
 def synthetic_stream(split, seed=0):

@@ -6,7 +6,7 @@ offline demo starts from a checkpoint trained here to imitate the worked solutio
 imperfectly. The result is saved in Hugging Face format (weights in fp16, ~2.6 MB) under `out_dir`, which
 `model.load_policy(out_dir)` loads; the demo ships it, so this script only runs to rebuild it:
 
-    python warmstart.py                                  # ~10 minutes on 2 CPU cores, writes assets/tiny-synthetic
+    python warmstart.py                                  # ~15 minutes on 2 CPU cores, writes assets/tiny-synthetic
     python warmstart.py --steps=5 --out_dir=/tmp/ws      # a quick end-to-end check
 """
 import json
