@@ -64,7 +64,8 @@ def run(cfg, method, seed):
     with open(log_path, "w") as log:
         log.write(" ".join(args) + "\n")
         log.flush()
-        threads = str(max(1, (os.cpu_count() or 1) // cfg.parallel))  # parallel runs must not oversubscribe the cores
+        # parallel runs must not oversubscribe the cores (an OMP_NUM_THREADS already set wins)
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.parallel))
         env = dict(os.environ, OMP_NUM_THREADS=threads)
         code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not FINAL.search(open(log_path).read()):

@@ -51,7 +51,8 @@ pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the
 pgd_eps = 2 / 255            # L-inf radius around the clean image (= |alpha| * T)
 logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
 # update
-lr = 1e-6                    # constant, no warmup
+lr = 1e-6                    # no warmup
+lr_decay = False             # cosine decay from lr to lr / 10 over max_steps; the papers keep lr constant
 weight_decay = 1e-2
 clip_low = 0.2
 clip_high = 0.2
@@ -150,6 +151,9 @@ def main(argv):
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
+        if cfg.lr_decay:
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = cfg.lr * (0.55 + 0.45 * math.cos(math.pi * (step - 1) / max(1, cfg.max_steps - 1)))
         images, prompts = zip(*[prepare(r) for r in records])
         log = {"step": step}
 
@@ -225,7 +229,7 @@ def main(argv):
                                sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)),
                                totals["clipped_tokens"], sum(gains), len(gains), fallbacks, totals["kl"]])
         dead, distinct, clipped, gain_sum, n_gain, fallback_sum, kl_sum = all_reduce_sum(groups).tolist()
-        log.update({"dead_groups": dead / cfg.batch_size, "answer_diversity": distinct / cfg.batch_size,
+        log.update({"lr": optimizer.param_groups[0]["lr"], "dead_groups": dead / cfg.batch_size, "answer_diversity": distinct / cfg.batch_size,
                     "loss": total_loss, "clip_frac": clipped / n_tokens, "grad_norm": grad_norm,
                     "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
         if n_gain:
