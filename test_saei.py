@@ -1237,9 +1237,10 @@ def test_train_grpo_samples_only_clean_rollouts(tmp_path):
     assert log["entropy"] == pytest.approx(log["entropy_clean"])
 
 
-def test_train_noisyrollout_anneals_the_noise(tmp_path):
-    logs = _run(tmp_path, "--perturb", "noise", "--max_steps", "3")
+def test_train_noisyrollout_anneals_the_noise_and_lr_decays(tmp_path):
+    logs = _run(tmp_path, "--perturb", "noise", "--max_steps", "3", "--lr=1e-3", "--lr_decay=True")
     assert [l["noise_k"] for l in logs] == [499, 250, 0]
+    assert [l["lr"] for l in logs] == pytest.approx([1e-3, 0.55e-3, 1e-4])  # cosine from lr to lr / 10
     assert all("attack_gain" not in l and "entropy_adv" in l for l in logs)
 
 
