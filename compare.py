@@ -95,7 +95,7 @@ def summarize(runs):
         finals = [r["final"] for r in rs]
         rows.append({"method": method, "runs": len(rs), "start_accuracy": statistics.mean(r["start"] for r in rs),
                      "final_accuracy": statistics.mean(finals),
-                     "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                     "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else None,  # undefined
                      "rollout_entropy": statistics.mean(r["entropy"] for r in rs),
                      "answer_diversity": statistics.mean(r["diversity"] for r in rs),
                      "overrides": " ".join(METHODS[method])})
@@ -112,9 +112,9 @@ def write_table(rows, cfg):
              "| method | runs | accuracy before | final accuracy (mean ± std) | rollout entropy | answer diversity "
              "| overrides |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['runs']} | {r['start_accuracy']:.3f} | {r['final_accuracy']:.3f} ± "
-                     f"{r['final_accuracy_std']:.3f} | {r['rollout_entropy']:.3f} | {r['answer_diversity']:.2f} "
-                     f"| `{r['overrides']}` |")
+        spread = f" ± {r['final_accuracy_std']:.3f}" if r["final_accuracy_std"] is not None else ""
+        lines.append(f"| {r['method']} | {r['runs']} | {r['start_accuracy']:.3f} | {r['final_accuracy']:.3f}{spread} "
+                     f"| {r['rollout_entropy']:.3f} | {r['answer_diversity']:.2f} | `{r['overrides']}` |")
     text = "\n".join(lines) + "\n"
     open(os.path.join(cfg.out_dir, "results.md"), "w").write(text)
     return text
