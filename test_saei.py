@@ -2,7 +2,7 @@
 
 Every test asserts a number or a behaviour that would be wrong if the code were wrong. The model is the real
 Qwen2_5_VLForConditionalGeneration class at a tiny size; the real Geometry3K diagrams come from
-../shared/data/geometry3k-sample.
+assets/geometry3k-sample (six problems, InterGPS, MIT).
 """
 import csv
 import glob
@@ -33,7 +33,7 @@ import tsec
 import vepo
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-GEO3K_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "geometry3k-sample", "test.parquet")
+GEO3K_SAMPLE = os.path.join(ROOT, "assets", "geometry3k-sample", "test.parquet")
 # a small SaEI run: the tiny model, 2 prompts x (2 clean + 2 adversarial) responses of at most 24 tokens
 SMALL = ["--model", "tiny", "--dataset", GEO3K_SAMPLE, "--min_pixels", "3136", "--max_pixels", "12544",
          "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2"]
@@ -186,10 +186,6 @@ def _box(answer):
     return f"<think>I read the figure.</think> The answer is \\boxed{{{answer}}}."
 
 
-GEO3K_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "geometry3k-sample",
-                     "test.parquet")
-
-
 sigmoid = lambda z: 1 / (1 + math.exp(-z))
 
 
@@ -229,10 +225,6 @@ def _rows(out, i, n=3):
     return ids, attn, out["response_mask"][rows]
 
 
-GEO3K_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                   "geometry3k-sample", "test.parquet")
-
-
 def _resp(boxed, think="Let me work it out."):
     return f"<think>{think}</think> The answer is \\boxed{{{boxed}}}."
 
@@ -248,9 +240,6 @@ def _read_grid(image):
             c = image.getpixel((col * data.SYN_CELL + data.SYN_CELL // 2, row * data.SYN_CELL + data.SYN_CELL // 2))
             cells += min(palette, key=lambda k: sum((a - b) ** 2 for a, b in zip(c, palette[k])))
     return cells
-
-
-GEO3K_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "geometry3k-sample", "test.parquet")
 
 
 UPDATE_SCRIPT = textwrap.dedent("""
