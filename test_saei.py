@@ -194,6 +194,74 @@ def _run(tmp_path, *args):
     return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
 
 
+# spied on in the training loop: each spy records a call as {"name", "args" (by parameter name), "result"} and
+# returns the real function's result
+SPIED = [(model_lib, "sample"), (egas, "attack"), (egas, "add_noise"), (rewards, "score"), (train, "merge_groups"),
+         (train, "policy_update")]
+
+
+def _spied_run(tmp_path, *args):
+    """train.main(SMALL_ONE_STEP + args) with spies on the loop's own functions. Returns (metrics lines, calls)."""
+    import inspect
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        for module, name in SPIED:
+            def spy(*a, _real=getattr(module, name), _name=name, **kw):
+                result = _real(*a, **kw)
+                bound = inspect.signature(_real).bind(*a, **kw).arguments
+                calls.append({"name": _name, "args": bound, "result": result})
+                return result
+            mp.setattr(module, name, spy)
+        logs = _run(tmp_path, *args)
+    return logs, calls
+
+
+def _one_step(logs, calls):
+    """A one-step run's training-step calls by name, evaluation's greedy sampling and scoring left out."""
+    (log,) = logs
+    rollouts = [i for i, c in enumerate(calls) if c["name"] == "sample" and not c["args"].get("greedy")]
+    after = calls[rollouts[-1] + 1:]
+    end = next((i for i, c in enumerate(after) if c["name"] == "sample"), len(after))  # the final evaluation
+    step = {name: [c for c in calls if c["name"] == name]
+            for name in ("attack", "add_noise", "merge_groups", "policy_update")}
+    step.update(log=log, sample=[calls[i] for i in rollouts], score=[c for c in after[:end] if c["name"] == "score"])
+    return step
+
+
+def _lengths(response_ids, tok):
+    """(B, L) sampled ids -> (B,) response lengths up to and including the first stop token (L if none)."""
+    is_stop = torch.isin(response_ids, torch.tensor(model_lib.stop_token_ids(tok)))
+    first = torch.where(is_stop.any(1), is_stop.int().argmax(1), response_ids.shape[1] - 1)
+    return first + 1
+
+
+def _row_entropy(policy, out, images, lengths):
+    """Each row's mean next-token entropy over its first `lengths` response tokens, conditioned on images[row]:
+    one plain full-logits forward. out: sample()'s dict; images: one (3, H, W) per row. Returns (B,)."""
+    P, L = out["prompt_ids"].shape[1], out["response_ids"].shape[1]
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], mask], 1)
+    pv, grid = data.batch_pixels(images)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv, image_grid_thw=grid,
+                        mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, P - 1:-1]
+    return (tsec.token_entropy(logits) * mask).sum(1) / mask.sum(1)
+
+
+# one SaEI step of the warm-started tiny model on the synthetic task, whose rewards differ within a group:
+# 2 prompts x (3 clean + 2 adversarial) responses; lr 0 keeps the weights, so the test can recompute what the
+# update saw; a large attack step makes the attacked image clearly differ from the clean one
+SAEI_STEP = ["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--dataset", "synthetic",
+             "--min_pixels", "12544", "--max_pixels", "12544", "--max_response_len", "48", "--n_clean", "3",
+             "--n_adv", "2", "--eval_limit", "1", "--lr", "0.0", f"--pgd_alpha={16 / 255}", f"--pgd_eps={16 / 255}"]
+
+
+@pytest.fixture(scope="module")
+def saei_step(tmp_path_factory):
+    return _one_step(*_spied_run(tmp_path_factory.mktemp("saei_step"), *SAEI_STEP))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread: on cores shared with other jobs, waiting OpenMP threads make these tests 5x slower."""
@@ -666,6 +734,22 @@ def test_model_sample_never_emits_vision_tokens(tiny):
         assert truncated == (not torch.isin(ids[n - 1], stops))
 
 
+def test_model_sample_cuts_each_response_after_its_first_stop_token(rollouts):
+    # a response ends at its first <|im_end|> or <|endoftext|>, kept; nothing after it is scored or trained on
+    _, _, out = rollouts
+    tok = model_lib.tiny_tokenizer()
+    stops = torch.tensor(model_lib.stop_token_ids(tok))
+    ids, mask = out["response_ids"], out["response_mask"]
+    L = ids.shape[1]
+    lengths = _lengths(ids, tok)
+    assert lengths.min() < L and out["truncated"].any()  # some rows stop early, some run to the end
+    for row, n in zip(range(ids.shape[0]), lengths.tolist()):
+        assert mask[row].tolist() == [1] * n + [0] * (L - n)
+        assert not torch.isin(ids[row, :n - 1], stops).any()  # no stop token inside the kept response
+        assert (ids[row, n:] == tok.pad_token_id).all()
+        assert out["truncated"][row] == (not torch.isin(ids[row, n - 1], stops))
+
+
 # ----------------------------------------------------------------------------- rewards.py
 
 def test_rewards_extract_nested_braces():
@@ -893,6 +977,44 @@ def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
                              mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, len(prompt) - 1:-1]
     assert st["objective_clean"] == pytest.approx(tsec.token_entropy(logits).mean().item(), abs=1e-5)
     assert math.isfinite(st["gain"])
+
+
+def _full_entropy(policy, ids, attn, mask, x, P):
+    """(n, L) entropies of n responses to one prompt on image x, by a plain full-logits forward."""
+    pv, grid = data.batch_pixels([x] * ids.shape[0])
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv, image_grid_thw=grid,
+                        mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, P - 1:-1]
+    return tsec.token_entropy(logits) * mask
+
+
+def test_egas_attack_ranks_the_band_once_on_the_clean_image(rollouts):
+    # J(x_adv) is the mean entropy on x_adv of the tokens ranked into the band on the clean x: re-ranking on the
+    # attacked image would let the attack choose which tokens it is scored on
+    policy, images, out = rollouts
+    P = out["prompt_ids"].shape[1]
+    ids, attn, mask = _rows(out, 0)
+    x_adv, st = egas.attack(policy, images[0], ids, attn, mask, P, steps=1, alpha=32 / 255, eps=32 / 255)
+    clean_band = tsec.select_band(_full_entropy(policy, ids, attn, mask, images[0], P), mask, group_size=3)
+    entropy_adv = _full_entropy(policy, ids, attn, mask, x_adv, P)
+    adv_band = tsec.select_band(entropy_adv, mask, group_size=3)
+    expected = tsec.selective_entropy(entropy_adv, clean_band).item()
+    assert abs(tsec.selective_entropy(entropy_adv, adv_band).item() - expected) > 1e-4  # the bands differ
+    assert st["objective_adv"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_egas_attacked_image_is_a_valid_8bit_image_for_any_step_size(rollouts):
+    # steps that are not whole multiples of 1/255 still end on the 8-bit grid, in [0, 1] and in the eps ball
+    policy, images, out = rollouts
+    ids, attn, mask = _rows(out, 1)
+    x = images[1]
+    x_adv, _ = egas.attack(policy, x, ids, attn, mask, out["prompt_ids"].shape[1], steps=1, alpha=1.5 / 255,
+                           eps=2 / 255)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    x_lin = egas.pgd(lambda img: (img * w).sum(), x, steps=3, alpha=0.7 / 255, eps=2 / 255)
+    for y in (x_adv, x_lin):
+        assert torch.equal(y, torch.round(y * 255) / 255) and not torch.equal(y, x)
+        assert (y - x).abs().max() <= 2 / 255 + 1e-6 and 0 <= y.min() and y.max() <= 1
 
 
 def test_egas_noise_level_anneals_by_a_sigmoid_of_the_step():
@@ -1221,16 +1343,28 @@ def test_train_update_sharing_each_prompt_equals_encoding_every_row():
 
 
 def test_train_grpo_samples_only_clean_rollouts(tmp_path):
-    (log,) = _run(tmp_path, "--n_clean", "4", "--n_adv", "0")
+    step = _one_step(*_spied_run(tmp_path, "--n_clean", "4", "--n_adv", "0"))
+    log = step["log"]
     assert "entropy_adv" not in log and "attack_gain" not in log and "noise_k" not in log
+    # one sampling call, of the n_clean clean responses, and no perturbed image made
+    assert [c["args"]["n"] for c in step["sample"]] == [4] and not step["attack"] and not step["add_noise"]
     assert log["entropy"] == pytest.approx(log["entropy_clean"])
 
 
 def test_train_noisyrollout_anneals_the_noise_and_lr_decays(tmp_path):
-    logs = _run(tmp_path, "--perturb", "noise", "--max_steps", "3", "--lr=1e-3", "--lr_decay=True")
+    logs, calls = _spied_run(tmp_path, "--perturb", "noise", "--max_steps", "3", "--lr=1e-3", "--lr_decay=True")
     assert [l["noise_k"] for l in logs] == [499, 250, 0]
     assert [l["lr"] for l in logs] == pytest.approx([1e-3, 0.55e-3, 1e-4])  # cosine from lr to lr / 10
     assert all("attack_gain" not in l and "entropy_adv" in l for l in logs)
+    # never the attack; each step's second half is sampled on that step's noisy copies of its clean images
+    rollouts = [c for c in calls if c["name"] == "sample" and not c["args"].get("greedy")]
+    noise = [c for c in calls if c["name"] == "add_noise"]
+    assert not [c for c in calls if c["name"] == "attack"] and len(rollouts) == 6 and len(noise) == 6
+    for step, (clean, adv) in enumerate(zip(rollouts[::2], rollouts[1::2])):
+        made = noise[2 * step:2 * step + 2]
+        assert [c["args"]["k"] for c in made] == [logs[step]["noise_k"]] * 2
+        assert all(torch.equal(c["args"]["x"], x) for c, x in zip(made, clean["args"]["images"], strict=True))
+        assert all(torch.equal(c["result"], x) for c, x in zip(made, adv["args"]["images"], strict=True))
 
 
 @pytest.mark.parametrize("args", [[], ["--tsec_band=(0.0, 1.0)"], ["--tsec_scope", "response"]],
@@ -1398,6 +1532,134 @@ def test_train_two_steps_write_metrics_and_a_loadable_checkpoint(method, tmp_pat
                             "--limit", "2", "--max_response_len", "8", "--min_pixels", "3136", "--max_pixels", "12544",
                             "--max_prompt_len", "4096", "--out_dir", str(tmp_path / "eval")])
     assert rows[0]["problems"] == 2
+
+
+def _update_entropies(step):
+    """What the update's logged entropies should be, recomputed: the mean entropy of the clean responses on the
+    clean image, and of the adversarial responses on the clean image and on the image they were sampled on."""
+    clean, adv = step["sample"]
+    policy, tok = clean["args"]["model"], clean["args"]["tok"]
+    per_row = lambda call: [x for x in call["args"]["images"] for _ in range(call["args"]["n"])]
+    lengths = lambda call: _lengths(call["result"]["response_ids"], tok)
+    adv_on_clean = [x for x in clean["args"]["images"] for _ in range(adv["args"]["n"])]
+    return (_row_entropy(policy, clean["result"], per_row(clean), lengths(clean)).mean().item(),
+            _row_entropy(policy, adv["result"], adv_on_clean, lengths(adv)).mean().item(),
+            _row_entropy(policy, adv["result"], per_row(adv), lengths(adv)).mean().item())
+
+
+def test_train_update_conditions_every_row_on_the_clean_image(saei_step):
+    # logprob_image="clean": the update's log-probs (so its logged entropies) of the adversarial responses are
+    # taken on the clean image, not on the attacked image they were sampled on
+    clean_on_clean, adv_on_clean, adv_on_attacked = _update_entropies(saei_step)
+    assert abs(adv_on_clean - adv_on_attacked) > 1e-3  # the two images give clearly different entropies
+    assert saei_step["log"]["entropy_adv"] == pytest.approx(adv_on_clean, abs=1e-5)
+    assert saei_step["log"]["entropy_clean"] == pytest.approx(clean_on_clean, abs=1e-5)
+
+
+def test_train_logprob_image_adversarial_conditions_adversarial_rows_on_the_attacked_image(tmp_path):
+    step = _one_step(*_spied_run(tmp_path, *SAEI_STEP, "--logprob_image", "adversarial"))
+    clean_on_clean, adv_on_clean, adv_on_attacked = _update_entropies(step)
+    assert abs(adv_on_clean - adv_on_attacked) > 1e-3
+    assert step["log"]["entropy_adv"] == pytest.approx(adv_on_attacked, abs=1e-5)
+    assert step["log"]["entropy_clean"] == pytest.approx(clean_on_clean, abs=1e-5)
+
+
+def test_train_advantages_standardise_each_prompts_whole_group(saei_step):
+    # a prompt's n_clean + n_adv responses are one GRPO group: the update's advantages are the rewards
+    # standardised over all of a group, not over each half; with pi_old = pi every ratio is 1, so its loss is
+    # -sum_r A_r len_r / sum_r len_r
+    clean, adv = saei_step["sample"]
+    nc, na = clean["args"]["n"], adv["args"]["n"]
+    (merged,) = [c["result"] for c in saei_step["merge_groups"]]
+    reward = torch.tensor([c["result"]["overall"] for c in saei_step["score"]])
+    lengths = _lengths(merged["response_ids"], clean["args"]["tok"]).float()
+    loss = lambda advantages: -(advantages * lengths).sum().item() / lengths.sum().item()
+    groups = reward.view(-1, nc + na)
+    halves = torch.cat([grpo.group_advantages(groups[:, :nc].flatten(), nc).view(-1, nc),
+                        grpo.group_advantages(groups[:, nc:].flatten(), na).view(-1, na)], 1).flatten()
+    joint = grpo.group_advantages(reward, nc + na)
+    assert (joint - halves).abs().max() > 0.1  # the rewards tell the two apart
+    (update,) = saei_step["policy_update"]
+    assert torch.allclose(update["args"]["advantages"], joint, atol=1e-6)
+    assert saei_step["log"]["loss"] == pytest.approx(loss(joint), rel=1e-5, abs=1e-7)
+    dead = (groups.std(1) == 0).float().mean().item()
+    assert saei_step["log"]["dead_groups"] == dead < 1
+
+
+def test_train_merge_groups_puts_each_prompts_clean_rows_before_its_adversarial_rows():
+    # 2 prompts x (3 clean responses of 3 tokens + 2 adversarial of 5): row r of a batch is all tokens first + r
+    def batch(n, L, first):
+        ids = (first + torch.arange(2 * n))[:, None].repeat(1, L)
+        prompt = (50 + torch.arange(2).repeat_interleave(n))[:, None].repeat(1, 4)
+        return {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "response_ids": ids,
+                "response_mask": torch.ones_like(ids), "truncated": torch.arange(2 * n) % 2 == 0}
+    clean, adv = batch(3, 3, 10), batch(2, 5, 20)
+    merged = train.merge_groups(clean, adv, 3, 2, pad_id=0)
+    assert merged["response_ids"][:, 0].tolist() == [10, 11, 12, 20, 21, 13, 14, 15, 22, 23]
+    assert merged["prompt_ids"][:, 0].tolist() == [50] * 5 + [51] * 5
+    assert merged["response_mask"].sum(1).tolist() == [3, 3, 3, 5, 5] * 2
+    assert (merged["response_ids"][merged["response_mask"] == 0] == 0).all()  # clean rows padded on the right
+    assert merged["truncated"].tolist() == [True, False, True, True, False, False, True, False, True, False]
+
+
+def test_train_rows_and_metrics_follow_the_clean_then_adversarial_layout(saei_step):
+    # in the loop: prompt i's group is its clean responses, then its adversarial ones, and the per-half metrics
+    # (reward_clean, reward_adv) are the rewards of the responses sampled on the clean and on the attacked image
+    clean, adv = saei_step["sample"]
+    nc, na = clean["args"]["n"], adv["args"]["n"]
+    (merged,) = [c["result"] for c in saei_step["merge_groups"]]
+    tok = clean["args"]["tok"]
+    means = []
+    for half, n, offset in [(clean, nc, 0), (adv, na, nc)]:
+        out = half["result"]
+        L = out["response_ids"].shape[1]
+        for r in range(out["response_ids"].shape[0]):
+            row = r // n * (nc + na) + offset + r % n
+            assert torch.equal(merged["response_ids"][row, :L], out["response_ids"][r])
+            assert torch.equal(merged["prompt_ids"][row], out["prompt_ids"][r])
+        answers = [saei_step["score"][r // n * (nc + na)]["args"]["answer"] for r in range(out["response_ids"].shape[0])]
+        texts = tok.batch_decode(out["response_ids"], skip_special_tokens=True)
+        means.append(sum(rewards.score(t, a)["overall"] for t, a in zip(texts, answers)) / len(texts))
+    assert means[0] != pytest.approx(means[1])  # the halves' rewards differ, so a swapped layout would show
+    assert saei_step["log"]["reward_clean"] == pytest.approx(means[0])
+    assert saei_step["log"]["reward_adv"] == pytest.approx(means[1])
+
+
+def test_train_nothing_after_a_stop_token_is_scored_or_trained_on(saei_step):
+    (merged,) = [c["result"] for c in saei_step["merge_groups"]]
+    tok = saei_step["sample"][0]["args"]["tok"]
+    lengths = _lengths(merged["response_ids"], tok)
+    assert lengths.min() < merged["response_ids"].shape[1]  # some response stopped before the longest one
+    assert saei_step["log"]["response_len"] == pytest.approx(lengths.float().mean().item())
+    texts = [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(merged["response_ids"], lengths)]
+    assert [c["args"]["response"] for c in saei_step["score"]] == texts
+
+
+def test_train_saei_attacks_each_prompt_on_its_clean_rows_and_samples_on_the_result(saei_step):
+    clean, adv = saei_step["sample"]
+    out, images, nc = clean["result"], clean["args"]["images"], clean["args"]["n"]
+    assert adv["args"]["prompts"] == clean["args"]["prompts"] and (nc, adv["args"]["n"]) == (3, 2)
+    assert len(saei_step["attack"]) == len(images) == 2 and not saei_step["add_noise"]
+    for i, call in enumerate(saei_step["attack"]):
+        a, (x_adv, _) = call["args"], call["result"]
+        rows = slice(i * nc, (i + 1) * nc)
+        assert torch.equal(a["x"], images[i]) and a["prompt_len"] == out["prompt_ids"].shape[1]
+        assert torch.equal(a["sequences"], torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1))
+        assert torch.equal(a["attention_mask"], torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1))
+        assert torch.equal(a["response_mask"], out["response_mask"][rows])
+        assert torch.equal(adv["args"]["images"][i], x_adv)  # the adversarial rollouts see the attacked image
+        assert (x_adv - a["x"]).abs().max().item() == pytest.approx(16 / 255, abs=1e-6)  # pgd_eps reached it
+        assert torch.equal(x_adv, torch.round(x_adv * 255) / 255)  # a valid 8-bit image
+    gains = [call["result"][1]["gain"] for call in saei_step["attack"]]
+    assert saei_step["log"]["attack_gain"] == pytest.approx(sum(gains) / len(gains))
+
+
+def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path):
+    step = _one_step(*_spied_run(tmp_path, "--perturb", "none", "--max_response_len", "8"))
+    clean, adv = step["sample"]
+    assert not step["attack"] and not step["add_noise"] and "attack_gain" not in step["log"]
+    assert adv["args"]["n"] == 2 and adv["args"]["prompts"] == clean["args"]["prompts"]
+    assert all(torch.equal(a, c) for a, c in zip(adv["args"]["images"], clean["args"]["images"], strict=True))
 
 
 # ----------------------------------------------------------------------------- eval.py
