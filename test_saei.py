@@ -666,6 +666,95 @@ def test_model_sample_never_emits_vision_tokens(tiny):
         assert truncated == (not torch.isin(ids[n - 1], stops))
 
 
+QWEN_INSTRUCT_GENERATION = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
+
+
+@pytest.fixture(scope="module")
+def qwen_style_checkpoint(tmp_path_factory):
+    """The tiny model saved with the sampling defaults a Qwen2.5-VL instruct checkpoint ships."""
+    policy, tok = model_lib.load_policy("tiny", seed=0)
+    path = tmp_path_factory.mktemp("qwen_style")
+    policy.save_pretrained(path)
+    tok.save_pretrained(path)
+    json.dump({**QWEN_INSTRUCT_GENERATION, "eos_token_id": model_lib.stop_token_ids(tok),
+               "pad_token_id": tok.pad_token_id}, open(path / "generation_config.json", "w"))
+    return str(path)
+
+
+def test_model_sampling_ignores_the_checkpoints_generation_config(qwen_style_checkpoint):
+    policy, tok = model_lib.load_policy(qwen_style_checkpoint)
+    policy.eval()
+    x = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0))
+    prompt = data.build_prompt(tok, "<image>How many sides?", data.n_image_tokens(x))
+    ids = torch.tensor([prompt])
+    pv, grid = data.image_to_pixels(x)
+    # the sampling path's processed scores are exactly logits / T, vision tokens at -inf, nothing else
+    torch.manual_seed(0)
+    out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+                          mm_token_type_ids=model_lib.mm_token_types(policy, ids), output_scores=True,
+                          output_logits=True, return_dict_in_generate=True,
+                          generation_config=model_lib.sampling_config(tok, 24, temperature=0.7))
+    scores, logits = torch.stack(out.scores, 1), torch.stack(out.logits, 1)
+    expected = logits / 0.7
+    expected[..., model_lib.vision_token_ids(tok)] = -math.inf
+    assert scores.shape[1] > 5 and torch.equal(scores.isinf(), expected.isinf())
+    assert (scores - expected)[expected.isfinite()].abs().max() < 1e-6
+    # greedy through sample() is the argmax of the raw logits at every step (Qwen's repetition penalty would move it)
+    greedy = model_lib.sample(policy, tok, [prompt], [x], 1, 40, greedy=True)
+    n = int(greedy["response_mask"].sum())
+    seq = torch.cat([ids, greedy["response_ids"][:, :n]], 1)
+    with torch.no_grad():
+        hidden = model_lib.response_hidden(policy, seq, torch.ones_like(seq), pv, grid, len(prompt))
+        raw = policy.lm_head(hidden)[0]
+    raw[:, model_lib.vision_token_ids(tok)] = -math.inf
+    assert n > 10 and raw.argmax(-1).tolist() == greedy["response_ids"][0, :n].tolist()
+    # and sampling through sample() draws from the whole distribution (Qwen's top_k=1 would make 4 draws identical)
+    torch.manual_seed(0)
+    drawn = model_lib.sample(policy, tok, [prompt], [x], 4, 12)["response_ids"]
+    assert len({tuple(row.tolist()) for row in drawn}) == 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("rm config.json", "no config.json"),
+    ("write config.json {not json", "config.json is not valid JSON"),
+    ("rm model.safetensors", "no weights"),
+    ("truncate model.safetensors", "weight file model.safetensors is truncated"),
+    ("write model.safetensors garbage", "weight file model.safetensors is corrupt"),
+    ("rm tokenizer.json", "no tokenizer files"),
+])
+def test_model_broken_local_folder_is_one_line_naming_the_file(qwen_style_checkpoint, tmp_path, damage, message):
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qwen_style_checkpoint, folder)
+    verb, name, *rest = damage.split(" ", 2)
+    if verb == "rm":
+        os.remove(folder / name)
+    elif verb == "truncate":
+        with open(folder / name, "r+b") as f:
+            f.truncate(os.path.getsize(folder / name) - 100)
+    else:
+        (folder / name).write_text(rest[0])
+    with pytest.raises(SystemExit, match=f"model folder '{re.escape(str(folder))}': {message}") as e:
+        model_lib.load_policy(str(folder))
+    assert "HF_HUB_OFFLINE" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_shared_prompt_hidden_under_gradient_checkpointing(rollouts):
+    policy, images, out = rollouts
+    ids, attn, _ = _rows(out, 0)
+    P = out["prompt_ids"].shape[1]
+    pv, grid = data.image_to_pixels(images[0])
+    expected = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
+    policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    try:
+        hidden = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+    finally:
+        policy.activation_checkpointing_disable()
+        policy.eval()
+    assert torch.allclose(hidden, expected, atol=1e-5) and hidden.requires_grad
+
+
 # ----------------------------------------------------------------------------- rewards.py
 
 def test_rewards_extract_nested_braces():
@@ -1038,6 +1127,17 @@ def test_grpo_group_advantages_hand_computed():
     assert adv[8].item() == pytest.approx((1.0 - mean) / (std3 + 1e-6), rel=1e-5)
     with pytest.raises(ValueError):
         grpo.group_advantages(torch.ones(4), 1)
+
+
+def test_grpo_equal_rewards_give_exact_zeros_and_count_as_dead():
+    # all wrong but formatted (0.1), all right but unformatted (0.9), all right (1.0): 12 responses each, in fp32
+    for value in (0.1, 0.9, 1.0, 0.3, 0.7):
+        rewards = torch.full((2 * 12,), value)
+        rewards[12] = 0.0  # the second group is alive
+        adv = grpo.group_advantages(rewards, 12)
+        assert adv[:12].eq(0).all(), value
+        assert adv[13:].gt(0).all() and adv[12] < 0
+        assert grpo.dead_groups(rewards, 12).tolist() == [True, False]
 
 
 def test_grpo_policy_loss_clips_both_sides_hand_computed():

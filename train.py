@@ -225,7 +225,7 @@ def main(argv):
         for key, (values, rows) in per_response.items():
             values = values if rows is None else values[rows]
             log[key] = (all_reduce_sum(values.sum()) / all_reduce_sum(torch.tensor(float(values.numel())))).item()
-        groups = torch.tensor([(reward.view(-1, group).std(1) == 0).float().sum().item(),
+        groups = torch.tensor([grpo.dead_groups(reward, group).float().sum().item(),
                                sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)),
                                totals["clipped_tokens"], sum(gains), len(gains), fallbacks, totals["kl"]])
         dead, distinct, clipped, gain_sum, n_gain, fallback_sum, kl_sum = all_reduce_sum(groups).tolist()
