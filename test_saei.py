@@ -1252,6 +1252,20 @@ def test_configurator_parses_types_and_files(tmp_path):
         override(defaults, [str(tmp_path / "broken.py")])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("lr = 3e-4\nn_adv = (0\n", r"syntax.py:2: "),                      # a syntax error: the file and its line
+    ("lr = 3e-4\n\nn_adv = six\n", r"syntax.py:3: NameError: name 'six'"),  # an error while running it
+    ("lr = 3e-4\nn_clen = 6\n", r"syntax.py:2: unknown constant 'n_clen'"),
+])
+def test_configurator_file_errors_name_the_file_and_line(tmp_path, text, message):
+    from configurator import override
+    conf = tmp_path / "syntax.py"
+    conf.write_text(text)
+    with pytest.raises(SystemExit, match=message) as e:
+        override({"lr": 1e-6, "n_adv": 6}, [str(conf)])
+    assert "<string>" not in str(e.value) and "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- train.py
 
 @pytest.mark.parametrize("pg_tokens", ["vepo", "top_entropy"])
@@ -1364,11 +1378,29 @@ def test_train_top_entropy_updates_higher_entropy_tokens(tmp_path):
     (["--perturb=blur"], "perturb must be one of"),
     (["--n_clean"], "needs a value"),
     (["config/no_such_file.py"], "not found"),
-    (["--model", "Qwen9-VL"], "unknown model 'Qwen9-VL'"),
+    (["--lr=0"], "lr must be > 0"),
+    (["--lr=-1e-4"], "lr must be > 0"),
+    (["--temperature=0"], "temperature must be > 0"),
+    (["--tsec_band=(0.7, 0.2)"], "tsec_band must be"),
+    (["--tsec_band=(-0.1, 0.5)"], "tsec_band must be"),
+    (["--tsec_band=(0.1, 0.5, 0.9)"], "tsec_band must be"),
+    (["--save_interval=0"], "save_interval must be >= 1"),
+    (["--batch_size=0"], "batch_size must be >= 1"),
+    (["--micro_batch_size=0"], "micro_batch_size must be >= 1"),
+    (["--eval_interval=-1"], "eval_interval must be >= 0"),
+    (["--max_steps=0"], "max_steps must be >= 1"),
+    (["--max_pixels=1000", "--min_pixels=2000"], "max_pixels .1000. must be >= min_pixels"),
+    (["--pgd_steps=-1"], "pgd_steps must be >= 0"),
+    (["--pgd_eps=-0.01"], "pgd_eps must be >= 0"),
+    (["--dtype=float8"], "dtype must be one of"),
 ])
-def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
-        train.main(args + ["--out_dir", str(tmp_path)])
+def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the configuration was checked")
+    monkeypatch.setattr(model_lib, "load_policy", no_load)
+    with pytest.raises(SystemExit, match=message) as e:
+        train.main(SMALL + args + ["--out_dir", str(tmp_path)])
+    assert "\n" not in str(e.value)
 
 
 def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):

@@ -126,8 +126,6 @@ def main(argv):
                                       cfg.max_pixels, cfg.max_prompt_len, f"{cfg.dataset}/{cfg.eval_split}")
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group = cfg.n_clean + cfg.n_adv
-    if cfg.batch_size % world:
-        raise SystemExit(f"config error: batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
 
     def prepare(record):
@@ -355,13 +353,37 @@ def optimizer_step(optimizer, params, grad_clip, loss):
 
 
 def check_config(cfg):
+    """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
-               "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy")}
+               "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
+               "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"config error: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
     if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
+    at_least = {"max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
+                "eval_limit": 1, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
+                "logit_chunk": 1}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
+    positive = ("lr", "temperature", "grad_clip")
+    for key in positive:
+        if not getattr(cfg, key) > 0:  # also catches nan
+            raise SystemExit(f"config error: {key} must be > 0, got {getattr(cfg, key)}")
+    for key in ("weight_decay", "clip_low", "clip_high", "kl_coef", "entropy_coef", "pgd_eps"):
+        if not getattr(cfg, key) >= 0:
+            raise SystemExit(f"config error: {key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.clip_low >= 1:
+        raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise SystemExit(f"config error: max_pixels ({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})")
+    if len(cfg.tsec_band) != 2 or not 0.0 <= cfg.tsec_band[0] <= cfg.tsec_band[1] <= 1.0:
+        raise SystemExit(f"config error: tsec_band must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.tsec_band}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise SystemExit(f"config error: batch_size {cfg.batch_size} must be divisible by the {world} ranks")
 
 
 def sequences(rollouts, rows):
