@@ -61,6 +61,13 @@ def main(argv):
     import data
     from model import load_policy
     cfg = type("Config", (), override(DEFAULTS, argv))
+    for spec in cfg.benchmarks.split(","):  # every name before the model loads: a typo must not cost a whole run
+        data.check_dataset(spec)
+    for key, low in {"limit": 0, "batch_size": 1, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1}.items():
+        if getattr(cfg, key) < low:
+            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise SystemExit(f"config error: max_pixels ({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})")
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -350,6 +350,21 @@ def test_data_pixel_map_equals_qwen_image_processor_on_real_diagrams(geo3k, min_
         assert data.n_image_tokens(x) == int(grid.prod()) // 4
 
 
+@pytest.mark.parametrize("mode, level", [("I;16", 32768), ("I;16", 65535), ("I", 20000), ("I", 128)])
+def test_data_high_bit_depth_images_keep_their_brightness(tmp_path, mode, level):
+    import numpy as np
+    array = np.full((40, 60), level, dtype=np.uint16 if mode == "I;16" else np.int32)
+    array[:, :30] = 0  # half black: the mean is half the level
+    image = Image.fromarray(array)
+    if mode == "I;16":  # a 16-bit grayscale PNG, as PIL reads it back
+        image.save(tmp_path / "deep.png")
+        image = Image.open(tmp_path / "deep.png")
+    assert image.mode == mode
+    x = data.load_image(image, 40 * 56, 40 * 56)
+    full_scale = 255 if mode == "I" and level <= 255 else 65535
+    assert x.mean().item() == pytest.approx(level / full_scale / 2, abs=0.01)
+
+
 def test_data_pixel_map_is_differentiable_and_local():
     x = torch.rand(3, 56, 84, requires_grad=True)
     pixel_values, grid = data.image_to_pixels(x)
@@ -471,6 +486,27 @@ def test_data_bad_names_fail_clearly(copies, tmp_path):
         data.load_records(f"mathvista={tmp_path / 'nowhere'}", "test")
     with pytest.raises(SystemExit, match="no split 'validation'"):
         data.load_records(f"mmk12={copies['mmk12']}", "validation")
+
+
+def test_data_offline_hub_empty_and_wrong_columns_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"cannot load dataset 'geometry3k' \(hiyouga/geometry3k, split train\) from "
+                                         r"the hub: .*pass a local copy as geometry3k=path") as e:
+        data.load_records("geometry3k", "train")
+    assert "\n" not in str(e.value)
+    k12 = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    _table([], k12).to_parquet(str(tmp_path / "empty.parquet"))  # a valid parquet file with no rows
+    with pytest.raises(SystemExit, match="empty.parquet' .split test. has no rows"):
+        data.load_records(f"mmk12={tmp_path / 'empty.parquet'}", "test")
+    (tmp_path / "zero.parquet").write_bytes(b"")  # not a parquet file at all
+    with pytest.raises(SystemExit, match="cannot read dataset .*zero.parquet'"):
+        data.load_records(f"mmk12={tmp_path / 'zero.parquet'}", "test")
+    _table([{"images": [_image("red")], "question": "<image>How many?", "answer": "3"}],
+           {"images": datasets.List(IMAGE), "question": V("string"), "answer": V("string")}).to_parquet(
+        str(tmp_path / "renamed.parquet"))  # `problem` is called `question` here
+    with pytest.raises(SystemExit, match="has no column 'problem' .it has images, question, answer."):
+        data.load_records(f"mmk12={tmp_path / 'renamed.parquet'}", "test")
 
 
 def test_data_inline_choices():
@@ -1393,6 +1429,7 @@ def test_train_top_entropy_updates_higher_entropy_tokens(tmp_path):
     (["--pgd_steps=-1"], "pgd_steps must be >= 0"),
     (["--pgd_eps=-0.01"], "pgd_eps must be >= 0"),
     (["--dtype=float8"], "dtype must be one of"),
+    (["--dataset=geometry4k"], "unknown dataset 'geometry4k'"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -1591,6 +1628,24 @@ def test_eval_drops_long_prompts_and_counts(tmp_path):
         evaluation.main(args + ["--max_prompt_len", "100"])  # every prompt is over 100 tokens
     rows = evaluation.main(args + ["--max_prompt_len", "400", "--limit", "2"])
     assert rows[0]["problems"] + rows[0]["dropped"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--benchmarks=synthetic,foo"], "unknown dataset 'foo'"),
+    (["--benchmarks=synthetic,mathvista=/no/such/copy"], "dataset path '/no/such/copy' does not exist"),
+    (["--benchmarks=synthetic,mathvistaa=/tmp"], "unknown dataset 'mathvistaa'"),
+    (["--limit=-1"], "limit must be >= 0, got -1"),
+    (["--max_pixels=100", "--min_pixels=200"], "max_pixels .100. must be >= min_pixels"),
+])
+def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path, monkeypatch):
+    import eval as evaluation
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(model_lib, "load_policy", no_load)
+    with pytest.raises(SystemExit, match=message):
+        evaluation.main(["--model", "tiny", "--out_dir", str(tmp_path)] + args)
+    assert not os.path.exists(tmp_path / "results.json")
 
 
 # ----------------------------------------------------------------------------- compare.py
