@@ -1630,11 +1630,46 @@ def test_eval_drops_long_prompts_and_counts(tmp_path):
     assert rows[0]["problems"] + rows[0]["dropped"] == 2
 
 
+def test_eval_pass_at_k_equals_enumerating_every_k_subset():
+    import itertools
+    import eval as evaluation
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert evaluation.ks_for(12) == [1, 2, 4, 8, 12] and evaluation.ks_for(4) == [1, 2, 4] and evaluation.ks_for(0) == []
+
+
+def test_eval_n_samples_reports_pass_at_k_everywhere(tmp_path, capsys):
+    import eval as evaluation
+    out = tmp_path / "eval"
+    rows = evaluation.main(["--model", "assets/tiny-synthetic", "--benchmarks", "synthetic", "--limit", "6",
+                            "--n_samples", "4", "--max_response_len", "96", "--min_pixels", str(112 * 112),
+                            "--max_pixels", str(112 * 112), "--out_dir", str(out)])
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(samples) == 6 and all(len(s["sampled"]) == 4 for s in samples)
+    # the table's numbers are the estimator over the per-problem counts written to samples.jsonl
+    for k in (1, 2, 4):
+        expected = sum(evaluation.pass_at_k(4, s["sampled_correct"], k) for s in samples) / 6
+        assert rows[0][f"pass@{k}"] == pytest.approx(expected)
+    assert rows[0]["pass@1"] == pytest.approx(sum(s["sampled_correct"] for s in samples) / 24)
+    assert rows[0]["pass@1"] <= rows[0]["pass@2"] <= rows[0]["pass@4"]
+    assert 0 < rows[0]["pass@4"]  # the warm start solves some of them
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert float(table[0]["pass@4"]) == pytest.approx(rows[0]["pass@4"])
+    assert json.load(open(out / "results.json"))["benchmarks"][0]["pass@2"] == pytest.approx(rows[0]["pass@2"])
+    assert "pass@4" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--benchmarks=synthetic,foo"], "unknown dataset 'foo'"),
     (["--benchmarks=synthetic,mathvista=/no/such/copy"], "dataset path '/no/such/copy' does not exist"),
     (["--benchmarks=synthetic,mathvistaa=/tmp"], "unknown dataset 'mathvistaa'"),
     (["--limit=-1"], "limit must be >= 0, got -1"),
+    (["--n_samples=-2"], "n_samples must be >= 0, got -2"),
     (["--max_pixels=100", "--min_pixels=200"], "max_pixels .100. must be >= min_pixels"),
 ])
 def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path, monkeypatch):

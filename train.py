@@ -67,7 +67,7 @@ freeze_vision = True         # the paper family freezes the vision tower (gradie
 gradient_checkpointing = True   # recompute decoder layers in backward: less memory, ~30% more compute
 # evaluation, logging, checkpoints
 eval_interval = 20           # greedy held-out accuracy every this many steps (0: only before and after training)
-eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split)
+eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split); 0: none
 save_interval = 50           # also on the last step and on SIGINT/SIGTERM
 resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -363,7 +363,7 @@ def check_config(cfg):
     if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
     at_least = {"max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
-                "eval_limit": 1, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
+                "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
                 "logit_chunk": 1}
     for key, low in at_least.items():
         if getattr(cfg, key) < low:
