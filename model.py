@@ -11,8 +11,8 @@ import string
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration)
+from transformers import (AutoTokenizer, GenerationConfig, LogitsProcessor, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 
 HUB_MODELS = {  # short name -> official instruct checkpoint
     "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -235,6 +235,20 @@ def sampling_config(tok, max_new_tokens, temperature=1.0, greedy=False):
         suppress_tokens=vision_token_ids(tok), eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
 
 
+class SamplingEntropy(LogitsProcessor):
+    """Records, at each generated position, the entropy of the distribution the token is drawn from:
+    softmax(scores / T) with the vision tokens suppressed. The rollouts' entropy on the very image they were
+    sampled on, for free: generate shows its scores only to logits processors. Leaves the scores unchanged."""
+
+    def __init__(self, temperature):
+        self.temperature, self.steps = temperature, []
+
+    def __call__(self, input_ids, scores):
+        p = torch.softmax(scores.float() / self.temperature, dim=-1)
+        self.steps.append(torch.special.entr(p).sum(-1))  # H = -sum_v p_v log p_v, 0 log 0 = 0
+        return scores
+
+
 @torch.no_grad()
 def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False):
     """Sample n responses for each prompt in one batched `generate`.
@@ -244,7 +258,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     response. Returns a dict of tensors:
       prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, L) right-padded, each
       response kept up to and including its first stop token; truncated: (B,) bool, no stop token within
-      max_new_tokens.
+      max_new_tokens; response_entropy: (B, L) fp32, the entropy of each token's sampling distribution (0 on padding).
     """
     from data import batch_pixels
     device = next(model.parameters()).device
@@ -255,6 +269,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
         prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
     pixel_values, grid = batch_pixels([x.to(device) for x in images for _ in range(n)])  # row i * n + j: image i
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
+    recorder = SamplingEntropy(temperature if not greedy else 1.0)
     # under FSDP2, gather the weights once for the whole rollout rather than once per token, and keep
     # ranks stepping together until every rank's responses are done (synced_gpus)
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -263,7 +278,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
                          image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids),
                          generation_config=sampling_config(tok, max_new_tokens, temperature, greedy),
-                         synced_gpus=bool(sharded))
+                         logits_processor=[recorder], synced_gpus=bool(sharded))
     for m in sharded:
         m.reshard()
     response_ids = out[:, P:]
@@ -271,5 +286,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # positions strictly after the first stop token
     response_mask = (~after_stop).long()
     response_ids = response_ids.masked_fill(after_stop, tok.pad_token_id)
+    # (B, L): a rank that finished early under synced_gpus records steps it does not keep
+    entropy = torch.stack(recorder.steps, 1)[:, :response_ids.shape[1]] * response_mask
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask, "truncated": ~is_stop.any(1)}
+            "response_mask": response_mask, "truncated": ~is_stop.any(1), "response_entropy": entropy}

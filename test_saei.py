@@ -702,6 +702,28 @@ def test_model_sample_never_emits_vision_tokens(tiny):
         assert truncated == (not torch.isin(ids[n - 1], stops))
 
 
+def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(tiny):
+    policy, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    x, other = torch.rand(3, 56, 56, generator=g), torch.rand(3, 56, 56, generator=g)
+    prompt = data.build_prompt(tok, "<image>How many sides?", data.n_image_tokens(x))
+    torch.manual_seed(0)
+    out = model_lib.sample(policy, tok, [prompt], [x], 3, 16, temperature=0.7)
+    recorded = out["response_entropy"]
+    assert recorded.shape == out["response_ids"].shape and recorded[out["response_mask"] == 0].eq(0).all()
+
+    def entropy_on(image):  # teacher-forced on `image`: softmax(logits / T), vision tokens excluded
+        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+        pv, grid = data.batch_pixels([image] * 3)
+        with torch.no_grad():
+            logits = policy.lm_head(model_lib.response_hidden(policy, ids, attn, pv, grid, len(prompt))) / 0.7
+        logits[..., model_lib.vision_token_ids(tok)] = -math.inf
+        return torch.special.entr(torch.softmax(logits, -1)).sum(-1) * out["response_mask"]
+    assert torch.allclose(recorded, entropy_on(x), atol=1e-5)
+    assert (recorded - entropy_on(other)).abs().max() > 1e-3  # the image it was sampled on, not another one
+
+
 QWEN_INSTRUCT_GENERATION = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
 
 
@@ -1405,6 +1427,12 @@ def test_train_vepo_alone_and_with_saei(tmp_path, args):
 def test_train_top_entropy_updates_higher_entropy_tokens(tmp_path):
     (log,) = _run(tmp_path, "--pg_tokens", "top_entropy")
     assert log["pg_entropy"] > log["entropy_clean"] and log["pg_entropy"] > log["entropy_adv"]
+
+
+def test_train_attack_budget_is_alpha_times_steps_unless_given():
+    assert train.get_config(SMALL).pgd_eps == pytest.approx(2 / 255)
+    assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_alpha=-0.01"]).pgd_eps == pytest.approx(0.03)
+    assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_eps=0.02"]).pgd_eps == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("args,message", [

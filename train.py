@@ -48,7 +48,7 @@ tsec_band = (1 / 3, 2 / 3)   # entropy-rank quantiles of the tokens the attack t
 tsec_scope = "group"         # rank tokens within each prompt's group of n_clean responses, or per "response"
 pgd_steps = 1                # T
 pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the entropy (a sanity ablation)
-pgd_eps = 2 / 255            # L-inf radius around the clean image (= |alpha| * T)
+pgd_eps = 0.0                # L-inf radius around the clean image; 0: |pgd_alpha| * pgd_steps (DESIGN §4)
 logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
 # update
 lr = 1e-6                    # no warmup
@@ -76,13 +76,19 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype;
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
 
-def main(argv):
+def get_config(argv):
+    """Command line -> the run's checked configuration (cfg.n_clean reads better than cfg["n_clean"])."""
     from configurator import override
     if not any(a == "--model" or a.startswith("--model=") or not a.startswith("--") for a in argv):
         argv = ["config/demo.py", *argv]  # neither a config file nor a model: the offline demo
-    cfg = override(DEFAULTS, argv)
-    cfg = type("Config", (), cfg)  # cfg.n_clean reads better than cfg["n_clean"]
+    cfg = type("Config", (), override(DEFAULTS, argv))
     check_config(cfg)
+    cfg.pgd_eps = cfg.pgd_eps or abs(cfg.pgd_alpha) * cfg.pgd_steps  # the attack budget: T steps of |alpha|
+    return cfg
+
+
+def main(argv):
+    cfg = get_config(argv)
 
     import data
     import egas
