@@ -1737,6 +1737,29 @@ def test_compare_table_from_finished_runs(tmp_path):
     assert "grpo,entropy,2,2.5" in curves  # seed means 1.5 and 3.5 at steps 1 and 2, averaged over the 2-step window
 
 
+# ----------------------------------------------------------------------------- plot.py
+
+def test_plot_one_run_draws_its_metrics(tmp_path):
+    import plot
+    logs = [{"step": s, "reward_clean": 0.1 * s, "reward_adv": 0.2, "entropy_clean": 0.5, "entropy_adv": 0.6,
+             "answer_diversity": 3.0, "attack_gain": 0.01 * s, "accuracy_clean": 0.5, "loss": 1.0} for s in range(1, 6)]
+    logs[3]["eval_accuracy"] = 0.7
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(log) + "\n" for log in logs)
+    series = plot.read_metrics(tmp_path / "metrics.jsonl")
+    assert series["eval_accuracy"] == ([4], [0.7]) and series["reward_clean"][1] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert plot.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    png = Image.open(plot.plot(str(tmp_path), window=2))
+    assert png.width == pytest.approx(4.2 * 5 * 110, abs=2)  # all five panels: every panel has a metric here
+    os.remove(tmp_path / "metrics.png")
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # a GRPO run: no attack, no adversarial half
+        f.writelines(json.dumps({k: v for k, v in log.items() if "adv" not in k and k != "attack_gain"}) + "\n"
+                     for log in logs)
+    assert Image.open(plot.plot(str(tmp_path))).width == pytest.approx(4.2 * 4 * 110, abs=2)
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot.plot(str(tmp_path / "nowhere"))
+
+
 # ----------------------------------------------------------------------------- warmstart.py
 
 def test_warmstart_sft_loss_is_mean_token_cross_entropy():
