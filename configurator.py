@@ -9,6 +9,7 @@ names the problem and the fix.
 """
 import ast
 import os
+import traceback
 
 
 def _parse(key, text, default):
@@ -40,8 +41,28 @@ def _read_config_file(path):
         if not os.path.isfile(other):
             raise SystemExit(f"config error: {path} includes '{name}', which is not in {os.path.dirname(path) or '.'}")
         values.update(_read_config_file(other))
-    exec(open(path).read(), {"include": include}, values)
+    try:
+        code = compile(open(path).read(), path, "exec")
+    except SyntaxError as e:
+        raise SystemExit(f"config error: {path}:{e.lineno}: {e.msg}; fix the file") from None
+    try:
+        exec(code, {"include": include}, values)
+    except SystemExit:
+        raise
+    except Exception as e:  # e.g. a NameError: point at the file's own line, not at "<string>"
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        raise SystemExit(f"config error: {path}:{lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
     return values
+
+
+def _line_of(path, key):
+    """The line of the config file that assigns `key` (for error messages), or '?'."""
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == key for t in targets):
+                return node.lineno
+    return "?"
 
 
 def override(defaults, argv):
@@ -58,7 +79,8 @@ def override(defaults, argv):
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
                 if key not in config:
-                    raise SystemExit(f"config error: {arg} sets unknown constant '{key}'; known: {', '.join(sorted(defaults))}")
+                    raise SystemExit(f"config error: {arg}:{_line_of(arg, key)}: unknown constant '{key}'; "
+                                     f"known: {', '.join(sorted(defaults))}")
                 config[key] = _check(key, value, defaults[key])
             i += 1
             continue
