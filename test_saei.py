@@ -195,22 +195,26 @@ def _run(tmp_path, *args):
 
 
 # spied on in the training loop: each spy records a call as {"name", "args" (by parameter name), "result"} and
-# returns the real function's result
+# returns the real function's result; policy_update's record also keeps a copy of the policy it was given (pi_old)
 SPIED = [(model_lib, "sample"), (egas, "attack"), (egas, "add_noise"), (rewards, "score"), (train, "merge_groups"),
          (train, "policy_update")]
 
 
 def _spied_run(tmp_path, *args):
     """train.main(SMALL_ONE_STEP + args) with spies on the loop's own functions. Returns (metrics lines, calls)."""
+    import copy
     import inspect
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         for module, name in SPIED:
             def spy(*a, _real=getattr(module, name), _name=name, **kw):
-                result = _real(*a, **kw)
                 bound = inspect.signature(_real).bind(*a, **kw).arguments
-                calls.append({"name": _name, "args": bound, "result": result})
-                return result
+                call = {"name": _name, "args": bound}
+                if _name == "policy_update":
+                    call["pi_old"] = copy.deepcopy(bound["policy"])
+                call["result"] = _real(*a, **kw)
+                calls.append(call)
+                return call["result"]
             mp.setattr(module, name, spy)
         logs = _run(tmp_path, *args)
     return logs, calls
@@ -250,11 +254,11 @@ def _row_entropy(policy, out, images, lengths):
 
 
 # one SaEI step of the warm-started tiny model on the synthetic task, whose rewards differ within a group:
-# 2 prompts x (3 clean + 2 adversarial) responses; lr 0 keeps the weights, so the test can recompute what the
-# update saw; a large attack step makes the attacked image clearly differ from the clean one
+# 2 prompts x (3 clean + 2 adversarial) responses; a large attack step makes the attacked image clearly differ
+# from the clean one
 SAEI_STEP = ["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--dataset", "synthetic",
              "--min_pixels", "12544", "--max_pixels", "12544", "--max_response_len", "48", "--n_clean", "3",
-             "--n_adv", "2", "--eval_limit", "1", "--lr", "0.0", f"--pgd_alpha={16 / 255}", f"--pgd_eps={16 / 255}"]
+             "--n_adv", "2", "--eval_limit", "1", f"--pgd_alpha={16 / 255}", f"--pgd_eps={16 / 255}"]
 
 
 @pytest.fixture(scope="module")
@@ -1735,7 +1739,8 @@ def _update_entropies(step):
     """What the update's logged entropies should be, recomputed: the mean entropy of the clean responses on the
     clean image, and of the adversarial responses on the clean image and on the image they were sampled on."""
     clean, adv = step["sample"]
-    policy, tok = clean["args"]["model"], clean["args"]["tok"]
+    (update,) = step["policy_update"]
+    policy, tok = update["pi_old"], clean["args"]["tok"]
     per_row = lambda call: [x for x in call["args"]["images"] for _ in range(call["args"]["n"])]
     lengths = lambda call: _lengths(call["result"]["response_ids"], tok)
     adv_on_clean = [x for x in clean["args"]["images"] for _ in range(adv["args"]["n"])]
