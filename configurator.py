@@ -1,6 +1,7 @@
 """One config mechanism for every script, nanoGPT style.
 
-A script keeps its defaults as lowercase module constants. `override(defaults, argv)` applies, in order:
+A script keeps its defaults as lowercase module constants. `get_config(defaults, argv)` returns them as one
+object (`cfg.lr`) after `override(defaults, argv)` has applied, in order:
 config files (`config/name.py`, plain Python assigning the same names, optionally starting from another
 file with `include("base.py")`) and `--key=value` or `--key value`
 arguments. Values are parsed as Python literals (falling back to a plain string) and must keep the type of
@@ -10,6 +11,7 @@ names the problem and the fix.
 import ast
 import os
 import traceback
+import types
 
 
 def _parse(key, text, default):
@@ -63,6 +65,11 @@ def _line_of(path, key):
             if any(isinstance(t, ast.Name) and t.id == key for t in targets):
                 return node.lineno
     return "?"
+
+
+def get_config(defaults, argv):
+    """The config object every script uses: cfg.n_clean rather than cfg["n_clean"]."""
+    return types.SimpleNamespace(**override(defaults, argv))
 
 
 def override(defaults, argv):

@@ -109,6 +109,13 @@ def build_prompt(tok, problem, n_tokens, instruction=INSTRUCTION):
     return tok(text, add_special_tokens=False).input_ids
 
 
+def prepare(record, tok, min_pixels, max_pixels):
+    """A record -> (x, prompt): its image as a (3, h, w) [0, 1] tensor and the prompt token ids that show it.
+    The one way every script (training, evaluation, warm start) turns a problem into model inputs."""
+    x = load_image(record["images"][0], min_pixels, max_pixels)
+    return x, build_prompt(tok, record["problem"], n_image_tokens(x))
+
+
 # ----------------------------------------------------------------------------- datasets
 
 # Every source maps to one record shape: {"images": [PIL image], "problem": text with one "<image>" placeholder,

@@ -64,8 +64,7 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
     policy.eval()
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
-        images = [data.load_image(r["images"][0], min_pixels, max_pixels) for r in batch]
-        prompts = [data.build_prompt(tok, r["problem"], data.n_image_tokens(x)) for r, x in zip(batch, images)]
+        images, prompts = zip(*[data.prepare(r, tok, min_pixels, max_pixels) for r in batch])
         out = sample(policy, tok, prompts, images, 1, max_new_tokens, greedy=True)
         sampled = [[] for _ in batch]
         if n_samples:
@@ -92,10 +91,10 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
 
 def main(argv):
     """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
-    from configurator import override
+    from configurator import get_config
     import data
     from model import load_policy
-    cfg = type("Config", (), override(DEFAULTS, argv))
+    cfg = get_config(DEFAULTS, argv)
     for spec in cfg.benchmarks.split(","):  # every name before the model loads: a typo must not cost a whole run
         data.check_dataset(spec)
     if not cfg.temperature > 0:

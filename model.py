@@ -68,13 +68,19 @@ def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidd
         tie_word_embeddings=False)
 
 
+def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64):
+    """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, text_layers, text_hidden, vision_depth, vision_hidden))
+    model.generation_config = GenerationConfig()  # sampling settings are sample()'s alone (see load_policy)
+    return model, tok
+
+
 def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
     """Short name, hub id or local path -> (model, tokenizer). 'tiny' builds a random tiny model from `seed`."""
     if name == "tiny":
-        tok = tiny_tokenizer()
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok))
-        model.generation_config = GenerationConfig()  # see below: sampling settings are sample()'s alone
+        model, tok = build_tiny(seed)
         return model.to(device=device, dtype=dtype), tok
     local = os.path.isdir(name)
     if name in HUB_MODELS:

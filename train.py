@@ -78,10 +78,11 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 
 def get_config(argv):
     """Command line -> the run's checked configuration (cfg.n_clean reads better than cfg["n_clean"])."""
-    from configurator import override
+    import configurator
     if not any(a == "--model" or a.startswith("--model=") or not a.startswith("--") for a in argv):
         argv = ["config/demo.py", *argv]  # neither a config file nor a model: the offline demo
-    cfg = type("Config", (), override(DEFAULTS, argv))
+        print("no config file and no --model: running the offline demo, config/demo.py")
+    cfg = configurator.get_config(DEFAULTS, argv)
     check_config(cfg)
     cfg.pgd_eps = cfg.pgd_eps or abs(cfg.pgd_alpha) * cfg.pgd_steps  # the attack budget: T steps of |alpha|
     return cfg
@@ -134,10 +135,6 @@ def main(argv):
     group = cfg.n_clean + cfg.n_adv
     per_rank = cfg.batch_size // world
 
-    def prepare(record):
-        x = data.load_image(record["images"][0], cfg.min_pixels, cfg.max_pixels).to(cfg.device)
-        return x, data.build_prompt(tok, record["problem"], data.n_image_tokens(x))
-
     def evaluate_now():
         n = min(cfg.eval_limit, len(eval_set)) // world * world  # equal shares: ranks generate in lockstep
         subset = [eval_set[i] for i in range(rank, n, world)]
@@ -155,10 +152,10 @@ def main(argv):
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
-        if cfg.lr_decay:
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = cfg.lr * (0.55 + 0.45 * math.cos(math.pi * (step - 1) / max(1, cfg.max_steps - 1)))
-        images, prompts = zip(*[prepare(r) for r in records])
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1) if cfg.lr_decay else cfg.lr
+        images, prompts = zip(*[data.prepare(r, tok, cfg.min_pixels, cfg.max_pixels) for r in records])
+        images = [x.to(cfg.device) for x in images]
         log = {"step": step}
 
         # 1. clean rollouts, sampled from pi_old (this step's weights)
@@ -270,6 +267,13 @@ def main(argv):
     if world > 1:
         leave_process_group()
     return start, end
+
+
+def get_lr(it, lr, decay_iters, warmup_iters=0):
+    """nanoGPT's schedule: linear warmup for warmup_iters, then cosine from lr down to lr / 10 at decay_iters."""
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    return lr * (0.55 + 0.45 * math.cos(math.pi * (it - warmup_iters) / max(1, decay_iters - warmup_iters)))
 
 
 def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute):
