@@ -189,6 +189,18 @@ def _box(answer):
 sigmoid = lambda z: 1 / (1 + math.exp(-z))
 
 
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """One SaEI step from the shipped warm start on the synthetic task at the demo's 112x112 images, evaluated on
+    16 held-out problems. Returns (checkpoint folder, the after-training evaluation train.main returned)."""
+    out = tmp_path_factory.mktemp("demo")
+    _, end = train.main(["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--dataset", "synthetic",
+                         "--min_pixels=12544", "--max_pixels=12544", "--max_response_len=96", "--batch_size=2",
+                         "--n_clean=2", "--n_adv=2", "--eval_limit=16", "--max_steps=1", "--lr=1e-4",
+                         "--micro_batch_size=4", "--gradient_checkpointing=False", "--out_dir", str(out)])
+    return out / "checkpoint", end
+
+
 def _run(tmp_path, *args):
     train.main(SMALL_ONE_STEP + list(args) + ["--out_dir", str(tmp_path)])
     return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -1309,7 +1321,8 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
     args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100", "--max_steps=4"]
     train.main(args + ["--out_dir", str(tmp_path / "straight")])
-    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits 0
+    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits
+    # non-zero (so `train.py && eval.py` does not go on as if training had finished)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -1319,8 +1332,8 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    assert "stopped by SIGTERM" in out
+    assert proc.returncode == 1, out[-3000:]
+    assert "stopped by SIGTERM after step" in out.strip().splitlines()[-1]
     stopped_at = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 1 <= stopped_at < 4 and logged[-1] == stopped_at
@@ -1400,7 +1413,54 @@ def test_train_two_steps_write_metrics_and_a_loadable_checkpoint(method, tmp_pat
     assert rows[0]["problems"] == 2
 
 
+def test_train_checkpoint_is_a_model_folder_transformers_alone_can_use(demo_checkpoint, geo3k):
+    import eval as evaluation
+    from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    path, end = demo_checkpoint
+    # the image processor in the folder resizes and normalizes a real Geometry3K diagram (RGBA) exactly as we do
+    processor = AutoImageProcessor.from_pretrained(path)
+    image = geo3k[0]["images"][0]
+    x = data.load_image(image, 12544, 12544)
+    ours, grid = data.image_to_pixels(x)
+    theirs = processor(images=[image], return_tensors="pt")
+    assert theirs["pixel_values"].shape == ours.shape and (theirs["pixel_values"] - ours).abs().max().item() == 0.0
+    assert theirs["image_grid_thw"].tolist() == grid.tolist()
+    assert theirs["image_grid_thw"].prod().item() // 4 == data.n_image_tokens(x) == 12
+    # transformers alone (tokenizer + chat template, image processor, model, generation config) gives eval.py's
+    # greedy answer to a held-out problem
+    trained = json.load(open(path / "training_config.json"))
+    problem = data.synthetic_split("test")[0]
+    tok = AutoTokenizer.from_pretrained(path)
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    assert not GenerationConfig.from_pretrained(path).do_sample
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem["problem"].replace(
+        "<image>", "") + trained["instruction"]}]}]
+    inputs = processor(images=[problem["images"][0]], return_tensors="pt")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * (inputs["image_grid_thw"].prod().item() // 4))
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    mm_types = (ids.input_ids == policy.config.image_token_id).int()
+    out = policy.generate(**ids, **inputs, mm_token_type_ids=mm_types)  # the folder's generation config
+    answer = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    ours = evaluation.evaluate(policy, tok, [problem], 12544, 12544, 96)["samples"][0]["response"]
+    assert answer == ours and "\\boxed" in answer
+    # the model card says what the folder is
+    card = (path / "README.md").read_text()
+    assert "tiny-synthetic" in card and "SaEI" in card and "steps: 1 of 1" in card
+    assert f"{100 * end['accuracy']:.1f}%" in card and "16 problems of synthetic/test" in card
+
+
 # ----------------------------------------------------------------------------- eval.py
+
+def test_eval_bare_checkpoint_is_measured_as_train_measured_it(demo_checkpoint, tmp_path, capsys):
+    import eval as evaluation
+    path, end = demo_checkpoint
+    (row,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path)])
+    assert 0 < end["accuracy"] < 1 and row["accuracy"] == end["accuracy"] and row["problems"] == 16
+    printed = capsys.readouterr().out
+    assert "min_pixels=12544 max_pixels=12544 max_response_len=96" in printed and "limit=16" in printed
+    (row,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path), "--limit=4"])
+    assert row["problems"] == 4 and "from the command line: limit=4" in capsys.readouterr().out
 
 def test_eval_answer_styles(copies):
     def graded(spec, i, answer_text):
