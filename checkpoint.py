@@ -249,8 +249,8 @@ def save(policy, tok, optimizer, step, cfg, rank, world, held_out=None):
             remove(tmp)
             policy.save_pretrained(tmp, state_dict=model_state)
             write_model_files(tmp, cfg, tok, step, world, held_out)
-        except OSError as e:
-            error = e
+        except Exception as e:  # a full disk shows as OSError, safetensors' own error, torch's RuntimeError...
+            error = _reason(e)
     del model_state
     _raise_failed(_from_rank0(error, world), tmp, live, rank)
     try:
@@ -258,17 +258,16 @@ def save(policy, tok, optimizer, step, cfg, rank, world, held_out=None):
         with _quiet():
             dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "optimizer"), process_group=_group,
                      no_dist=world == 1)
-        error = None
     except Exception as e:  # torch.distributed.checkpoint raises the same CheckpointException on every rank
-        error = e
+        error = _reason(e)
     _raise_failed(error, tmp, live, rank)
     _barrier(world)  # every rank's shards are on disk
     if rank == 0:
         try:
             torch.save({"step": step, "rng": rngs, "world_size": world}, os.path.join(tmp, MARKER))
             _commit(out_dir)
-        except OSError as e:
-            error = e
+        except Exception as e:
+            error = _reason(e)
     _raise_failed(_from_rank0(error, world), tmp, live, rank)
 
 
@@ -279,8 +278,12 @@ def _raise_failed(error, tmp, live, rank):
         shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial copy took
         unlock()
     kept = f"the previous checkpoint {live} (step {_step_of(live)}) is intact" if _step_of(live) else "no checkpoint kept"
-    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-    raise SystemExit(f"cannot write the checkpoint to {tmp}: {reason}; {kept}")
+    raise SystemExit(f"cannot write the checkpoint to {tmp}: {error}; {kept}")
+
+
+def _reason(e):
+    """An exception -> one line (OSError's own words, e.g. 'No space left on device')."""
+    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load(policy, optimizer, path, rank):

@@ -1345,6 +1345,131 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def _steps(out_dir):
+    return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_checkpoint, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match="already holds a run .*--resume=True.*--overwrite=True"):
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "LOCK").exists()
+    # --overwrite=True replaces the run; the base is a local folder whose image processor config is carried over
+    base = tmp_path / "base"
+    shutil.copytree(demo_checkpoint[0], base)
+    processor = json.load(open(base / "preprocessor_config.json"))
+    json.dump(dict(processor, note="the base's own"), open(base / "preprocessor_config.json", "w"))
+    train.main(SMALL_ONE_STEP + ["--model", str(base), "--overwrite=True", "--out_dir", str(out)])
+    assert _steps(out) == [1] and not (out / "LOCK").exists()
+    carried = json.load(open(out / "checkpoint" / "preprocessor_config.json"))
+    assert carried["note"] == "the base's own" and carried["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert f"base model: {base}" in (out / "checkpoint" / "README.md").read_text()
+
+
+def test_train_out_dir_lock_keeps_a_second_run_out_and_takes_over_a_stale_one(tmp_path):
+    import checkpoint
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        (tmp_path / "LOCK").write_text(f"{other.pid} {socket.gethostname()}")
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid} on"):
+            train.main(SMALL_ONE_STEP + ["--out_dir", str(tmp_path)])
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / "LOCK").read_text().startswith(str(other.pid))  # not ours to remove while it ran
+    checkpoint.lock(str(tmp_path))  # its process is gone: a stale lock, taken over
+    assert (tmp_path / "LOCK").read_text().split()[0] == str(os.getpid())
+    checkpoint.unlock()
+    assert not (tmp_path / "LOCK").exists()
+
+
+def test_train_resume_finds_the_newest_complete_checkpoint_in_every_state_a_kill_leaves(tmp_path):
+    import checkpoint
+    # what a kill can leave: checkpoint.tmp half-written or complete before its rename, checkpoint.old between the
+    # two renames or half-deleted; complete = has trainer_state.pt (written last)
+    cases = [({"checkpoint": 1}, "checkpoint", 1), ({"checkpoint": 1, "checkpoint.tmp": None}, "checkpoint", 1),
+             ({"checkpoint": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
+             ({"checkpoint.old": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
+             ({"checkpoint.old": 1, "checkpoint": 2}, "checkpoint", 2),
+             ({"checkpoint.old": None, "checkpoint": 2}, "checkpoint", 2),
+             ({"checkpoint.old": 1, "checkpoint.tmp": None}, "checkpoint.old", 1),
+             ({"checkpoint.tmp": None}, None, None)]
+    for i, (folders, newest, step) in enumerate(cases):
+        out = tmp_path / str(i)
+        for name, saved_step in folders.items():
+            (out / name).mkdir(parents=True)
+            (out / name / "model.safetensors").write_text(name)
+            if saved_step is not None:
+                torch.save({"step": saved_step}, out / name / "trainer_state.pt")
+        found = checkpoint.newest(str(out))
+        assert found == (str(out / newest) if newest else None), folders
+        if found:  # made the live checkpoint; nothing else left for a later save to trip over
+            checkpoint.promote(str(out), found)
+            assert sorted(os.listdir(out)) == ["checkpoint"]
+            assert (out / "checkpoint" / "model.safetensors").read_text() == newest
+            assert torch.load(out / "checkpoint" / "trainer_state.pt")["step"] == step
+
+
+def test_train_resume_continues_the_same_run_or_stops_with_one_line(tmp_path):
+    import resource
+    import shutil
+    import signal
+    out = tmp_path / "run"
+    args = SMALL + ["--max_steps=2", "--save_interval=1", "--out_dir", str(out)]
+    with pytest.raises(SystemExit, match="--resume=True but .* holds no complete checkpoint"):
+        train.main(args + ["--resume=True"])
+    train.main(args)
+    # killed between save's two renames (checkpoint.old = step 1, checkpoint.tmp = step 2) after logging step 3
+    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
+    os.rename(out / "checkpoint", out / "checkpoint.old")
+    state = torch.load(out / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    torch.save(dict(state, step=1), out / "checkpoint.old" / "trainer_state.pt")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3}\n')
+    # a changed value that changes the run stops before the model loads, naming it; nothing is touched
+    for changed, name in [("--n_clean=3", "n_clean is 3 but the checkpoint was trained with 2"),
+                          ("--freeze_vision=False", "freeze_vision is False"), ("--lr=0.001", "lr is 0.001")]:
+        with pytest.raises(SystemExit, match=name):
+            train.main(args + ["--resume=True", "--max_steps=3", changed])
+    assert sorted(os.listdir(out)) == ["checkpoint.old", "checkpoint.tmp", "metrics.jsonl"]
+    train.main(args + ["--resume=True", "--max_steps=3"])
+    assert _steps(out) == [1, 2, 3]  # resumed at step 3 (not 1); the step-3 line of the killed run replaced
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    # a full disk at save time: one line, the previous checkpoint whole (files over 1 MB fail like a full disk)
+    before = _weights(out)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match="cannot write the checkpoint .*File too large.*checkpoint \\(step 3\\) is intact"):
+            train.main(args + ["--resume=True", "--max_steps=4"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    after = _weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    # an out_dir that cannot be written: one line before the model loads
+    with pytest.raises(SystemExit, match="cannot create out_dir"):
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(out / "metrics.jsonl" / "sub")])
+
+
+def test_train_consecutive_skipped_updates_stop_and_keep_the_last_checkpoint(tmp_path, capsys):
+    # lr 1e3: step 1 wrecks the weights, the next updates are non-finite and skipped
+    with pytest.raises(SystemExit, match=r"2 updates in a row skipped as non-finite \(steps 2-3\)"):
+        train.main(SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--save_interval=1",
+                            "--max_skipped_updates=2", "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "warning: step 2: update skipped" in printed and "warning: step 3: update skipped" in printed
+    assert _steps(tmp_path) == [1, 2, 3]
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert not (tmp_path / "LOCK").exists()
+
+
 def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged():
     from model import load_policy
     grads = []
