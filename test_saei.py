@@ -1304,15 +1304,90 @@ def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
 
 
-def test_train_torchrun_two_ranks_runs_saei_steps(tmp_path):
-    run = _torchrun(["train.py"] + SMALL + ["--max_steps=2", "--batch_size=4", "--out_dir", str(tmp_path)])
+SEE_SCRIPT = textwrap.dedent("""
+    # rank 0 resumes from argv[1]; rank 1 looks at argv[2], where that checkpoint is not (a node without the
+    # shared filesystem): every rank must stop with one line, none may hang or train from scratch
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import checkpoint, train
+    rank = int(os.environ["RANK"])
+    saved = json.load(open(os.path.join(sys.argv[1], "checkpoint", "training_config.json")))["config"]
+    cfg = type("Config", (), dict(saved, resume=True, out_dir=sys.argv[1 + rank]))
+    rank, world = train.setup_distributed(cfg)
+    try:
+        checkpoint.start(cfg, rank, world)
+        print(f"rank {{rank}} resumes")
+    except SystemExit as e:
+        print(f"rank {{rank}}: {{e}}")
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def _worker_pid(port, rank):
+    """The pid of the torchrun worker of `rank` in the run on master port `port` (from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"MASTER_PORT={port}".encode() in env and f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return int(pid)
+    return None
+
+
+def test_train_torchrun_two_ranks_saves_sharded_and_resumes_exactly(tmp_path):
+    import signal
+    import socket
+    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
+    args = ["train.py"] + SMALL + ["--batch_size=4", "--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100"]
+    run = _torchrun(args + ["--max_steps=3", "--out_dir", str(tmp_path / "straight")])
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in logs] == [1, 2]  # rank 0 alone writes the log
+    logs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2, 3]  # rank 0 alone writes the log
     assert all("attack_gain" in l and l["response_len"] > 0 for l in logs)
     from model import load_policy
-    policy, _ = load_policy(str(tmp_path / "checkpoint"))
+    policy, _ = load_policy(str(tmp_path / "straight" / "checkpoint"))
     assert sum(p.numel() for p in policy.parameters()) > 1e6  # the whole model, gathered from both shards
+    # SIGTERM to rank 1 alone: both ranks stop after the step, save, exit non-zero; rank 0 names the signal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.kill(_worker_pid(port, 1), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and re.search(r"stopped by SIGTERM after step \d; checkpoint saved", out), out[-3000:]
+    killed = tmp_path / "killed" / "checkpoint"
+    stopped_at = torch.load(killed / "trainer_state.pt", weights_only=False)["step"]
+    assert 1 <= stopped_at < 3
+    # the optimizer state is written shard by shard: each rank wrote about half of it, neither the whole
+    shards = sorted(glob.glob(str(killed / "optimizer" / "*.distcp")))
+    sizes = [os.path.getsize(f) for f in shards]
+    assert len(shards) == 2 and all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
+    # resuming on another number of ranks stops with one line, before the model loads
+    with pytest.raises(SystemExit, match=r"trained on 2 rank\(s\), this run has 1"):
+        train.main(args[1:] + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
+    # a rank that cannot see the checkpoint rank 0 resumes from: every rank stops with one line
+    script = tmp_path / "see.py"
+    script.write_text(SEE_SCRIPT.format(root=ROOT))
+    (tmp_path / "elsewhere").mkdir()
+    see = _torchrun([str(script), str(tmp_path / "killed"), str(tmp_path / "elsewhere")])
+    for rank in (0, 1):
+        assert f"rank {rank}: resume: rank(s) 1 cannot see" in see.stdout, (see.stdout + see.stderr)[-3000:]
+    # both ranks resume (each reads its own optimizer shards) and end where the uninterrupted run ended
+    run = _torchrun(args + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
