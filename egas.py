@@ -33,6 +33,12 @@ def pgd(objective, x, steps, alpha, eps):
     return x_adv
 
 
+def perturbation_size(x, x_adv):
+    """(L-inf, L2) distance between two (3, H, W) images in [0, 1], in 1/255 units (one 8-bit grey level = 1)."""
+    delta = (x_adv - x).double().cpu() * 255
+    return delta.abs().max().item(), delta.norm().item()
+
+
 def noise_level(step, max_steps, k0=500, mid=2 / 3, sharpness=30.0):
     """NoisyRollout's annealed diffusion step k for training step `step` (1-based) of `max_steps`.
 

@@ -1075,6 +1075,16 @@ def test_egas_noise_alpha_bar_is_the_sigmoid_beta_schedule():
     assert abar[499].item() == pytest.approx(math.prod(1 - beta(i) for i in range(500)), rel=1e-9)
 
 
+def test_egas_perturbation_size_in_grey_levels():
+    x = torch.full((3, 28, 28), 0.5)
+    x_adv = x.clone()
+    x_adv[0, :2, :2] += 2 / 255   # four pixels up two grey levels
+    x_adv[1, 0, 0] -= 3 / 255     # one pixel down three
+    linf, l2 = egas.perturbation_size(x, x_adv)
+    assert linf == pytest.approx(3.0, abs=1e-4) and l2 == pytest.approx(math.sqrt(4 * 2 ** 2 + 3 ** 2), abs=1e-4)
+    assert egas.perturbation_size(x, x) == (0.0, 0.0)
+
+
 def test_egas_noise_image_matches_the_forward_process():
     torch.manual_seed(0)
     x = torch.full((3, 224, 224), 0.5)
@@ -1428,6 +1438,49 @@ def test_train_noisyrollout_anneals_the_noise_and_lr_decays(tmp_path):
 def test_train_saei_and_its_tsec_ablations_raise_the_entropy(tmp_path, args):
     (log,) = _run(tmp_path, *args)
     assert log["attack_gain"] > 0 and log["tsec_fallback"] == 0
+
+
+def test_train_distinct_answers_per_group_and_per_half():
+    answers = ["1", "1", "2", "3", "3", "3",   # group 0: clean 1, 1, 2; adversarial 3, 3, 3
+               "4", "5", "6", "4", "4", None]  # group 1: clean 4, 5, 6; adversarial 4, 4, (no answer)
+    assert train.distinct_answers(answers, 6).tolist() == [3.0, 4.0]
+    assert train.distinct_answers(answers, 6, 3, first=True).tolist() == [2.0, 3.0]
+    assert train.distinct_answers(answers, 6, 3, first=False).tolist() == [1.0, 2.0]
+
+
+def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatch):
+    """entropy_adv is the adversarial rollouts' entropy on the image they were sampled on; the distances and the
+    gain are those of the images the attack returned. A strong attack (32/255) so the two images differ clearly."""
+    calls, attacks = [], []
+    real_sample, real_attack = model_lib.sample, egas.attack
+
+    def spy_sample(policy, tok, prompts, images, n, *args, **kwargs):
+        out = real_sample(policy, tok, prompts, images, n, *args, **kwargs)
+        calls.append(out)
+        return out
+
+    def spy_attack(policy, x, *args, **kwargs):
+        x_adv, stats = real_attack(policy, x, *args, **kwargs)
+        attacks.append((x, x_adv, stats))
+        return x_adv, stats
+    monkeypatch.setattr(model_lib, "sample", spy_sample)
+    monkeypatch.setattr(egas, "attack", spy_attack)
+    (log,) = _run(tmp_path, f"--pgd_alpha={32 / 255}", "--eval_limit=0")
+    clean, adv = calls  # one clean and one adversarial sampling call (no evaluation)
+
+    def mean_entropy(out):
+        mask = out["response_mask"].float()
+        return ((out["response_entropy"] * mask).sum(1) / mask.sum(1)).mean().item()
+    assert log["entropy_clean"] == pytest.approx(mean_entropy(clean), abs=1e-6)
+    assert log["entropy_adv"] == pytest.approx(mean_entropy(adv), abs=1e-6)
+    assert abs(log["entropy_adv"] - log["entropy_adv_on_clean"]) > 1e-4  # on its own image, not the clean one
+    sizes = [egas.perturbation_size(x, x_adv) for x, x_adv, _ in attacks]
+    assert log["attack_linf"] == pytest.approx(32.0, abs=1e-3) == pytest.approx(sum(s[0] for s in sizes) / 2)
+    assert log["attack_l2"] == pytest.approx(sum(s[1] for s in sizes) / 2, rel=1e-6) and log["attack_l2"] > 32
+    gains = [st["gain"] for _, _, st in attacks]
+    assert log["attack_gain"] == pytest.approx(sum(gains) / 2, rel=1e-6)
+    assert log["attack_gain_rel"] == pytest.approx(sum(st["gain"] / st["objective_clean"] for _, _, st in attacks) / 2,
+                                                   rel=1e-6)
 
 
 def test_train_saei_descending_sign_lowers_the_entropy(tmp_path):

@@ -168,7 +168,7 @@ def main(argv):
 
         # 2-4. the perturbed image for the second half of the rollouts
         t1 = time.time()
-        adv_images, gains, fallbacks = list(images), [], 0
+        adv_images, attacks = list(images), []  # attacks: one stats dict per prompt (egas.attack)
         if cfg.n_adv > 0 and cfg.perturb == "egas":
             for i, x in enumerate(images):
                 rows = slice(i * cfg.n_clean, (i + 1) * cfg.n_clean)
@@ -177,8 +177,7 @@ def main(argv):
                     adv_images[i], st = egas.attack(policy, x, seqs, attn, resp_mask, clean["prompt_ids"].shape[1],
                                                     cfg.pgd_steps, cfg.pgd_alpha, cfg.pgd_eps, cfg.tsec_band,
                                                     cfg.tsec_scope, cfg.temperature, cfg.logit_chunk)
-                gains.append(st["gain"])
-                fallbacks += st["fallback"]
+                attacks.append(st)
         elif cfg.n_adv > 0 and cfg.perturb == "noise":  # NoisyRollout: random noise, strong early, ~0 at the end
             log["noise_k"] = egas.noise_level(step, cfg.max_steps)
             adv_images = [egas.add_noise(x, log["noise_k"]) for x in images]
@@ -205,7 +204,7 @@ def main(argv):
         row_images = [adv_images[i // group] if is_adv[i] and cfg.logprob_image == "adversarial" else images[i // group]
                       for i in range(len(texts))]
         totals, entropy = policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute)
-        resp_mask, n_tokens = rollouts["response_mask"], totals["tokens"]
+        n_tokens = totals["tokens"]
         total_loss = all_reduce_sum(torch.tensor(totals["loss"])).item()
         grad_norm, applied = optimizer_step(optimizer, params, cfg.grad_clip, total_loss)
         skipped = 0 if applied else skipped + 1
@@ -217,37 +216,17 @@ def main(argv):
         t4 = time.time()
 
         # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
-        mask_f = resp_mask.float().cpu()
-        token_entropy = (entropy * mask_f).sum(1) / mask_f.sum(1)  # (B,) mean over each response's tokens
-        acc = torch.tensor([s["accuracy"] for s in scores])
-        fmt = torch.tensor([s["format"] for s in scores])
-        answers = [rewards.extract_answer(t) for t in texts]
-        per_response = {"reward_clean": (reward, ~is_adv), "accuracy_clean": (acc, ~is_adv),
-                        "entropy_clean": (token_entropy, ~is_adv), "entropy": (token_entropy, None),
-                        "format": (fmt, None),
-                        "response_len": (mask_f.sum(1), None), "truncated": (rollouts["truncated"].float().cpu(), None)}
-        if cfg.n_adv > 0:
-            per_response.update({"reward_adv": (reward, is_adv), "accuracy_adv": (acc, is_adv),
-                                 "entropy_adv": (token_entropy, is_adv)})
-        for key, (values, rows) in per_response.items():
-            values = values if rows is None else values[rows]
-            log[key] = (all_reduce_sum(values.sum()) / all_reduce_sum(torch.tensor(float(values.numel())))).item()
-        groups = torch.tensor([grpo.dead_groups(reward, group).float().sum().item(),
-                               sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)),
-                               totals["clipped_tokens"], sum(gains), len(gains), fallbacks, totals["kl"]])
-        dead, distinct, clipped, gain_sum, n_gain, fallback_sum, kl_sum = all_reduce_sum(groups).tolist()
-        log.update({"lr": optimizer.param_groups[0]["lr"], "dead_groups": dead / cfg.batch_size, "answer_diversity": distinct / cfg.batch_size,
-                    "loss": total_loss, "clip_frac": clipped / n_tokens, "grad_norm": grad_norm,
+        log.update(step_metrics(rollouts, texts, scores, is_adv, entropy, group, cfg))
+        log.update(attack_metrics(images, adv_images, attacks, cfg))
+        log.update({"lr": optimizer.param_groups[0]["lr"], "loss": total_loss, "grad_norm": grad_norm,
+                    "clip_frac": global_sum(totals["clipped_tokens"]) / n_tokens,
                     "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
-        if n_gain:
-            log.update({"attack_gain": gain_sum / n_gain, "tsec_fallback": int(fallback_sum)})
-        if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient; VEPO: mean clean-vs-noised JSD
-            pg_entropy, jsd_sum = all_reduce_sum(torch.tensor([totals["pg_entropy"], totals["jsd"]])).tolist()
-            log["pg_entropy"] = pg_entropy / n_tokens
-            if cfg.pg_tokens == "vepo":
-                log["vepo_jsd"] = jsd_sum / all_reduce_sum(mask_f.sum()).item()
+        if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient
+            log["pg_entropy"] = global_sum(totals["pg_entropy"]) / n_tokens
+        if cfg.pg_tokens == "vepo":  # mean clean-vs-noised JSD per token
+            log["vepo_jsd"] = global_sum(totals["jsd"]) / global_sum(rollouts["response_mask"].sum())
         if ref is not None:
-            log["kl"] = kl_sum
+            log["kl"] = global_sum(totals["kl"])
         if cfg.eval_interval and step % cfg.eval_interval == 0 or step == cfg.max_steps:
             held_out = dict(evaluate_now(), step=step)  # the model card of the next save reports it
             log["eval_accuracy"] = held_out["accuracy"]
@@ -378,6 +357,83 @@ def optimizer_step(optimizer, params, grad_clip, loss):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, applied
+
+
+def step_metrics(rollouts, texts, scores, is_adv, update_entropy, group, cfg):
+    """What the step's rollouts were like, as means over every rank's responses (one named line per metric).
+
+    rollouts: the merged batch (B rows, group by group: n_clean clean rows, then n_adv adversarial ones);
+    texts, scores: per row; is_adv: (B,) bool; update_entropy: (B, L) token entropies of the update pass.
+    Entropies are per-token means over each response, then over responses. `entropy_clean` and `entropy_adv` are
+    the entropies of the distributions the tokens were sampled from -- the adversarial rows on the attacked image;
+    `entropy_adv_on_clean` is the adversarial rows' entropy in the update, conditioned on the clean image.
+    """
+    import grpo
+    import rewards
+    mask = rollouts["response_mask"].float().cpu()
+    lengths = mask.sum(1)
+    per_response = lambda token_values: (token_values.float().cpu() * mask).sum(1) / lengths  # (B,)
+    sampled_entropy = per_response(rollouts["response_entropy"])
+    reward = torch.tensor([s["overall"] for s in scores])
+    accuracy = torch.tensor([s["accuracy"] for s in scores])
+    answers = [rewards.extract_answer(t) for t in texts]
+    clean, adv = ~is_adv, is_adv
+    m = {"reward_clean": global_mean(reward[clean]),
+         "accuracy_clean": global_mean(accuracy[clean]),
+         "entropy_clean": global_mean(sampled_entropy[clean]),
+         "entropy": global_mean(sampled_entropy),
+         "format": global_mean(torch.tensor([s["format"] for s in scores])),
+         "response_len": global_mean(lengths),
+         "truncated": global_mean(rollouts["truncated"].float().cpu()),
+         "dead_groups": global_mean(grpo.dead_groups(reward, group).float()),
+         "answer_diversity": global_mean(distinct_answers(answers, group)),  # distinct final answers per group
+         "answer_diversity_clean": global_mean(distinct_answers(answers, group, cfg.n_clean, first=True))}
+    if cfg.n_adv > 0:
+        m.update({"reward_adv": global_mean(reward[adv]),
+                  "accuracy_adv": global_mean(accuracy[adv]),
+                  "entropy_adv": global_mean(sampled_entropy[adv]),
+                  "answer_diversity_adv": global_mean(distinct_answers(answers, group, cfg.n_adv, first=False))})
+        if cfg.logprob_image == "clean":
+            m["entropy_adv_on_clean"] = global_mean(per_response(update_entropy)[adv])
+    return m
+
+
+def attack_metrics(images, adv_images, attacks, cfg):
+    """How far the second half's images moved, and what the attack did to its objective (means over prompts).
+
+    attack_linf, attack_l2: distance of the perturbed image from the clean one in 1/255 units; attack_gain: the
+    TsEC objective's rise in nats, attack_gain_rel: that rise over the objective on the clean image.
+    """
+    import egas
+    if cfg.n_adv == 0 or cfg.perturb == "none":
+        return {}
+    distances = torch.tensor([egas.perturbation_size(x, x_adv) for x, x_adv in zip(images, adv_images)])  # (n, 2)
+    m = {"attack_linf": global_mean(distances[:, 0]), "attack_l2": global_mean(distances[:, 1])}
+    if attacks:
+        gain = torch.tensor([a["gain"] for a in attacks])
+        m.update({"attack_gain": global_mean(gain),
+                  "attack_gain_rel": global_mean(gain / torch.tensor([a["objective_clean"] for a in attacks])),
+                  "tsec_fallback": int(global_sum(sum(a["fallback"] for a in attacks)))})
+    return m
+
+
+def distinct_answers(answers, group, n=None, first=True):
+    """(n_groups,) number of distinct final answers in each group of `group` rows -- or only in its first (or
+    last) `n` rows: the clean half (or the adversarial half)."""
+    n = n or group
+    halves = [answers[g:g + n] if first else answers[g + group - n:g + group] for g in range(0, len(answers), group)]
+    return torch.tensor([float(len(set(h))) for h in halves])
+
+
+def global_mean(values):
+    """Mean of a 1-D tensor over every rank's entries."""
+    total, count = all_reduce_sum(torch.tensor([values.double().sum().item(), float(values.numel())])).tolist()
+    return total / count
+
+
+def global_sum(value):
+    """A number summed over ranks."""
+    return all_reduce_sum(torch.tensor(float(value))).item()
 
 
 def check_config(cfg):
