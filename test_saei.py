@@ -1483,6 +1483,21 @@ def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatc
                                                    rel=1e-6)
 
 
+def test_train_wandb_logs_every_metric_offline(tmp_path, monkeypatch):
+    import wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, real_log = [], wandb.sdk.wandb_run.Run.log  # wandb.init rebinds wandb.log to the run's own method
+
+    def spy_log(run, data, step=None, **kwargs):
+        logged.append((step, dict(data)))
+        return real_log(run, data, step=step, **kwargs)
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy_log)
+    logs = _run(tmp_path, "--wandb_log=True", "--wandb_run_name=unit", "--max_steps=2")
+    assert [(log["step"], log) for log in logs] == logged  # every line of metrics.jsonl, with its step
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))  # an offline run to `wandb sync`
+
+
 def test_train_saei_descending_sign_lowers_the_entropy(tmp_path):
     (log,) = _run(tmp_path, f"--pgd_alpha={-2 / 255}")
     assert log["attack_gain"] < 0

@@ -72,6 +72,9 @@ save_interval = 50           # also on the last step and on SIGINT/SIGTERM
 resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
 overwrite = False            # a new run may replace the checkpoint and metrics already in out_dir
 max_skipped_updates = 3      # stop after this many updates in a row were skipped as non-finite (lr too high?)
+wandb_log = False            # also log every metric to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+wandb_project = "saei"
+wandb_run_name = ""          # "" : wandb picks one
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype; weights and Adam state stay fp32
 # -----------------------------------------------------------------------------
@@ -151,6 +154,9 @@ def main(argv):
     if rank == 0:
         print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
     metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    if cfg.wandb_log and rank == 0:
+        import wandb  # optional: only a run that asks for it needs it
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg), dir=cfg.out_dir)
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
@@ -233,6 +239,8 @@ def main(argv):
         if rank == 0:
             metrics_file.write(json.dumps(log) + "\n")
             metrics_file.flush()
+            if cfg.wandb_log:
+                wandb.log(log, step=step)
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
         if skipped >= cfg.max_skipped_updates:  # the weights may be wrecked: keep the last checkpoint as it is
             stop["restore"]()
@@ -260,6 +268,8 @@ def main(argv):
     if rank == 0:
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
               f"(format {start['format']:.3f} -> {end['format']:.3f})")
+    if cfg.wandb_log and rank == 0:
+        wandb.finish()
     if world > 1:
         leave_process_group()
     checkpoint.unlock()
