@@ -252,6 +252,15 @@ UPDATE_SCRIPT = textwrap.dedent("""
     # two prompts x (2 clean + 2 adversarial) responses; micro-batches of 3 rows that share their prompt's encoding
     cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=2, n_adv=2,
                                   gradient_checkpointing=False))
+    if world > 1:  # the process group of a GPU run, with gloo standing in for NCCL on the one device NCCL serves:
+        # a collective handed a tensor on a device the group has no backend for fails here as under NCCL
+        from torch.distributed.distributed_c10d import BackendConfig
+        init = torch.distributed.init_process_group
+        def gpu_like(backend, **kw):
+            served = BackendConfig(backend).get_device_backend_map()  # "nccl" -> {{"cuda": "nccl"}}
+            init(",".join(f"{{d}}:{{'gloo' if b == 'nccl' else b}}" for d, b in served.items()), **kw)
+        torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, lambda device: None
+        cfg.device = "cuda"
     rank, world = train.setup_distributed(cfg)
     policy, tok = load_policy("tiny", seed=0)
     policy.model.visual.requires_grad_(False)
@@ -1120,6 +1129,26 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
     (r_h2,) = torch.autograd.grad(-tsec.token_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
     assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
+
+
+def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
+    # FSDP2's compute weights are bf16 with autocast off (GPU runs): backward must not multiply its fp32 gradient
+    # by the bf16 weight, and the gradients come back in the inputs' dtypes, close to the fp32 ones
+    torch.manual_seed(0)
+    N, D, V = 6, 16, 300
+    h32, w32 = torch.randn(N, D), torch.randn(V, D) / 4
+    targets = torch.randint(0, V, (N,))
+    h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
+    logp, ent = grpo._HeadLogpEntropy.apply(h, w, targets, 0.9)
+    assert logp.dtype == ent.dtype == torch.float32
+    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [h, w])
+    assert g_h.dtype == g_w.dtype == torch.bfloat16
+    h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    logits = h_ref @ w_ref.T / 0.9
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - tsec.token_entropy(logits)
+    r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
+    assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
+    assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
 
 
 def test_grpo_bench_quick_configuration_runs():

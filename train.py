@@ -395,7 +395,10 @@ def setup_distributed(cfg):
     if world == 1:
         return 0, 1
     import torch.distributed as dist
-    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    # A collective's tensor must live on a device its backend serves. NCCL serves CUDA tensors only, while metrics,
+    # token counts and gathered objects are CPU tensors: the GPU process group pairs NCCL with gloo for those (a few
+    # scalars a step), so no call site has to copy its tensor to the GPU and back, and none can forget to.
+    backend = "cpu:gloo,cuda:nccl" if cfg.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
