@@ -246,7 +246,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
     # Same fixed rollouts on 1 rank or split over 2: the token-mean loss and the gradients must agree.
     import os, sys, torch
     sys.path.insert(0, {root!r})
-    import train
+    import egas, train
     from model import load_policy
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # two prompts x (2 clean + 2 adversarial) responses; micro-batches of 3 rows that share their prompt's encoding
@@ -279,14 +279,31 @@ UPDATE_SCRIPT = textwrap.dedent("""
     rows = slice(rank * B // world, (rank + 1) * B // world)
     rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
                     response_ids=response[rows] * response_mask[rows], response_mask=response_mask[rows])
-    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world,
-                                    lambda: torch.autocast("cpu", enabled=False))
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)
+    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world, no_autocast)
     loss = train.all_reduce_sum(torch.tensor(totals["loss"])).item()
-    grads = {{}}
-    for name, p in policy.named_parameters():
-        if p.grad is not None:
-            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            grads[name] = grad.clone()
+
+    def full_grads(model):
+        return {{name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for name, p in model.named_parameters() if p.grad is not None}}
+
+    def attack(model):  # EgAS on this rank's first prompt, its first 2 responses standing in for clean rollouts
+        seqs = torch.cat([rollouts["prompt_ids"][:2], rollouts["response_ids"][:2]], 1)
+        attn = torch.cat([rollouts["prompt_mask"][:2], rollouts["response_mask"][:2]], 1)
+        return egas.attack(model.eval(), images[rows][0], seqs, attn, rollouts["response_mask"][:2], P, steps=1,
+                           alpha=2 / 255, eps=2 / 255)[1]
+    grads = full_grads(policy)
+    bf16 = None
+    if world == 1:
+        attack_stats = attack(policy)
+    else:  # the update and the attack with FSDP2's bf16 compute weights and autocast off, as on GPUs
+        policy16, _ = load_policy("tiny", seed=0)
+        policy16.model.visual.requires_grad_(False)
+        train.shard(policy16, torch.bfloat16)
+        totals16, _ = train.policy_update(policy16, None, rollouts, advantages[rows], images[rows], cfg, world,
+                                          no_autocast)
+        bf16 = {{"loss": train.all_reduce_sum(torch.tensor(totals16["loss"])).item(), "grads": full_grads(policy16),
+                 "attack": attack(policy16)}}
     # one optimizer step; then every rank gathers the full weights and reports a checksum of them
     torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -299,7 +316,8 @@ UPDATE_SCRIPT = textwrap.dedent("""
     else:
         checksums = [checksum]
     if rank == 0:
-        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums}}, sys.argv[1])
+        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums,
+                     "attack": attack_stats if world == 1 else None, "bf16": bf16}}, sys.argv[1])
     if world > 1:
         train.leave_process_group()
     sys.stdout.flush()
@@ -1319,6 +1337,14 @@ def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     # after the step every rank holds the same weights, and they match the single-process step
     assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
     assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
+    # with bf16 compute weights (autocast off) the update and the attack run, and land near their fp32 values
+    # (before the fix: "expected m1 and m2 to have the same dtype" in the LM head's backward)
+    c = b["bf16"]
+    assert c["grads"].keys() == a["grads"].keys() and all(g.dtype == torch.float32 for g in c["grads"].values())
+    worst = max(((c["grads"][k] - a["grads"][k]).norm() / a["grads"][k].norm()).item() for k in a["grads"])
+    assert worst < 0.05, worst  # bf16 rounding: ~1-2% per tensor here
+    assert c["attack"]["objective_clean"] == pytest.approx(a["attack"]["objective_clean"], rel=1e-2)
+    assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
 
 
 def test_train_torchrun_two_ranks_runs_saei_steps(tmp_path):
