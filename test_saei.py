@@ -693,6 +693,54 @@ def test_model_sample_never_emits_vision_tokens(tiny):
         assert truncated == (not torch.isin(ids[n - 1], stops))
 
 
+SAMPLE_GATHER_SCRIPT = textwrap.dedent("""
+    # Under FSDP2 on 2 ranks: all-gathers during one `sample` call of 8 and of 32 new tokens.
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import data, train
+    from model import load_policy, sample
+    from torch.distributed.tensor import DTensor
+    dist = torch.distributed
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu"))
+    rank, world = train.setup_distributed(cfg)
+    policy, tok = load_policy("tiny", seed=0)
+    train.shard(policy, torch.float32)
+    gathers, forwards = [0], [0]
+    gather = dist.all_gather_single  # FSDP2's all-gather of a group's weights
+    dist.all_gather_single = lambda *a, **kw: (gathers.__setitem__(0, gathers[0] + 1), gather(*a, **kw))[1]
+    policy.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+    x = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(rank))
+    prompt = data.build_prompt(tok, "<image>Describe the picture.", data.n_image_tokens(x))
+    result = {{}}
+    for new_tokens in (8, 32):
+        gathers[0] = forwards[0] = 0
+        torch.manual_seed(0)
+        out = sample(policy.eval(), tok, [prompt], [x], n=2, max_new_tokens=new_tokens)
+        layer = policy.model.language_model.layers[0].mlp.up_proj.weight
+        result[new_tokens] = dict(gathers=gathers[0], forwards=forwards[0], resharded=isinstance(layer, DTensor),
+                                  longest=int(out["response_mask"].sum(1).max()))
+    if rank == 0:
+        torch.save(result, sys.argv[1])
+    train.leave_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def test_model_sample_gathers_each_layer_once_under_fsdp2(tmp_path):
+    # FSDP2 reshards every non-root group after its forward: without holding the weights, each generated token
+    # re-gathers every layer (7 + 4 per token on this model), ~13 GB per token at 7B
+    script = tmp_path / "gather.py"
+    script.write_text(SAMPLE_GATHER_SCRIPT.format(root=ROOT))
+    run = _torchrun([str(script), str(tmp_path / "counts.pt")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    short, long = (torch.load(tmp_path / "counts.pt")[n] for n in (8, 32))
+    assert long["forwards"] > short["forwards"] + 10 and long["longest"] > 16  # it did generate more tokens
+    n_groups = 2 + 4 + 1  # vision blocks, decoder layers, root: each gathered once
+    assert short["gathers"] == long["gathers"] == n_groups, (short, long)
+    assert short["resharded"] and long["resharded"]  # the shards are back afterwards
+
+
 # ----------------------------------------------------------------------------- rewards.py
 
 def test_rewards_extract_nested_braces():
