@@ -3,6 +3,7 @@
     python bench.py            # the full table (about 15 minutes)
     python bench.py --quick    # the smallest configuration, seconds (the test runs this)
     python bench.py --threads=2  # torch threads per process (default 1, see below)
+    python bench.py --attack-responses  # (d) alone: attack peak memory against the number of clean responses
 
 Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
 Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
@@ -16,6 +17,8 @@ Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head domi
     through /proc/self/clear_refs after a warm-up call) minus its resident set just before the call: everything
     the call allocates counts (autograd's saved tensors, temporaries, allocator slack); the model does not.
 (c) Rollout tokens per second: valid response tokens sampled per second of t_generate, from the runs of (a).
+(d) Attack peak memory as in (b) against the number of clean responses per prompt (same length each): ours runs
+    each response's forward and backward alone, so its peak stays flat; the full-logits version grows with them.
 Every process runs single-threaded by default: on cores shared with other jobs, OpenMP threads that wait for
 each other at every op make timings swing by 10x, while one thread per process stays steady. Ratios are what
 this measures; absolute times are those of one core.
@@ -196,6 +199,18 @@ def attack_memory_fresh(method, length, cfg):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def attack_responses_table(threads=1, length=256, responses=(1, 2, 4, 6)):
+    """(d): attack peak memory (MB) and time against the number of clean responses, ours and full logits."""
+    cfg = dict(FULL, threads=threads, mem_repeats=1)
+    lines = [f"| clean responses x {length} tokens, V={QWEN_VOCAB} | ours: peak MB | full logits: peak MB | ours: s |",
+             "|---|---|---|---|"]
+    for n in responses:
+        ours, full = (attack_memory_fresh(m, length, dict(cfg, mem_rows=n)) for m in ("ours", "full"))
+        lines.append(f"| {n} | {ours['peak_mb']:.0f} | {full['peak_mb']:.0f} | {ours['seconds']:.2f} |")
+    print("\n".join(lines))
+    return lines
+
+
 # ----------------------------------------------------------------------------- the table
 
 def main(quick=False, threads=1):
@@ -249,4 +264,7 @@ if __name__ == "__main__":
         print(json.dumps(attack_memory(method, length, rows, repeats, image)))
     else:
         threads = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")]
-        main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)
+        if "--attack-responses" in sys.argv[1:]:
+            attack_responses_table(threads[0] if threads else 1)
+        else:
+            main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)
