@@ -1227,6 +1227,23 @@ def test_grpo_bench_quick_configuration_runs():
     assert float(memory[2]) < float(memory[3])  # ours below the full-logits version even at 16 tokens
 
 
+def test_grpo_bench_memory_estimate_counts_the_real_parameters():
+    # the estimator's parameter count is the real model's, for the tiny config and its 152k-vocabulary version
+    policy, _ = model_lib.load_policy("tiny")
+    trainable = sum(p.numel() for n, p in policy.named_parameters() if not n.startswith("model.visual"))
+    assert bench.parameters(bench.ARCHS["tiny"]) == (sum(p.numel() for p in policy.parameters()), trainable)
+    big, _ = bench.build_model(bench.QWEN_VOCAB)
+    assert bench.parameters(bench.ARCHS["tiny-152k"])[0] == sum(p.numel() for p in big.parameters())
+    # the per-token activation formula gives the measured bf16 values (issue 13: 133 KiB at 3B, 231 KiB at 7B)
+    for name, kib in (("Qwen2.5-VL-3B", 133), ("Qwen2.5-VL-7B", 231)):
+        a = bench.ARCHS[name]
+        kvd = a["hidden"] // a["heads"] * a["kv_heads"]
+        assert bench.activation_bytes(a["hidden"], a["intermediate"], kvd, 2) / 1024 == pytest.approx(kib, rel=0.03)
+    e = bench.estimate("Qwen2.5-VL-7B", 8)
+    assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
+    assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
+
+
 # ----------------------------------------------------------------------------- configurator.py
 
 def test_configurator_parses_types_and_files(tmp_path):
