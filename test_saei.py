@@ -1313,17 +1313,29 @@ def test_train_update_sharing_each_prompt_equals_encoding_every_row():
     clean = [torch.rand(3, 56, 56, generator=g) for _ in range(2)]
     adv = [x.flip(2) for x in clean]  # logprob_image="adversarial": a group's last n_adv rows see another image
     images = [adv[r // group] if r % group >= n_clean else clean[r // group] for r in range(2 * group)]
+    prompt[:, 2:6] = model_lib.tiny_tokenizer().convert_tokens_to_ids("<|image_pad|>")
+    # the same rollouts with 4 more left-padding columns and 6 more response-padding columns
+    pad = torch.nn.functional.pad
+    padded = dict(prompt_ids=pad(prompt, (4, 0)), prompt_mask=pad(prompt_mask, (4, 0)),
+                  response_ids=pad(rollouts["response_ids"], (0, 6)), response_mask=pad(mask, (0, 6)))
     results = []
-    for checkpointing in (False, True):
+    for checkpointing, batch in ((False, rollouts), (True, rollouts), (False, padded)):
         policy, tok = load_policy("tiny", seed=0)
-        prompt[:, 2:6] = policy.config.image_token_id
         cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=n_clean, n_adv=n_adv,
                                       gradient_checkpointing=checkpointing))
-        totals, entropy = train.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
+        widths = []  # the token width of every forward pass
+        hook = policy.model.language_model.embed_tokens.register_forward_pre_hook(
+            lambda module, args: widths.append(args[0].shape[1]))
+        totals, entropy = train.policy_update(policy, None, batch, advantages, images, cfg, 1,
                                               lambda: torch.autocast("cpu", enabled=False))
+        hook.remove()
         grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
-        results.append((totals["loss"], entropy, grads))
-    (shared_loss, shared_entropy, shared_grads), (full_loss, full_entropy, full_grads) = results
+        results.append((totals["loss"], entropy, grads, widths))
+    # each micro-batch is cut to its own prompt and its longest response: the extra columns change nothing
+    assert results[2][3] == results[0][3] and max(results[0][3]) <= max(P, lengths.max().item())
+    assert results[2][0] == results[0][0] and torch.equal(results[2][1][:, :L], results[0][1])
+    assert all(torch.equal(results[2][2][k], results[0][2][k]) for k in results[0][2])
+    (shared_loss, shared_entropy, shared_grads, _), (full_loss, full_entropy, full_grads, _) = results[:2]
     assert shared_loss == pytest.approx(full_loss, abs=1e-6) and abs(full_loss) > 1e-4
     assert torch.allclose(shared_entropy, full_entropy, atol=1e-5) and shared_entropy.abs().sum() > 0
     assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 10

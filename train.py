@@ -300,21 +300,26 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                 or row_images[r] is not row_images[starts[-1]]):
             starts.append(r)
 
-    def hidden_of(model, rows, pixel_values, grid):
+    def hidden_of(model, ids, am, pixel_values, grid, p_len):
         if share:
-            return shared_prompt_hidden(model, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
-        return response_hidden(model, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+            return shared_prompt_hidden(model, ids, am, pixel_values, grid, p_len)
+        return response_hidden(model, ids, am, pixel_values, grid, p_len)
     for first, end in zip(starts, starts[1:] + [seqs.shape[0]]):
         rows = slice(first, end)
         pixel_values, grid = data.batch_pixels(row_images[first:first + 1] if share else row_images[rows])
-        targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
+        # the micro-batch's own padding is cut: its prompt's left padding (one prompt per micro-batch) and the
+        # columns past its longest response; the result is the same, the cost that of its own tokens
+        pad = int((attn[first, :prompt_len] == 0).sum())
+        width = max(1, int(resp_mask[rows].sum(1).max()))
+        ids, am, p_len = seqs[rows, pad:prompt_len + width], attn[rows, pad:prompt_len + width], prompt_len - pad
+        targets, mask = rollouts["response_ids"][rows, :width], resp_mask[rows, :width]
         with compute():
-            hidden = hidden_of(policy, rows, pixel_values, grid)
+            hidden = hidden_of(policy, ids, am, pixel_values, grid, p_len)
             logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
             pg_mask = mask  # the tokens that get policy gradient
             if cfg.pg_tokens == "vepo":  # a second pass with the image drowned in noise: which tokens does it drive?
                 with torch.no_grad():
-                    noisy = hidden_of(policy, rows, vepo.perturb_pixels(pixel_values), grid)
+                    noisy = hidden_of(policy, ids, am, vepo.perturb_pixels(pixel_values), grid, p_len)
                     jsd, ent_noisy = vepo.token_jsd(hidden.detach(), noisy, policy.lm_head.weight, mask,
                                                     cfg.temperature, cfg.logit_chunk)
                 pg_mask = vepo.top_fraction(vepo.score(jsd, ent.detach(), ent_noisy - ent.detach(), mask), mask)
@@ -326,7 +331,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                                         cfg.clip_low, cfg.clip_high, n_pg)
             if ref is not None:
                 with torch.no_grad():
-                    ref_hidden = hidden_of(ref, rows, pixel_values, grid)
+                    ref_hidden = hidden_of(ref, ids, am, pixel_values, grid, p_len)
                     ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
                                                       cfg.logit_chunk)
                 kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens
@@ -338,7 +343,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         totals["loss"] += loss.item()
         totals["clipped_tokens"] += st["clipped_tokens"]
         totals["pg_entropy"] += (ent.detach() * pg_mask).sum().item()
-        entropy[rows] = ent.detach().cpu()
+        entropy[rows, :width] = ent.detach().cpu()
     return totals, entropy
 
 
