@@ -128,7 +128,7 @@ def full_logits_objective(model, x, sequences, attention_mask, response_mask, pr
                           scope="group", temperature=1.0):
     """The straightforward TsEC objective, for comparison: the (n, P + L, V) logits of every row, with gradient.
 
-    Same inputs and value as egas.tsec_objective(...)(x); x: (3, H, W) in [0, 1]. Returns the scalar J.
+    Same inputs and value as egas.tsec_objective(...)(x)[0]; x: (3, H, W) in [0, 1]. Returns the scalar J.
     """
     import tsec
     from data import image_to_pixels

@@ -164,8 +164,8 @@ def write_curves(curves, cfg):
 
 
 def main(argv):
-    from configurator import override
-    cfg = type("Config", (), override(DEFAULTS, argv))
+    from configurator import get_config
+    cfg = get_config(DEFAULTS, argv)
     names = cfg.methods.split(",")
     unknown = [m for m in names if m not in METHODS]
     if unknown:

@@ -1,6 +1,7 @@
 """One config mechanism for every script, nanoGPT style.
 
-A script keeps its defaults as lowercase module constants. `override(defaults, argv)` applies, in order:
+A script keeps its defaults as lowercase module constants. `get_config(defaults, argv)` returns them as one
+object (`cfg.lr`) after `override(defaults, argv)` has applied, in order:
 config files (`config/name.py`, plain Python assigning the same names, optionally starting from another
 file with `include("base.py")`) and `--key=value` or `--key value`
 arguments. Values are parsed as Python literals (falling back to a plain string) and must keep the type of
@@ -9,6 +10,8 @@ names the problem and the fix.
 """
 import ast
 import os
+import traceback
+import types
 
 
 def _parse(key, text, default):
@@ -40,8 +43,33 @@ def _read_config_file(path):
         if not os.path.isfile(other):
             raise SystemExit(f"config error: {path} includes '{name}', which is not in {os.path.dirname(path) or '.'}")
         values.update(_read_config_file(other))
-    exec(open(path).read(), {"include": include}, values)
+    try:
+        code = compile(open(path).read(), path, "exec")
+    except SyntaxError as e:
+        raise SystemExit(f"config error: {path}:{e.lineno}: {e.msg}; fix the file") from None
+    try:
+        exec(code, {"include": include}, values)
+    except SystemExit:
+        raise
+    except Exception as e:  # e.g. a NameError: point at the file's own line, not at "<string>"
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        raise SystemExit(f"config error: {path}:{lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from None
     return values
+
+
+def _line_of(path, key):
+    """The line of the config file that assigns `key` (for error messages), or '?'."""
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == key for t in targets):
+                return node.lineno
+    return "?"
+
+
+def get_config(defaults, argv):
+    """The config object every script uses: cfg.n_clean rather than cfg["n_clean"]."""
+    return types.SimpleNamespace(**override(defaults, argv))
 
 
 def override(defaults, argv):
@@ -58,7 +86,8 @@ def override(defaults, argv):
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
                 if key not in config:
-                    raise SystemExit(f"config error: {arg} sets unknown constant '{key}'; known: {', '.join(sorted(defaults))}")
+                    raise SystemExit(f"config error: {arg}:{_line_of(arg, key)}: unknown constant '{key}'; "
+                                     f"known: {', '.join(sorted(defaults))}")
                 config[key] = _check(key, value, defaults[key])
             i += 1
             continue

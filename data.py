@@ -39,7 +39,14 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28
 
 
 def to_rgb(image):
-    """PIL image of any mode -> RGB, transparency composited onto white (as transformers does)."""
+    """PIL image of any mode -> RGB, transparency composited onto white (as transformers does), 16-bit images
+    scaled to 8 bits (PIL's own conversion clips them: a mid-grey 16-bit PNG would come out white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or values.max() > 255:  # a 32-bit "I" image holding 8-bit values stays as it is
+            values = values / 257  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
@@ -100,6 +107,13 @@ def build_prompt(tok, problem, n_tokens, instruction=INSTRUCTION):
     text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens, 1)
     return tok(text, add_special_tokens=False).input_ids
+
+
+def prepare(record, tok, min_pixels, max_pixels):
+    """A record -> (x, prompt): its image as a (3, h, w) [0, 1] tensor and the prompt token ids that show it.
+    The one way every script (training, evaluation, warm start) turns a problem into model inputs."""
+    x = load_image(record["images"][0], min_pixels, max_pixels)
+    return x, build_prompt(tok, record["problem"], n_image_tokens(x))
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -204,6 +218,7 @@ def load_records(name, split):
     """
     import os
     import datasets
+    check_dataset(name)
     if name == "synthetic":
         return synthetic_split(split)
     name, _, path = name.partition("=")
@@ -211,12 +226,26 @@ def load_records(name, split):
     if name in SOURCES:
         hub_id, config, fixed_split, convert = SOURCES[name]
         split = fixed_split or split
-        rows = _load_local(path, split, config) if path else datasets.load_dataset(hub_id, config, split=split)
-    elif os.path.exists(name):
-        rows, convert = _load_local(name, split), _ours
+        if path:
+            rows = _load_local(path, split, config)
+        else:
+            try:
+                rows = datasets.load_dataset(hub_id, config, split=split)
+            except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+                raise SystemExit(f"cannot load dataset '{name}' ({hub_id}, split {split}) from the hub: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; offline, pass a local "
+                                 f"copy as {name}=path (a save_to_disk folder, a folder of parquet files or a "
+                                 f".parquet file)") from None
     else:
-        raise SystemExit(f"unknown dataset '{name}': use synthetic, one of {', '.join([*SOURCES, *ALIASES])}, "
-                         f"name=path/to/local/copy, or a local dataset folder or .parquet file")
+        rows, convert = _load_local(name, split), _ours
+    where = path or name
+    if len(rows) == 0:
+        raise SystemExit(f"dataset '{where}' (split {split}) has no rows")
+    try:  # the first row tells whether the columns are the ones the converter reads
+        convert(rows[0])
+    except KeyError as e:
+        raise SystemExit(f"dataset '{where}' has no column {e} (it has {', '.join(rows.column_names)}); "
+                         f"see data.py for the columns each dataset needs") from None
 
     def transform(batch):  # datasets hands over a batch of columns; convert row by row
         records = [convert(dict(zip(batch, values))) for values in zip(*batch.values())]
@@ -224,14 +253,41 @@ def load_records(name, split):
     return rows.with_transform(transform)
 
 
+def check_dataset(spec):
+    """Stop with one line unless `spec` names a dataset load_records can read (no data is read here)."""
+    import os
+    name, has_path, path = spec.partition("=")
+    name = ALIASES.get(name, name)
+    if has_path and name not in SOURCES:
+        raise SystemExit(f"unknown dataset '{name}' in '{spec}': name=path takes one of {', '.join(SOURCES)}")
+    if has_path and not os.path.exists(path):
+        raise SystemExit(f"dataset path '{path}' does not exist")
+    if not has_path and name != "synthetic" and name not in SOURCES and not os.path.exists(name):
+        raise SystemExit(f"unknown dataset '{name}': use synthetic, one of {', '.join([*SOURCES, *ALIASES])}, "
+                         f"name=path/to/local/copy, or a local dataset folder or .parquet file")
+
+
 def _load_local(path, split, config=None):
     """A local copy of a dataset -> the `split` rows (a one-split copy is that split, whatever its files say)."""
     import os
     import datasets
+    if not os.path.exists(path):
+        raise SystemExit(f"dataset path '{path}' does not exist")
+    try:
+        return _read_local(path, split, config)
+    except (datasets.exceptions.DatasetsError, ValueError, OSError) as e:  # empty or corrupt files
+        cause = e.__cause__ or e
+        if "corresponds to no data" in str(cause):  # how datasets says that a parquet file has no rows
+            raise SystemExit(f"dataset '{path}' (split {split}) has no rows") from None
+        raise SystemExit(f"cannot read dataset '{path}': {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+
+
+def _read_local(path, split, config):
+    """_load_local without the error messages: a parquet file, a save_to_disk folder or a folder of parquet files."""
+    import os
+    import datasets
     if os.path.isfile(path):
         return datasets.load_dataset("parquet", data_files=path, split="train")
-    if not os.path.isdir(path):
-        raise SystemExit(f"dataset path '{path}' does not exist")
     if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
         rows = datasets.load_from_disk(path)
     else:  # parquet files; a snapshot of the hub repository also names its configs in README.md

@@ -4,9 +4,12 @@
 prints accuracy per benchmark and their average, and writes to `out_dir`: results.json and results.csv (the
 table) and samples.jsonl (every problem: question, response, extracted answer, correct). `--limit 50` for a
 quick run. A benchmark can also be a local copy, `mathvista=path/to/copy`, or a local dataset folder (data.py).
+`--n_samples 12` also samples 12 answers per problem at the rollout temperature and reports pass@1 (their mean
+accuracy) and the unbiased pass@k for k = 2, 4, 8, 12: exploration methods claim to raise pass@k at large k.
 """
 import csv
 import json
+import math
 import os
 import sys
 
@@ -19,6 +22,8 @@ benchmarks = "synthetic"  # comma-separated names (geo3k,mmk12,mathvista,mathver
 split = "test"            # for the sets with several splits (geo3k, mmk12, local folders); benchmarks have one
 limit = 0                 # evaluate the first N problems of each benchmark (0: all)
 batch_size = 16
+n_samples = 0             # > 0: also sample this many responses per problem and report pass@1 ... pass@n_samples
+temperature = 1.0         # for those samples (the rollout temperature)
 max_prompt_len = 2048     # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
 min_pixels = 262144
@@ -31,8 +36,26 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
 
-def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch_size=16):
-    """Greedy answers to `records` -> {"accuracy", "format", "samples": [per-problem dicts]}."""
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k), the chance that k
+    samples drawn without replacement from the n hold at least one correct answer."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def ks_for(n):
+    """The k reported for n samples: 1, 2, 4, ... and n itself."""
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n}) if n else []
+
+
+def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch_size=16, n_samples=0,
+             temperature=1.0):
+    """Greedy answers to `records`, and with n_samples > 0 also n_samples sampled answers per problem at
+    `temperature` -> {"accuracy", "format", "samples": [per-problem dicts], and "pass@k" for k in ks_for(n_samples)}.
+
+    pass@1 is the mean accuracy of the samples; pass@k the mean over problems of the unbiased estimator.
+    """
     import data
     import rewards
     from model import sample
@@ -41,26 +64,46 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
     policy.eval()
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
-        images = [data.load_image(r["images"][0], min_pixels, max_pixels) for r in batch]
-        prompts = [data.build_prompt(tok, r["problem"], data.n_image_tokens(x)) for r, x in zip(batch, images)]
+        images, prompts = zip(*[data.prepare(r, tok, min_pixels, max_pixels) for r in batch])
         out = sample(policy, tok, prompts, images, 1, max_new_tokens, greedy=True)
-        for r, text in zip(batch, tok.batch_decode(out["response_ids"], skip_special_tokens=True)):
+        sampled = [[] for _ in batch]
+        if n_samples:
+            drawn = sample(policy, tok, prompts, images, n_samples, max_new_tokens, temperature)
+            for i, text in enumerate(tok.batch_decode(drawn["response_ids"], skip_special_tokens=True)):
+                sampled[i // n_samples].append(text)
+        for r, text, drawn_texts in zip(batch, tok.batch_decode(out["response_ids"], skip_special_tokens=True), sampled):
             s = rewards.score(text, r["answer"], r.get("choices"))
             samples.append({"question": r["problem"], "answer": r["answer"], "choices": r.get("choices") or [],
                             "response": text, "extracted": rewards.extract_answer(text),
                             "correct": bool(s["accuracy"]), "format": bool(s["format"])})
+            if n_samples:
+                correct = [rewards.score(t, r["answer"], r.get("choices"))["accuracy"] == 1.0 for t in drawn_texts]
+                samples[-1].update({"sampled": [rewards.extract_answer(t) for t in drawn_texts],
+                                    "sampled_correct": sum(correct)})
     policy.train(was_training)
     n = max(len(samples), 1)
-    return {"accuracy": sum(s["correct"] for s in samples) / n, "format": sum(s["format"] for s in samples) / n,
-            "samples": samples}
+    result = {"accuracy": sum(s["correct"] for s in samples) / n, "format": sum(s["format"] for s in samples) / n,
+              "samples": samples}
+    for k in ks_for(n_samples):
+        result[f"pass@{k}"] = sum(pass_at_k(n_samples, s["sampled_correct"], k) for s in samples) / n
+    return result
 
 
 def main(argv):
     """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
-    from configurator import override
+    from configurator import get_config
     import data
     from model import load_policy
-    cfg = type("Config", (), override(DEFAULTS, argv))
+    cfg = get_config(DEFAULTS, argv)
+    for spec in cfg.benchmarks.split(","):  # every name before the model loads: a typo must not cost a whole run
+        data.check_dataset(spec)
+    if not cfg.temperature > 0:
+        raise SystemExit(f"config error: temperature must be > 0, got {cfg.temperature}")
+    for key, low in {"limit": 0, "n_samples": 0, "batch_size": 1, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1}.items():
+        if getattr(cfg, key) < low:
+            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise SystemExit(f"config error: max_pixels ({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})")
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -74,25 +117,29 @@ def main(argv):
                 records = [records[i] for i in range(min(cfg.limit, len(records)))]
             records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name)
             result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
-                              cfg.batch_size)
+                              cfg.batch_size, cfg.n_samples, cfg.temperature)
             for s in result["samples"]:
                 samples_file.write(json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n")
             rows.append({"benchmark": name, "accuracy": result["accuracy"], "format": result["format"],
+                         **{k: v for k, v in result.items() if k.startswith("pass@")},
                          "problems": counts["kept"], "dropped": counts["dropped"]})
     average = sum(r["accuracy"] for r in rows) / len(rows)  # unweighted: each benchmark counts once
 
     w = max(len(r["benchmark"]) for r in rows + [{"benchmark": "benchmark"}]) + 2
-    print(f"\n{'benchmark':<{w}}{'accuracy':>10}{'format':>10}{'problems':>10}{'dropped':>10}")
+    rates = [k for k in rows[0] if k not in ("benchmark", "problems", "dropped")]  # accuracy, format, pass@k...
+    print(f"\n{'benchmark':<{w}}" + "".join(f"{k:>10}" for k in rates) + f"{'problems':>10}{'dropped':>10}")
     for r in rows:
-        print(f"{r['benchmark']:<{w}}{100 * r['accuracy']:>10.2f}{100 * r['format']:>10.2f}"
+        print(f"{r['benchmark']:<{w}}" + "".join(f"{100 * r[k]:>10.2f}" for k in rates) +
               f"{r['problems']:>10}{r['dropped']:>10}")
     print(f"{'average':<{w}}{100 * average:>10.2f}")
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump({"model": cfg.model, "benchmarks": rows, "average": average}, f, indent=2)
+        json.dump({"model": cfg.model, "n_samples": cfg.n_samples, "temperature": cfg.temperature, "benchmarks": rows,
+                   "average": average}, f, indent=2)
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows + [{"benchmark": "average", "accuracy": average}])
+        writer.writerows(rows + [{"benchmark": "average", "accuracy": average,
+                                  **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("pass@")}}])
     print(f"wrote {cfg.out_dir}/results.json, results.csv and samples.jsonl")
     return rows
 

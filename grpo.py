@@ -15,7 +15,16 @@ def group_advantages(rewards, group_size, eps=1e-6):
     if group_size < 2:
         raise ValueError("group advantages need at least 2 responses per prompt (n_clean + n_adv >= 2)")
     r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    # the mean of equal rewards is not always exact in floating point (12 x 0.1), and std + eps is 1e-6:
+    # zero dead groups explicitly, or they would push with |A| up to 0.06
+    return advantages.masked_fill(dead_groups(rewards, group_size)[:, None], 0.0).view(-1)
+
+
+def dead_groups(rewards, group_size):
+    """(n_prompts * group_size,) rewards -> (n_prompts,) bool: True where every reward in the group is equal."""
+    r = rewards.view(-1, group_size)
+    return (r == r[:, :1]).all(1)
 
 
 def _scaled_logits(h, weight, temperature):

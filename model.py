@@ -11,8 +11,8 @@ import string
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration)
+from transformers import (AutoTokenizer, GenerationConfig, LogitsProcessor, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 
 HUB_MODELS = {  # short name -> official instruct checkpoint
     "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -68,28 +68,90 @@ def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidd
         tie_word_embeddings=False)
 
 
+def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64):
+    """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, text_layers, text_hidden, vision_depth, vision_hidden))
+    model.generation_config = GenerationConfig()  # sampling settings are sample()'s alone (see load_policy)
+    return model, tok
+
+
 def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
     """Short name, hub id or local path -> (model, tokenizer). 'tiny' builds a random tiny model from `seed`."""
     if name == "tiny":
-        tok = tiny_tokenizer()
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok))
+        model, tok = build_tiny(seed)
         return model.to(device=device, dtype=dtype), tok
+    local = os.path.isdir(name)
     if name in HUB_MODELS:
         name = HUB_MODELS[name]
-    elif not os.path.isdir(name) and "/" not in name:
+    elif local:
+        check_model_folder(name)  # before transformers, which builds a default (72B-sized) config without one
+    elif "/" not in name:
         raise SystemExit(f"unknown model '{name}': use one of {['tiny'] + list(HUB_MODELS)}, a hub id, or a local path")
-    elif not os.path.isdir(name) and (name.startswith((".", "/")) or os.sep in name and not name.count("/") == 1):
+    elif name.startswith((".", "/")) or os.sep in name and not name.count("/") == 1:
         raise SystemExit(f"model path '{name}' does not exist: check the path, or pass a hub id like Qwen/Qwen2.5-VL-3B-Instruct")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
+        if local:
+            raise SystemExit(f"cannot load model folder '{name}': {e}") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         fix = ("unset HF_HUB_OFFLINE or download it first, then pass the local path" if offline
                else "check the name, your network, or pass a local path")
         raise SystemExit(f"cannot load model '{name}' ({type(e).__name__}): {fix}") from None
+    # A checkpoint's generation_config.json (Qwen's instruct ships repetition_penalty 1.05, top_k 1, top_p 0.001)
+    # would leak into every `generate` call; rollouts must be drawn from softmax(logits / T) exactly, as the
+    # log-probs, the entropies and the ratio of the update assume. sample() states every setting it needs.
+    model.generation_config = GenerationConfig()
     return model.to(device), tok
+
+
+def check_model_folder(path):
+    """Stop with one line naming the folder and the file when a local model folder cannot load: a missing or
+    corrupt config.json, missing or truncated weights, or no tokenizer files."""
+    import json
+    import struct
+
+    def fail(why):
+        raise SystemExit(f"model folder '{path}': {why}")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        fail("no config.json (is this a model folder? a checkpoint saved by train.py holds one)")
+    try:
+        model_type = json.load(open(config)).get("model_type")
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(f"config.json is not valid JSON ({e})")
+    if model_type not in ("qwen2_5_vl", "qwen2_vl"):
+        fail(f"config.json has model_type {model_type!r}, not a Qwen2.5-VL model")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            shards = sorted(set(json.load(open(index))["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            fail(f"model.safetensors.index.json is corrupt ({type(e).__name__})")
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        fail("no weights (model.safetensors or model.safetensors.index.json)")
+    for shard in shards:  # a safetensors file states its own length: an 8-byte header size, a JSON header, data
+        file = os.path.join(path, shard)
+        if not os.path.isfile(file):
+            fail(f"weight file {shard} is missing")
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            data_len = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+        except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            fail(f"weight file {shard} is corrupt (unreadable safetensors header)")
+        if size < 8 + header_len + data_len:
+            fail(f"weight file {shard} is truncated ({size:,} of {8 + header_len + data_len:,} bytes)")
+    has = lambda f: os.path.isfile(os.path.join(path, f))
+    if not has("tokenizer_config.json") or not (has("tokenizer.json") or has("vocab.json") and has("merges.txt")):
+        fail("no tokenizer files (tokenizer_config.json with tokenizer.json, or vocab.json and merges.txt)")
 
 
 def vision_token_ids(tok):
@@ -128,6 +190,9 @@ def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_g
     n, total = sequences.shape
     if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
         raise ValueError("shared_prompt_hidden: all rows must share one prompt")
+    if model.training and model.is_activation_checkpointing:  # transformers drops the KV cache there: encode every row
+        return response_hidden(model, sequences, attention_mask, pixel_values.repeat(n, 1), image_grid_thw.repeat(n, 1),
+                               prompt_len)
     # Qwen2.5-VL's 3D (time, height, width) positions of the whole sequences, computed as one forward would
     positions = multimodal_positions(model, sequences, attention_mask, image_grid_thw.repeat(n, 1))  # (3, n, P + L)
     captured = []
@@ -190,6 +255,31 @@ def stop_token_ids(tok):
     return sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
 
 
+def sampling_config(tok, max_new_tokens, temperature=1.0, greedy=False):
+    """Every generation setting, stated: sampling from softmax(logits / T) over the whole vocabulary (or its
+    argmax), the vision tokens suppressed, stopping at our stop tokens -- nothing else changes the scores."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
+        top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+        min_new_tokens=0, num_beams=1, num_return_sequences=1, renormalize_logits=False,
+        suppress_tokens=vision_token_ids(tok), eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+
+
+class SamplingEntropy(LogitsProcessor):
+    """Records, at each generated position, the entropy of the distribution the token is drawn from:
+    softmax(scores / T) with the vision tokens suppressed. The rollouts' entropy on the very image they were
+    sampled on, for free: generate shows its scores only to logits processors. Leaves the scores unchanged."""
+
+    def __init__(self, temperature):
+        self.temperature, self.steps = temperature, []
+
+    def __call__(self, input_ids, scores):
+        p = torch.softmax(scores.float() / self.temperature, dim=-1)
+        self.steps.append(torch.special.entr(p).sum(-1))  # H = -sum_v p_v log p_v, 0 log 0 = 0
+        return scores
+
+
 @torch.no_grad()
 def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False):
     """Sample n responses for each prompt in one batched `generate`.
@@ -199,7 +289,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     response. Returns a dict of tensors:
       prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, L) right-padded, each
       response kept up to and including its first stop token; truncated: (B,) bool, no stop token within
-      max_new_tokens.
+      max_new_tokens; response_entropy: (B, L) fp32, the entropy of each token's sampling distribution (0 on padding).
     """
     from data import batch_pixels
     device = next(model.parameters()).device
@@ -210,20 +300,21 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
         prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
     pixel_values, grid = batch_pixels([x.to(device) for x in images for _ in range(n)])  # row i * n + j: image i
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
-    stops = stop_token_ids(tok)
+    recorder = SamplingEntropy(temperature if not greedy else 1.0)
     # under FSDP2, gather the weights once for the whole rollout rather than once per token, and keep
     # ranks stepping together until every rank's responses are done (synced_gpus)
     sharded = gather_weights(model)
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
-                         image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids), max_new_tokens=max_new_tokens, do_sample=not greedy,
-                         temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
-                         top_p=1.0 if not greedy else None, suppress_tokens=vision_token_ids(tok),
-                         eos_token_id=stops, pad_token_id=tok.pad_token_id, synced_gpus=bool(sharded))
+                         image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids),
+                         generation_config=sampling_config(tok, max_new_tokens, temperature, greedy),
+                         logits_processor=[recorder], synced_gpus=bool(sharded))
     release_weights(sharded)
     response_ids = out[:, P:]
-    is_stop = torch.isin(response_ids, torch.tensor(stops, device=device))
+    is_stop = torch.isin(response_ids, torch.tensor(stop_token_ids(tok), device=device))
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # positions strictly after the first stop token
     response_mask = (~after_stop).long()
     response_ids = response_ids.masked_fill(after_stop, tok.pad_token_id)
+    # (B, L): a rank that finished early under synced_gpus records steps it does not keep
+    entropy = torch.stack(recorder.steps, 1)[:, :response_ids.shape[1]] * response_mask
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask, "truncated": ~is_stop.any(1)}
+            "response_mask": response_mask, "truncated": ~is_stop.any(1), "response_entropy": entropy}

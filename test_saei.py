@@ -377,6 +377,21 @@ def test_data_pixel_map_equals_qwen_image_processor_on_real_diagrams(geo3k, min_
         assert data.n_image_tokens(x) == int(grid.prod()) // 4
 
 
+@pytest.mark.parametrize("mode, level", [("I;16", 32768), ("I;16", 65535), ("I", 20000), ("I", 128)])
+def test_data_high_bit_depth_images_keep_their_brightness(tmp_path, mode, level):
+    import numpy as np
+    array = np.full((40, 60), level, dtype=np.uint16 if mode == "I;16" else np.int32)
+    array[:, :30] = 0  # half black: the mean is half the level
+    image = Image.fromarray(array)
+    if mode == "I;16":  # a 16-bit grayscale PNG, as PIL reads it back
+        image.save(tmp_path / "deep.png")
+        image = Image.open(tmp_path / "deep.png")
+    assert image.mode == mode
+    x = data.load_image(image, 40 * 56, 40 * 56)
+    full_scale = 255 if mode == "I" and level <= 255 else 65535
+    assert x.mean().item() == pytest.approx(level / full_scale / 2, abs=0.01)
+
+
 def test_data_pixel_map_is_differentiable_and_local():
     x = torch.rand(3, 56, 84, requires_grad=True)
     pixel_values, grid = data.image_to_pixels(x)
@@ -498,6 +513,27 @@ def test_data_bad_names_fail_clearly(copies, tmp_path):
         data.load_records(f"mathvista={tmp_path / 'nowhere'}", "test")
     with pytest.raises(SystemExit, match="no split 'validation'"):
         data.load_records(f"mmk12={copies['mmk12']}", "validation")
+
+
+def test_data_offline_hub_empty_and_wrong_columns_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"cannot load dataset 'geometry3k' \(hiyouga/geometry3k, split train\) from "
+                                         r"the hub: .*pass a local copy as geometry3k=path") as e:
+        data.load_records("geometry3k", "train")
+    assert "\n" not in str(e.value)
+    k12 = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    _table([], k12).to_parquet(str(tmp_path / "empty.parquet"))  # a valid parquet file with no rows
+    with pytest.raises(SystemExit, match="empty.parquet' .split test. has no rows"):
+        data.load_records(f"mmk12={tmp_path / 'empty.parquet'}", "test")
+    (tmp_path / "zero.parquet").write_bytes(b"")  # not a parquet file at all
+    with pytest.raises(SystemExit, match="cannot read dataset .*zero.parquet'"):
+        data.load_records(f"mmk12={tmp_path / 'zero.parquet'}", "test")
+    _table([{"images": [_image("red")], "question": "<image>How many?", "answer": "3"}],
+           {"images": datasets.List(IMAGE), "question": V("string"), "answer": V("string")}).to_parquet(
+        str(tmp_path / "renamed.parquet"))  # `problem` is called `question` here
+    with pytest.raises(SystemExit, match="has no column 'problem' .it has images, question, answer."):
+        data.load_records(f"mmk12={tmp_path / 'renamed.parquet'}", "test")
 
 
 def test_data_inline_choices():
@@ -739,6 +775,117 @@ def test_model_sample_gathers_each_layer_once_under_fsdp2(tmp_path):
     n_groups = 2 + 4 + 1  # vision blocks, decoder layers, root: each gathered once
     assert short["gathers"] == long["gathers"] == n_groups, (short, long)
     assert short["resharded"] and long["resharded"]  # the shards are back afterwards
+
+
+def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(tiny):
+    policy, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    x, other = torch.rand(3, 56, 56, generator=g), torch.rand(3, 56, 56, generator=g)
+    prompt = data.build_prompt(tok, "<image>How many sides?", data.n_image_tokens(x))
+    torch.manual_seed(0)
+    out = model_lib.sample(policy, tok, [prompt], [x], 3, 16, temperature=0.7)
+    recorded = out["response_entropy"]
+    assert recorded.shape == out["response_ids"].shape and recorded[out["response_mask"] == 0].eq(0).all()
+
+    def entropy_on(image):  # teacher-forced on `image`: softmax(logits / T), vision tokens excluded
+        ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
+        attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
+        pv, grid = data.batch_pixels([image] * 3)
+        with torch.no_grad():
+            logits = policy.lm_head(model_lib.response_hidden(policy, ids, attn, pv, grid, len(prompt))) / 0.7
+        logits[..., model_lib.vision_token_ids(tok)] = -math.inf
+        return torch.special.entr(torch.softmax(logits, -1)).sum(-1) * out["response_mask"]
+    assert torch.allclose(recorded, entropy_on(x), atol=1e-5)
+    assert (recorded - entropy_on(other)).abs().max() > 1e-3  # the image it was sampled on, not another one
+
+
+QWEN_INSTRUCT_GENERATION = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
+
+
+@pytest.fixture(scope="module")
+def qwen_style_checkpoint(tmp_path_factory):
+    """The tiny model saved with the sampling defaults a Qwen2.5-VL instruct checkpoint ships."""
+    policy, tok = model_lib.load_policy("tiny", seed=0)
+    path = tmp_path_factory.mktemp("qwen_style")
+    policy.save_pretrained(path)
+    tok.save_pretrained(path)
+    json.dump({**QWEN_INSTRUCT_GENERATION, "eos_token_id": model_lib.stop_token_ids(tok),
+               "pad_token_id": tok.pad_token_id}, open(path / "generation_config.json", "w"))
+    return str(path)
+
+
+def test_model_sampling_ignores_the_checkpoints_generation_config(qwen_style_checkpoint):
+    policy, tok = model_lib.load_policy(qwen_style_checkpoint)
+    policy.eval()
+    x = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0))
+    prompt = data.build_prompt(tok, "<image>How many sides?", data.n_image_tokens(x))
+    ids = torch.tensor([prompt])
+    pv, grid = data.image_to_pixels(x)
+    # the sampling path's processed scores are exactly logits / T, vision tokens at -inf, nothing else
+    torch.manual_seed(0)
+    out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
+                          mm_token_type_ids=model_lib.mm_token_types(policy, ids), output_scores=True,
+                          output_logits=True, return_dict_in_generate=True,
+                          generation_config=model_lib.sampling_config(tok, 24, temperature=0.7))
+    scores, logits = torch.stack(out.scores, 1), torch.stack(out.logits, 1)
+    expected = logits / 0.7
+    expected[..., model_lib.vision_token_ids(tok)] = -math.inf
+    assert scores.shape[1] > 5 and torch.equal(scores.isinf(), expected.isinf())
+    assert (scores - expected)[expected.isfinite()].abs().max() < 1e-6
+    # greedy through sample() is the argmax of the raw logits at every step (Qwen's repetition penalty would move it)
+    greedy = model_lib.sample(policy, tok, [prompt], [x], 1, 40, greedy=True)
+    n = int(greedy["response_mask"].sum())
+    seq = torch.cat([ids, greedy["response_ids"][:, :n]], 1)
+    with torch.no_grad():
+        hidden = model_lib.response_hidden(policy, seq, torch.ones_like(seq), pv, grid, len(prompt))
+        raw = policy.lm_head(hidden)[0]
+    raw[:, model_lib.vision_token_ids(tok)] = -math.inf
+    assert n > 10 and raw.argmax(-1).tolist() == greedy["response_ids"][0, :n].tolist()
+    # and sampling through sample() draws from the whole distribution (Qwen's top_k=1 would make 4 draws identical)
+    torch.manual_seed(0)
+    drawn = model_lib.sample(policy, tok, [prompt], [x], 4, 12)["response_ids"]
+    assert len({tuple(row.tolist()) for row in drawn}) == 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("rm config.json", "no config.json"),
+    ("write config.json {not json", "config.json is not valid JSON"),
+    ("rm model.safetensors", "no weights"),
+    ("truncate model.safetensors", "weight file model.safetensors is truncated"),
+    ("write model.safetensors garbage", "weight file model.safetensors is corrupt"),
+    ("rm tokenizer.json", "no tokenizer files"),
+])
+def test_model_broken_local_folder_is_one_line_naming_the_file(qwen_style_checkpoint, tmp_path, damage, message):
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qwen_style_checkpoint, folder)
+    verb, name, *rest = damage.split(" ", 2)
+    if verb == "rm":
+        os.remove(folder / name)
+    elif verb == "truncate":
+        with open(folder / name, "r+b") as f:
+            f.truncate(os.path.getsize(folder / name) - 100)
+    else:
+        (folder / name).write_text(rest[0])
+    with pytest.raises(SystemExit, match=f"model folder '{re.escape(str(folder))}': {message}") as e:
+        model_lib.load_policy(str(folder))
+    assert "HF_HUB_OFFLINE" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_shared_prompt_hidden_under_gradient_checkpointing(rollouts):
+    policy, images, out = rollouts
+    ids, attn, _ = _rows(out, 0)
+    P = out["prompt_ids"].shape[1]
+    pv, grid = data.image_to_pixels(images[0])
+    expected = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
+    policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    try:
+        hidden = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+    finally:
+        policy.activation_checkpointing_disable()
+        policy.eval()
+    assert torch.allclose(hidden, expected, atol=1e-5) and hidden.requires_grad
 
 
 # ----------------------------------------------------------------------------- rewards.py
@@ -1114,6 +1261,17 @@ def test_grpo_group_advantages_hand_computed():
         grpo.group_advantages(torch.ones(4), 1)
 
 
+def test_grpo_equal_rewards_give_exact_zeros_and_count_as_dead():
+    # all wrong but formatted (0.1), all right but unformatted (0.9), all right (1.0): 12 responses each, in fp32
+    for value in (0.1, 0.9, 1.0, 0.3, 0.7):
+        rewards = torch.full((2 * 12,), value)
+        rewards[12] = 0.0  # the second group is alive
+        adv = grpo.group_advantages(rewards, 12)
+        assert adv[:12].eq(0).all(), value
+        assert adv[13:].gt(0).all() and adv[12] < 0
+        assert grpo.dead_groups(rewards, 12).tolist() == [True, False]
+
+
 def test_grpo_policy_loss_clips_both_sides_hand_computed():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]]))  # ratios 1.5, 0.5, 1.1, 0.5
@@ -1263,6 +1421,20 @@ def test_configurator_parses_types_and_files(tmp_path):
         override(defaults, [str(tmp_path / "broken.py")])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("lr = 3e-4\nn_adv = (0\n", r"syntax.py:2: "),                      # a syntax error: the file and its line
+    ("lr = 3e-4\n\nn_adv = six\n", r"syntax.py:3: NameError: name 'six'"),  # an error while running it
+    ("lr = 3e-4\nn_clen = 6\n", r"syntax.py:2: unknown constant 'n_clen'"),
+])
+def test_configurator_file_errors_name_the_file_and_line(tmp_path, text, message):
+    from configurator import override
+    conf = tmp_path / "syntax.py"
+    conf.write_text(text)
+    with pytest.raises(SystemExit, match=message) as e:
+        override({"lr": 1e-6, "n_adv": 6}, [str(conf)])
+    assert "<string>" not in str(e.value) and "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- train.py
 
 @pytest.mark.parametrize("pg_tokens", ["vepo", "top_entropy"])
@@ -1349,6 +1521,12 @@ def test_train_grpo_samples_only_clean_rollouts(tmp_path):
     assert log["entropy"] == pytest.approx(log["entropy_clean"])
 
 
+def test_train_get_lr_warms_up_then_decays_to_a_tenth():
+    assert [train.get_lr(i, 1.0, 10, warmup_iters=4) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.get_lr(4, 1.0, 10, 4) == 1.0 and train.get_lr(7, 1.0, 10, 4) == pytest.approx(0.55)
+    assert train.get_lr(10, 1.0, 10, 4) == pytest.approx(0.1) and train.get_lr(0, 2.0, 0) == 2.0
+
+
 def test_train_noisyrollout_anneals_the_noise_and_lr_decays(tmp_path):
     logs = _run(tmp_path, "--perturb", "noise", "--max_steps", "3", "--lr=1e-3", "--lr_decay=True")
     assert [l["noise_k"] for l in logs] == [499, 250, 0]
@@ -1380,6 +1558,12 @@ def test_train_top_entropy_updates_higher_entropy_tokens(tmp_path):
     assert log["pg_entropy"] > log["entropy_clean"] and log["pg_entropy"] > log["entropy_adv"]
 
 
+def test_train_attack_budget_is_alpha_times_steps_unless_given():
+    assert train.get_config(SMALL).pgd_eps == pytest.approx(2 / 255)
+    assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_alpha=-0.01"]).pgd_eps == pytest.approx(0.03)
+    assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_eps=0.02"]).pgd_eps == pytest.approx(0.02)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--n_clen=6"], "unknown constant 'n_clen'"),
     (["--n_clean=six"], "n_clean must be int"),
@@ -1387,11 +1571,30 @@ def test_train_top_entropy_updates_higher_entropy_tokens(tmp_path):
     (["--perturb=blur"], "perturb must be one of"),
     (["--n_clean"], "needs a value"),
     (["config/no_such_file.py"], "not found"),
-    (["--model", "Qwen9-VL"], "unknown model 'Qwen9-VL'"),
+    (["--lr=0"], "lr must be > 0"),
+    (["--lr=-1e-4"], "lr must be > 0"),
+    (["--temperature=0"], "temperature must be > 0"),
+    (["--tsec_band=(0.7, 0.2)"], "tsec_band must be"),
+    (["--tsec_band=(-0.1, 0.5)"], "tsec_band must be"),
+    (["--tsec_band=(0.1, 0.5, 0.9)"], "tsec_band must be"),
+    (["--save_interval=0"], "save_interval must be >= 1"),
+    (["--batch_size=0"], "batch_size must be >= 1"),
+    (["--micro_batch_size=0"], "micro_batch_size must be >= 1"),
+    (["--eval_interval=-1"], "eval_interval must be >= 0"),
+    (["--max_steps=0"], "max_steps must be >= 1"),
+    (["--max_pixels=1000", "--min_pixels=2000"], "max_pixels .1000. must be >= min_pixels"),
+    (["--pgd_steps=-1"], "pgd_steps must be >= 0"),
+    (["--pgd_eps=-0.01"], "pgd_eps must be >= 0"),
+    (["--dtype=float8"], "dtype must be one of"),
+    (["--dataset=geometry4k"], "unknown dataset 'geometry4k'"),
 ])
-def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
-        train.main(args + ["--out_dir", str(tmp_path)])
+def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the configuration was checked")
+    monkeypatch.setattr(model_lib, "load_policy", no_load)
+    with pytest.raises(SystemExit, match=message) as e:
+        train.main(SMALL + args + ["--out_dir", str(tmp_path)])
+    assert "\n" not in str(e.value)
 
 
 def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
@@ -1592,6 +1795,59 @@ def test_eval_drops_long_prompts_and_counts(tmp_path):
     assert rows[0]["problems"] + rows[0]["dropped"] == 2
 
 
+def test_eval_pass_at_k_equals_enumerating_every_k_subset():
+    import itertools
+    import eval as evaluation
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert evaluation.ks_for(12) == [1, 2, 4, 8, 12] and evaluation.ks_for(4) == [1, 2, 4] and evaluation.ks_for(0) == []
+
+
+def test_eval_n_samples_reports_pass_at_k_everywhere(tmp_path, capsys):
+    import eval as evaluation
+    out = tmp_path / "eval"
+    rows = evaluation.main(["--model", "assets/tiny-synthetic", "--benchmarks", "synthetic", "--limit", "6",
+                            "--n_samples", "4", "--max_response_len", "96", "--min_pixels", str(112 * 112),
+                            "--max_pixels", str(112 * 112), "--out_dir", str(out)])
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(samples) == 6 and all(len(s["sampled"]) == 4 for s in samples)
+    # the table's numbers are the estimator over the per-problem counts written to samples.jsonl
+    for k in (1, 2, 4):
+        expected = sum(evaluation.pass_at_k(4, s["sampled_correct"], k) for s in samples) / 6
+        assert rows[0][f"pass@{k}"] == pytest.approx(expected)
+    assert rows[0]["pass@1"] == pytest.approx(sum(s["sampled_correct"] for s in samples) / 24)
+    assert rows[0]["pass@1"] <= rows[0]["pass@2"] <= rows[0]["pass@4"]
+    assert 0 < rows[0]["pass@4"]  # the warm start solves some of them
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert float(table[0]["pass@4"]) == pytest.approx(rows[0]["pass@4"])
+    assert json.load(open(out / "results.json"))["benchmarks"][0]["pass@2"] == pytest.approx(rows[0]["pass@2"])
+    assert "pass@4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--benchmarks=synthetic,foo"], "unknown dataset 'foo'"),
+    (["--benchmarks=synthetic,mathvista=/no/such/copy"], "dataset path '/no/such/copy' does not exist"),
+    (["--benchmarks=synthetic,mathvistaa=/tmp"], "unknown dataset 'mathvistaa'"),
+    (["--limit=-1"], "limit must be >= 0, got -1"),
+    (["--n_samples=-2"], "n_samples must be >= 0, got -2"),
+    (["--max_pixels=100", "--min_pixels=200"], "max_pixels .100. must be >= min_pixels"),
+])
+def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path, monkeypatch):
+    import eval as evaluation
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(model_lib, "load_policy", no_load)
+    with pytest.raises(SystemExit, match=message):
+        evaluation.main(["--model", "tiny", "--out_dir", str(tmp_path)] + args)
+    assert not os.path.exists(tmp_path / "results.json")
+
+
 # ----------------------------------------------------------------------------- compare.py
 
 def test_compare_table_from_finished_runs(tmp_path):
@@ -1616,6 +1872,29 @@ def test_compare_table_from_finished_runs(tmp_path):
     curves = (tmp_path / "curves.csv").read_text().splitlines()
     assert "grpo,accuracy,0,0.3" in curves  # the accuracy before training is the curve's step 0
     assert "grpo,entropy,2,2.5" in curves  # seed means 1.5 and 3.5 at steps 1 and 2, averaged over the 2-step window
+
+
+# ----------------------------------------------------------------------------- plot.py
+
+def test_plot_one_run_draws_its_metrics(tmp_path):
+    import plot
+    logs = [{"step": s, "reward_clean": 0.1 * s, "reward_adv": 0.2, "entropy_clean": 0.5, "entropy_adv": 0.6,
+             "answer_diversity": 3.0, "attack_gain": 0.01 * s, "accuracy_clean": 0.5, "loss": 1.0} for s in range(1, 6)]
+    logs[3]["eval_accuracy"] = 0.7
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(log) + "\n" for log in logs)
+    series = plot.read_metrics(tmp_path / "metrics.jsonl")
+    assert series["eval_accuracy"] == ([4], [0.7]) and series["reward_clean"][1] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert plot.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    png = Image.open(plot.plot(str(tmp_path), window=2))
+    assert png.width == pytest.approx(4.2 * 5 * 110, abs=2)  # all five panels: every panel has a metric here
+    os.remove(tmp_path / "metrics.png")
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # a GRPO run: no attack, no adversarial half
+        f.writelines(json.dumps({k: v for k, v in log.items() if "adv" not in k and k != "attack_gain"}) + "\n"
+                     for log in logs)
+    assert Image.open(plot.plot(str(tmp_path))).width == pytest.approx(4.2 * 4 * 110, abs=2)
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot.plot(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- warmstart.py

@@ -48,7 +48,7 @@ tsec_band = (1 / 3, 2 / 3)   # entropy-rank quantiles of the tokens the attack t
 tsec_scope = "group"         # rank tokens within each prompt's group of n_clean responses, or per "response"
 pgd_steps = 1                # T
 pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the entropy (a sanity ablation)
-pgd_eps = 2 / 255            # L-inf radius around the clean image (= |alpha| * T)
+pgd_eps = 0.0                # L-inf radius around the clean image; 0: |pgd_alpha| * pgd_steps (DESIGN §4)
 logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
 # update
 lr = 1e-6                    # no warmup
@@ -67,7 +67,7 @@ freeze_vision = True         # the paper family freezes the vision tower (gradie
 gradient_checkpointing = True   # recompute decoder layers in backward: less memory, ~30% more compute
 # evaluation, logging, checkpoints
 eval_interval = 20           # greedy held-out accuracy every this many steps (0: only before and after training)
-eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split)
+eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split); 0: none
 save_interval = 50           # also on the last step and on SIGINT/SIGTERM
 resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,13 +76,20 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype;
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
 
-def main(argv):
-    from configurator import override
+def get_config(argv):
+    """Command line -> the run's checked configuration (cfg.n_clean reads better than cfg["n_clean"])."""
+    import configurator
     if not any(a == "--model" or a.startswith("--model=") or not a.startswith("--") for a in argv):
         argv = ["config/demo.py", *argv]  # neither a config file nor a model: the offline demo
-    cfg = override(DEFAULTS, argv)
-    cfg = type("Config", (), cfg)  # cfg.n_clean reads better than cfg["n_clean"]
+        print("no config file and no --model: running the offline demo, config/demo.py")
+    cfg = configurator.get_config(DEFAULTS, argv)
     check_config(cfg)
+    cfg.pgd_eps = cfg.pgd_eps or abs(cfg.pgd_alpha) * cfg.pgd_steps  # the attack budget: T steps of |alpha|
+    return cfg
+
+
+def main(argv):
+    cfg = get_config(argv)
 
     import data
     import egas
@@ -126,13 +133,7 @@ def main(argv):
                                       cfg.max_pixels, cfg.max_prompt_len, f"{cfg.dataset}/{cfg.eval_split}")
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group = cfg.n_clean + cfg.n_adv
-    if cfg.batch_size % world:
-        raise SystemExit(f"config error: batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
-
-    def prepare(record):
-        x = data.load_image(record["images"][0], cfg.min_pixels, cfg.max_pixels).to(cfg.device)
-        return x, data.build_prompt(tok, record["problem"], data.n_image_tokens(x))
 
     def evaluate_now():
         n = min(cfg.eval_limit, len(eval_set)) // world * world  # equal shares: ranks generate in lockstep
@@ -151,10 +152,10 @@ def main(argv):
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
-        if cfg.lr_decay:
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = cfg.lr * (0.55 + 0.45 * math.cos(math.pi * (step - 1) / max(1, cfg.max_steps - 1)))
-        images, prompts = zip(*[prepare(r) for r in records])
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1) if cfg.lr_decay else cfg.lr
+        images, prompts = zip(*[data.prepare(r, tok, cfg.min_pixels, cfg.max_pixels) for r in records])
+        images = [x.to(cfg.device) for x in images]
         log = {"step": step}
 
         # 1. clean rollouts, sampled from pi_old (this step's weights)
@@ -225,7 +226,7 @@ def main(argv):
         for key, (values, rows) in per_response.items():
             values = values if rows is None else values[rows]
             log[key] = (all_reduce_sum(values.sum()) / all_reduce_sum(torch.tensor(float(values.numel())))).item()
-        groups = torch.tensor([(reward.view(-1, group).std(1) == 0).float().sum().item(),
+        groups = torch.tensor([grpo.dead_groups(reward, group).float().sum().item(),
                                sum(len(set(answers[g:g + group])) for g in range(0, len(answers), group)),
                                totals["clipped_tokens"], sum(gains), len(gains), fallbacks, totals["kl"]])
         dead, distinct, clipped, gain_sum, n_gain, fallback_sum, kl_sum = all_reduce_sum(groups).tolist()
@@ -266,6 +267,13 @@ def main(argv):
     if world > 1:
         leave_process_group()
     return start, end
+
+
+def get_lr(it, lr, decay_iters, warmup_iters=0):
+    """nanoGPT's schedule: linear warmup for warmup_iters, then cosine from lr down to lr / 10 at decay_iters."""
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    return lr * (0.55 + 0.45 * math.cos(math.pi * (it - warmup_iters) / max(1, decay_iters - warmup_iters)))
 
 
 def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute):
@@ -360,13 +368,39 @@ def optimizer_step(optimizer, params, grad_clip, loss):
 
 
 def check_config(cfg):
+    """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
-               "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy")}
+               "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
+               "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"config error: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
     if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
+    at_least = {"max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
+                "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
+                "logit_chunk": 1}
+    for key, low in at_least.items():
+        if getattr(cfg, key) < low:
+            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
+    positive = ("lr", "temperature", "grad_clip")
+    for key in positive:
+        if not getattr(cfg, key) > 0:  # also catches nan
+            raise SystemExit(f"config error: {key} must be > 0, got {getattr(cfg, key)}")
+    for key in ("weight_decay", "clip_low", "clip_high", "kl_coef", "entropy_coef", "pgd_eps"):
+        if not getattr(cfg, key) >= 0:
+            raise SystemExit(f"config error: {key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.clip_low >= 1:
+        raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
+    if cfg.max_pixels < cfg.min_pixels:
+        raise SystemExit(f"config error: max_pixels ({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})")
+    if len(cfg.tsec_band) != 2 or not 0.0 <= cfg.tsec_band[0] <= cfg.tsec_band[1] <= 1.0:
+        raise SystemExit(f"config error: tsec_band must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.tsec_band}")
+    import data
+    data.check_dataset(cfg.dataset)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise SystemExit(f"config error: batch_size {cfg.batch_size} must be divisible by the {world} ranks")
 
 
 def sequences(rollouts, rows):

@@ -10,7 +10,6 @@ imperfectly. The result is saved in Hugging Face format (weights in fp16, ~2.6 M
     python warmstart.py --steps=5 --out_dir=/tmp/ws      # a quick end-to-end check
 """
 import json
-import math
 import os
 import sys
 import time
@@ -45,16 +44,6 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 SYN_PIXELS = 112 * 112      # min_pixels = max_pixels = the synthetic image's area: load_image never resizes it
 
 
-def build_model(cfg):
-    """A random tiny Qwen2.5-VL of the configured size and its character-level tokenizer."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from model import tiny_config, tiny_tokenizer
-    tok = tiny_tokenizer()
-    torch.manual_seed(cfg.seed)
-    config = tiny_config(tok, cfg.text_layers, cfg.text_hidden, cfg.vision_depth, cfg.vision_hidden)
-    return Qwen2_5_VLForConditionalGeneration(config), tok
-
-
 def sft_batch(tok, records):
     """Records -> teacher-forcing inputs: prompt left-padded to P, solution + <|im_end|> right-padded to L.
 
@@ -62,8 +51,7 @@ def sft_batch(tok, records):
     targets, target_mask: (B, L), the response tokens and which of them are real; prompt_len: P.
     """
     import data
-    images = [data.load_image(r["images"][0], SYN_PIXELS, SYN_PIXELS) for r in records]
-    prompts = [data.build_prompt(tok, r["problem"], data.n_image_tokens(x)) for r, x in zip(records, images)]
+    images, prompts = zip(*[data.prepare(r, tok, SYN_PIXELS, SYN_PIXELS) for r in records])
     # the stop token is part of the target: the policy must learn to end its answer
     answers = [tok.encode(r["solution"], add_special_tokens=False) + [tok.eos_token_id] for r in records]
     B, P, L = len(records), max(map(len, prompts)), max(map(len, answers))
@@ -87,14 +75,6 @@ def sft_loss(policy, batch):
     return -logp.sum() / batch["target_mask"].sum()
 
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine decay to a tenth of cfg.lr at the last step."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def greedy_eval(policy, tok, split, n, cfg):
     """Greedy accuracy and format rate on the first n problems of a synthetic split (eval.py's evaluation)."""
     import data
@@ -106,10 +86,12 @@ def greedy_eval(policy, tok, split, n, cfg):
 
 def main(argv):
     """Train, evaluate on the test split, save to cfg.out_dir. Returns {"accuracy", "format", "loss", "seconds"}."""
-    from configurator import override
+    from configurator import get_config
     import data
-    cfg = type("Config", (), override(DEFAULTS, argv))
-    policy, tok = build_model(cfg)
+    from model import build_tiny
+    from train import get_lr
+    cfg = get_config(DEFAULTS, argv)
+    policy, tok = build_tiny(cfg.seed, cfg.text_layers, cfg.text_hidden, cfg.vision_depth, cfg.vision_hidden)
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # its own stream (seed + 1): the RL demo's train split (seed 0) stays problems the warm start never saw
@@ -123,11 +105,11 @@ def main(argv):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = get_lr(step, cfg.lr, cfg.steps, cfg.warmup)
         optimizer.step()
         loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()  # smoothed for the log
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.steps:
-            print(f"step {step + 1}/{cfg.steps}  loss {loss_avg:.4f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
+            print(f"step {step + 1}/{cfg.steps}  loss {loss_avg:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - t0:.0f}s")
         if cfg.stop_accuracy and step + 1 >= cfg.eval_start and (step + 1 - cfg.eval_start) % cfg.eval_interval == 0:
             acc, fmt = greedy_eval(policy, tok, "validation", cfg.val_n, cfg)
             print(f"step {step + 1}: validation greedy accuracy {100 * acc:.1f}%  format {100 * fmt:.1f}%")
