@@ -262,10 +262,16 @@ UPDATE_SCRIPT = textwrap.dedent("""
         torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, lambda device: None
         cfg.device = "cuda"
     rank, world = train.setup_distributed(cfg)
-    policy, tok = load_policy("tiny", seed=0)
-    policy.model.visual.requires_grad_(False)
+    loads = []  # how many times this rank reads the model: under torchrun, rank 0 alone
+    import model as model_lib
+    model_lib.load_policy = lambda *a, load=model_lib.load_policy, **kw: loads.append(1) or load(*a, **kw)
     if world > 1:
-        train.shard(policy, torch.float32)
+        policy, tok, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy.model.visual.requires_grad_(False)
+        train.shard(policy, torch.float32, "cpu", weights)
+    else:
+        policy, tok = model_lib.load_policy("tiny", seed=0)
+        policy.model.visual.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     B, P, L = 8, 30, 12
     image_tokens = 4  # a 56x56 image: 16 patches, 4 merged tokens
@@ -297,9 +303,9 @@ UPDATE_SCRIPT = textwrap.dedent("""
     if world == 1:
         attack_stats = attack(policy)
     else:  # the update and the attack with FSDP2's bf16 compute weights and autocast off, as on GPUs
-        policy16, _ = load_policy("tiny", seed=0)
+        policy16, _, weights = train.load_on_rank0("tiny", rank, seed=0)
         policy16.model.visual.requires_grad_(False)
-        train.shard(policy16, torch.bfloat16)
+        train.shard(policy16, torch.bfloat16, "cpu", weights)
         totals16, _ = train.policy_update(policy16, None, rollouts, advantages[rows], images[rows], cfg, world,
                                           no_autocast)
         bf16 = {{"loss": train.all_reduce_sum(torch.tensor(totals16["loss"])).item(), "grads": full_grads(policy16),
@@ -313,6 +319,9 @@ UPDATE_SCRIPT = textwrap.dedent("""
     checksums = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(checksums, checksum)
+        all_loads = [None] * world
+        torch.distributed.all_gather_object(all_loads, len(loads))
+        assert all_loads == [2, 0], all_loads  # the fp32 and the bf16 model
     else:
         checksums = [checksum]
     if rank == 0:

@@ -105,19 +105,23 @@ def main(argv):
     checkpoint_dir = os.path.join(cfg.out_dir, "checkpoint")
     resuming = cfg.resume and os.path.isdir(checkpoint_dir)
     # weights are loaded in fp32 (the master copy the optimizer updates); compute runs in cfg.dtype
-    policy, tok = load_policy(checkpoint_dir if resuming else cfg.model, device=cfg.device, seed=cfg.seed)
+    def load(name):  # under torchrun, rank 0 alone reads the weights; each rank then keeps only its shards
+        if world == 1:
+            return (*load_policy(name, device=cfg.device, seed=cfg.seed), None)
+        return load_on_rank0(name, rank, cfg.seed)
+    policy, tok, weights = load(checkpoint_dir if resuming else cfg.model)
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = None
+    ref, ref_weights = None, None
     if cfg.kl_coef > 0:  # a frozen copy of the initial policy
-        ref, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
+        ref, _, ref_weights = load(cfg.model)
         ref.requires_grad_(False).eval()
     if world > 1:
-        for module in (policy, ref):
+        for module, state in ((policy, weights), (ref, ref_weights)):
             if module is not None:
-                shard(module, getattr(torch, cfg.dtype))
+                shard(module, getattr(torch, cfg.dtype), cfg.device, state)
     params = [p for p in policy.parameters() if p.requires_grad]
     # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
     # optimizer's parameter numbering identical to the model's, which the distributed state dict needs
@@ -461,11 +465,42 @@ def all_reduce_sum(t):
     return t
 
 
-def shard(policy, compute_dtype):
+def load_on_rank0(name, rank, seed):
+    """Rank 0 reads the model (load_policy, on the CPU); the other ranks build the same architecture on the meta
+    device, which holds no memory. Returns (model, tokenizer, weights): weights is rank 0's {name: tensor} of every
+    parameter and buffer (None elsewhere), for `shard` to hand out. One full copy in host memory per node, not one
+    per rank (7B: 33 GB each). A load error on rank 0 stops every rank with its one line."""
+    import torch.distributed as dist
+    from model import Qwen2_5_VLForConditionalGeneration, load_policy
+    shared = [None, None, None]  # tokenizer, config, error
+    if rank == 0:
+        try:
+            model, tok = load_policy(name, seed=seed)
+            shared[:2] = tok, model.config
+        except SystemExit as e:
+            shared[2] = str(e)
+    dist.broadcast_object_list(shared, src=0)
+    tok, config, error = shared
+    if error:
+        raise SystemExit(error)
+    if rank != 0:
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        return model, tok, None
+    weights = dict(model.named_buffers())  # buffers too: rotary frequencies are not in the state dict
+    weights.update(model.state_dict())
+    return model, tok, weights
+
+
+def shard(policy, compute_dtype, device="cpu", weights=None):
     """FSDP2: one shard group per vision block and per decoder layer, the rest (embeddings, LM head) at the root.
 
     Weights stay fp32 shards (the optimizer's master copy); each forward gathers them in compute_dtype.
+    With `weights` from load_on_rank0 (the model on the meta device on ranks other than 0), the shards are
+    allocated on `device` and filled from rank 0, one tensor at a time; without, the model's own weights are sharded.
     """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in policy.model.visual.blocks:
@@ -473,6 +508,15 @@ def shard(policy, compute_dtype):
     for layer in policy.model.language_model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(policy, mp_policy=mp)
+    if weights is not None or any(p.is_meta for p in policy.parameters()):
+        policy.to_empty(device=device)  # every rank alike: rank 0's values come back from `weights` below
+        keys = set(policy.state_dict()) if weights is not None else set()
+        set_model_state_dict(policy, {k: v for k, v in (weights or {}).items() if k in keys},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buffer in policy.named_buffers():  # replicated, not sharded: rank 0's copy for everyone
+            if weights is not None:
+                buffer.copy_(weights[name])
+            dist.broadcast(buffer, src=0)
     # FSDP wants the root's forward first; generate() would reach the vision blocks before it
     with torch.no_grad():
         device = next(policy.parameters()).device
