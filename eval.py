@@ -6,6 +6,8 @@ table) and samples.jsonl (every problem: question, response, extracted answer, c
 quick run. A benchmark can also be a local copy, `mathvista=path/to/copy`, or a local dataset folder (data.py).
 `--n_samples 12` also samples 12 answers per problem at the rollout temperature and reports pass@1 (their mean
 accuracy) and the unbiased pass@k for k = 2, 4, 8, 12: exploration methods claim to raise pass@k at large k.
+A checkpoint of train.py is evaluated as train.py evaluated it: image bounds, response length, temperature and
+held-out set come from its training_config.json unless given on the command line.
 """
 import csv
 import json
@@ -89,12 +91,41 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
     return result
 
 
+# what a checkpoint of train.py brings (its training_config.json): eval.py setting <- training constant
+FROM_TRAINING = {"min_pixels": "min_pixels", "max_pixels": "max_pixels", "max_response_len": "max_response_len",
+                 "max_prompt_len": "max_prompt_len", "temperature": "temperature", "benchmarks": "dataset",
+                 "split": "eval_split", "limit": "eval_limit"}
+
+
+def settings(argv):
+    """The command line over the defaults; for a checkpoint of train.py, over the settings it was trained and
+    evaluated with (image bounds, response length, temperature, held-out set), so it is measured as train.py
+    measured it. Says which it used."""
+    import checkpoint
+    import data
+    from configurator import get_config
+    cfg = get_config(DEFAULTS, argv)
+    trained = checkpoint.training_config(cfg.model) if os.path.isdir(cfg.model) else None
+    if trained is None:
+        return cfg
+    ours = {key: trained["config"][name] for key, name in FROM_TRAINING.items()}
+    plain = cfg
+    cfg = get_config(dict(DEFAULTS, **ours), argv)
+    given = [key for key in ours if getattr(cfg, key) != ours[key] or getattr(plain, key) != DEFAULTS[key]]
+    used = " ".join(f"{key}={getattr(cfg, key)}" for key in ours if key not in given)
+    print(f"from {cfg.model}'s training config: {used}"
+          + (f"; from the command line: {' '.join(f'{key}={getattr(cfg, key)}' for key in given)}" if given else ""))
+    if trained["instruction"] != data.INSTRUCTION:  # the chat template comes with the checkpoint; this does not
+        print(f"warning: {cfg.model} was trained with another format instruction than data.INSTRUCTION; "
+              f"its answers may not be in the format graded here")
+    return cfg
+
+
 def main(argv):
     """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
-    from configurator import get_config
     import data
     from model import load_policy
-    cfg = get_config(DEFAULTS, argv)
+    cfg = settings(argv)
     for spec in cfg.benchmarks.split(","):  # every name before the model loads: a typo must not cost a whole run
         data.check_dataset(spec)
     if not cfg.temperature > 0:

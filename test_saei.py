@@ -189,6 +189,18 @@ def _box(answer):
 sigmoid = lambda z: 1 / (1 + math.exp(-z))
 
 
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """One SaEI step from the shipped warm start on the synthetic task at the demo's 112x112 images, evaluated on
+    16 held-out problems. Returns (checkpoint folder, the after-training evaluation train.main returned)."""
+    out = tmp_path_factory.mktemp("demo")
+    _, end = train.main(["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--dataset", "synthetic",
+                         "--min_pixels=12544", "--max_pixels=12544", "--max_response_len=96", "--batch_size=2",
+                         "--n_clean=2", "--n_adv=2", "--eval_limit=16", "--max_steps=1", "--lr=1e-4",
+                         "--micro_batch_size=4", "--gradient_checkpointing=False", "--out_dir", str(out)])
+    return out / "checkpoint", end
+
+
 def _run(tmp_path, *args):
     train.main(SMALL_ONE_STEP + list(args) + ["--out_dir", str(tmp_path)])
     return [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -1635,15 +1647,90 @@ def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
 
 
-def test_train_torchrun_two_ranks_runs_saei_steps(tmp_path):
-    run = _torchrun(["train.py"] + SMALL + ["--max_steps=2", "--batch_size=4", "--out_dir", str(tmp_path)])
+SEE_SCRIPT = textwrap.dedent("""
+    # rank 0 resumes from argv[1]; rank 1 looks at argv[2], where that checkpoint is not (a node without the
+    # shared filesystem): every rank must stop with one line, none may hang or train from scratch
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import checkpoint, train
+    rank = int(os.environ["RANK"])
+    saved = json.load(open(os.path.join(sys.argv[1], "checkpoint", "training_config.json")))["config"]
+    cfg = type("Config", (), dict(saved, resume=True, out_dir=sys.argv[1 + rank]))
+    rank, world = train.setup_distributed(cfg)
+    try:
+        checkpoint.start(cfg, rank, world)
+        print(f"rank {{rank}} resumes")
+    except SystemExit as e:
+        print(f"rank {{rank}}: {{e}}")
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def _worker_pid(port, rank):
+    """The pid of the torchrun worker of `rank` in the run on master port `port` (from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"MASTER_PORT={port}".encode() in env and f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return int(pid)
+    return None
+
+
+def test_train_torchrun_two_ranks_saves_sharded_and_resumes_exactly(tmp_path):
+    import signal
+    import socket
+    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
+    args = ["train.py"] + SMALL + ["--batch_size=4", "--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100"]
+    run = _torchrun(args + ["--max_steps=3", "--out_dir", str(tmp_path / "straight")])
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in logs] == [1, 2]  # rank 0 alone writes the log
+    logs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2, 3]  # rank 0 alone writes the log
     assert all("attack_gain" in l and l["response_len"] > 0 for l in logs)
     from model import load_policy
-    policy, _ = load_policy(str(tmp_path / "checkpoint"))
+    policy, _ = load_policy(str(tmp_path / "straight" / "checkpoint"))
     assert sum(p.numel() for p in policy.parameters()) > 1e6  # the whole model, gathered from both shards
+    # SIGTERM to rank 1 alone: both ranks stop after the step, save, exit non-zero; rank 0 names the signal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.kill(_worker_pid(port, 1), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and re.search(r"stopped by SIGTERM after step \d; checkpoint saved", out), out[-3000:]
+    killed = tmp_path / "killed" / "checkpoint"
+    stopped_at = torch.load(killed / "trainer_state.pt", weights_only=False)["step"]
+    assert 1 <= stopped_at < 3
+    # the optimizer state is written shard by shard: each rank wrote about half of it, neither the whole
+    shards = sorted(glob.glob(str(killed / "optimizer" / "*.distcp")))
+    sizes = [os.path.getsize(f) for f in shards]
+    assert len(shards) == 2 and all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
+    # resuming on another number of ranks stops with one line, before the model loads
+    with pytest.raises(SystemExit, match=r"trained on 2 rank\(s\), this run has 1"):
+        train.main(args[1:] + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
+    # a rank that cannot see the checkpoint rank 0 resumes from: every rank stops with one line
+    script = tmp_path / "see.py"
+    script.write_text(SEE_SCRIPT.format(root=ROOT))
+    (tmp_path / "elsewhere").mkdir()
+    see = _torchrun([str(script), str(tmp_path / "killed"), str(tmp_path / "elsewhere")])
+    for rank in (0, 1):
+        assert f"rank {rank}: resume: rank(s) 1 cannot see" in see.stdout, (see.stdout + see.stderr)[-3000:]
+    # both ranks resume (each reads its own optimizer shards) and end where the uninterrupted run ended
+    run = _torchrun(args + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
@@ -1652,7 +1739,8 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
     args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100", "--max_steps=4"]
     train.main(args + ["--out_dir", str(tmp_path / "straight")])
-    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits 0
+    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits
+    # non-zero (so `train.py && eval.py` does not go on as if training had finished)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -1662,8 +1750,8 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    assert "stopped by SIGTERM" in out
+    assert proc.returncode == 1, out[-3000:]
+    assert "stopped by SIGTERM after step" in out.strip().splitlines()[-1]
     stopped_at = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 1 <= stopped_at < 4 and logged[-1] == stopped_at
@@ -1673,6 +1761,131 @@ def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def _steps(out_dir):
+    return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_checkpoint, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match="already holds a run .*--resume=True.*--overwrite=True"):
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "LOCK").exists()
+    # --overwrite=True replaces the run; the base is a local folder whose image processor config is carried over
+    base = tmp_path / "base"
+    shutil.copytree(demo_checkpoint[0], base)
+    processor = json.load(open(base / "preprocessor_config.json"))
+    json.dump(dict(processor, note="the base's own"), open(base / "preprocessor_config.json", "w"))
+    train.main(SMALL_ONE_STEP + ["--model", str(base), "--overwrite=True", "--out_dir", str(out)])
+    assert _steps(out) == [1] and not (out / "LOCK").exists()
+    carried = json.load(open(out / "checkpoint" / "preprocessor_config.json"))
+    assert carried["note"] == "the base's own" and carried["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert f"base model: {base}" in (out / "checkpoint" / "README.md").read_text()
+
+
+def test_train_out_dir_lock_keeps_a_second_run_out_and_takes_over_a_stale_one(tmp_path):
+    import checkpoint
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        (tmp_path / "LOCK").write_text(f"{other.pid} {socket.gethostname()}")
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid} on"):
+            train.main(SMALL_ONE_STEP + ["--out_dir", str(tmp_path)])
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / "LOCK").read_text().startswith(str(other.pid))  # not ours to remove while it ran
+    checkpoint.lock(str(tmp_path))  # its process is gone: a stale lock, taken over
+    assert (tmp_path / "LOCK").read_text().split()[0] == str(os.getpid())
+    checkpoint.unlock()
+    assert not (tmp_path / "LOCK").exists()
+
+
+def test_train_resume_finds_the_newest_complete_checkpoint_in_every_state_a_kill_leaves(tmp_path):
+    import checkpoint
+    # what a kill can leave: checkpoint.tmp half-written or complete before its rename, checkpoint.old between the
+    # two renames or half-deleted; complete = has trainer_state.pt (written last)
+    cases = [({"checkpoint": 1}, "checkpoint", 1), ({"checkpoint": 1, "checkpoint.tmp": None}, "checkpoint", 1),
+             ({"checkpoint": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
+             ({"checkpoint.old": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
+             ({"checkpoint.old": 1, "checkpoint": 2}, "checkpoint", 2),
+             ({"checkpoint.old": None, "checkpoint": 2}, "checkpoint", 2),
+             ({"checkpoint.old": 1, "checkpoint.tmp": None}, "checkpoint.old", 1),
+             ({"checkpoint.tmp": None}, None, None)]
+    for i, (folders, newest, step) in enumerate(cases):
+        out = tmp_path / str(i)
+        for name, saved_step in folders.items():
+            (out / name).mkdir(parents=True)
+            (out / name / "model.safetensors").write_text(name)
+            if saved_step is not None:
+                torch.save({"step": saved_step}, out / name / "trainer_state.pt")
+        found = checkpoint.newest(str(out))
+        assert found == (str(out / newest) if newest else None), folders
+        if found:  # made the live checkpoint; nothing else left for a later save to trip over
+            checkpoint.promote(str(out), found)
+            assert sorted(os.listdir(out)) == ["checkpoint"]
+            assert (out / "checkpoint" / "model.safetensors").read_text() == newest
+            assert torch.load(out / "checkpoint" / "trainer_state.pt")["step"] == step
+
+
+def test_train_resume_continues_the_same_run_or_stops_with_one_line(tmp_path):
+    import resource
+    import shutil
+    import signal
+    out = tmp_path / "run"
+    args = SMALL + ["--max_steps=2", "--save_interval=1", "--out_dir", str(out)]
+    with pytest.raises(SystemExit, match="--resume=True but .* holds no complete checkpoint"):
+        train.main(args + ["--resume=True"])
+    train.main(args)
+    # killed between save's two renames (checkpoint.old = step 1, checkpoint.tmp = step 2) after logging step 3
+    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
+    os.rename(out / "checkpoint", out / "checkpoint.old")
+    state = torch.load(out / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    torch.save(dict(state, step=1), out / "checkpoint.old" / "trainer_state.pt")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3}\n')
+    # a changed value that changes the run stops before the model loads, naming it; nothing is touched
+    for changed, name in [("--n_clean=3", "n_clean is 3 but the checkpoint was trained with 2"),
+                          ("--freeze_vision=False", "freeze_vision is False"), ("--lr=0.001", "lr is 0.001")]:
+        with pytest.raises(SystemExit, match=name):
+            train.main(args + ["--resume=True", "--max_steps=3", changed])
+    assert sorted(os.listdir(out)) == ["checkpoint.old", "checkpoint.tmp", "metrics.jsonl"]
+    train.main(args + ["--resume=True", "--max_steps=3"])
+    assert _steps(out) == [1, 2, 3]  # resumed at step 3 (not 1); the step-3 line of the killed run replaced
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    # a full disk at save time: one line, the previous checkpoint whole (files over 1 MB fail like a full disk)
+    before = _weights(out)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match="cannot write the checkpoint .*File too large.*checkpoint \\(step 3\\) is intact"):
+            train.main(args + ["--resume=True", "--max_steps=4"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    after = _weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    # an out_dir that cannot be written: one line before the model loads
+    with pytest.raises(SystemExit, match="cannot create out_dir"):
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(out / "metrics.jsonl" / "sub")])
+
+
+def test_train_consecutive_skipped_updates_stop_and_keep_the_last_checkpoint(tmp_path, capsys):
+    # lr 1e3: step 1 wrecks the weights, the next updates are non-finite and skipped
+    with pytest.raises(SystemExit, match=r"2 updates in a row skipped as non-finite \(steps 2-3\)"):
+        train.main(SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--save_interval=1",
+                            "--max_skipped_updates=2", "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "warning: step 2: update skipped" in printed and "warning: step 3: update skipped" in printed
+    assert _steps(tmp_path) == [1, 2, 3]
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert not (tmp_path / "LOCK").exists()
 
 
 def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged():
@@ -1743,7 +1956,54 @@ def test_train_two_steps_write_metrics_and_a_loadable_checkpoint(method, tmp_pat
     assert rows[0]["problems"] == 2
 
 
+def test_train_checkpoint_is_a_model_folder_transformers_alone_can_use(demo_checkpoint, geo3k):
+    import eval as evaluation
+    from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    path, end = demo_checkpoint
+    # the image processor in the folder resizes and normalizes a real Geometry3K diagram (RGBA) exactly as we do
+    processor = AutoImageProcessor.from_pretrained(path)
+    image = geo3k[0]["images"][0]
+    x = data.load_image(image, 12544, 12544)
+    ours, grid = data.image_to_pixels(x)
+    theirs = processor(images=[image], return_tensors="pt")
+    assert theirs["pixel_values"].shape == ours.shape and (theirs["pixel_values"] - ours).abs().max().item() == 0.0
+    assert theirs["image_grid_thw"].tolist() == grid.tolist()
+    assert theirs["image_grid_thw"].prod().item() // 4 == data.n_image_tokens(x) == 12
+    # transformers alone (tokenizer + chat template, image processor, model, generation config) gives eval.py's
+    # greedy answer to a held-out problem
+    trained = json.load(open(path / "training_config.json"))
+    problem = data.synthetic_split("test")[0]
+    tok = AutoTokenizer.from_pretrained(path)
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    assert not GenerationConfig.from_pretrained(path).do_sample
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": problem["problem"].replace(
+        "<image>", "") + trained["instruction"]}]}]
+    inputs = processor(images=[problem["images"][0]], return_tensors="pt")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * (inputs["image_grid_thw"].prod().item() // 4))
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    mm_types = (ids.input_ids == policy.config.image_token_id).int()
+    out = policy.generate(**ids, **inputs, mm_token_type_ids=mm_types)  # the folder's generation config
+    answer = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    ours = evaluation.evaluate(policy, tok, [problem], 12544, 12544, 96)["samples"][0]["response"]
+    assert answer == ours and "\\boxed" in answer
+    # the model card says what the folder is
+    card = (path / "README.md").read_text()
+    assert "tiny-synthetic" in card and "SaEI" in card and "steps: 1 of 1" in card
+    assert f"{100 * end['accuracy']:.1f}%" in card and "16 problems of synthetic/test" in card
+
+
 # ----------------------------------------------------------------------------- eval.py
+
+def test_eval_bare_checkpoint_is_measured_as_train_measured_it(demo_checkpoint, tmp_path, capsys):
+    import eval as evaluation
+    path, end = demo_checkpoint
+    (row,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path)])
+    assert 0 < end["accuracy"] < 1 and row["accuracy"] == end["accuracy"] and row["problems"] == 16
+    printed = capsys.readouterr().out
+    assert "min_pixels=12544 max_pixels=12544 max_response_len=96" in printed and "limit=16" in printed
+    (row,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path), "--limit=4"])
+    assert row["problems"] == 4 and "from the command line: limit=4" in capsys.readouterr().out
 
 def test_eval_answer_styles(copies):
     def graded(spec, i, answer_text):

@@ -70,6 +70,8 @@ eval_interval = 20           # greedy held-out accuracy every this many steps (0
 eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split); 0: none
 save_interval = 50           # also on the last step and on SIGINT/SIGTERM
 resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
+overwrite = False            # a new run may replace the checkpoint and metrics already in out_dir
+max_skipped_updates = 3      # stop after this many updates in a row were skipped as non-finite (lr too high?)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype; weights and Adam state stay fp32
 # -----------------------------------------------------------------------------
@@ -91,6 +93,7 @@ def get_config(argv):
 def main(argv):
     cfg = get_config(argv)
 
+    import checkpoint
     import data
     import egas
     import eval as evaluation
@@ -101,15 +104,13 @@ def main(argv):
 
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint_dir = os.path.join(cfg.out_dir, "checkpoint")
-    resuming = cfg.resume and os.path.isdir(checkpoint_dir)
+    resume_from = checkpoint.start(cfg, rank, world)  # lock out_dir; the checkpoint to continue, or None
     # weights are loaded in fp32 (the master copy the optimizer updates); compute runs in cfg.dtype
     def load(name):  # under torchrun, rank 0 alone reads the weights; each rank then keeps only its shards
         if world == 1:
             return (*load_policy(name, device=cfg.device, seed=cfg.seed), None)
         return load_on_rank0(name, rank, cfg.seed)
-    policy, tok, weights = load(checkpoint_dir if resuming else cfg.model)
+    policy, tok, weights = load(resume_from or cfg.model)
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -126,7 +127,7 @@ def main(argv):
     # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
     # optimizer's parameter numbering identical to the model's, which the distributed state dict needs
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    first_step = load_trainer_state(policy, optimizer, checkpoint_dir, rank) + 1 if resuming else 1
+    first_step = checkpoint.load(policy, optimizer, resume_from, rank) + 1 if resume_from else 1
     compute = lambda: torch.autocast(cfg.device.split(":")[0], getattr(torch, cfg.dtype),
                                      enabled=world == 1 and cfg.dtype != "float32")
 
@@ -146,10 +147,11 @@ def main(argv):
             result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len)
         counts = torch.tensor([result["accuracy"] * len(subset), result["format"] * len(subset), len(subset)])
         counts = all_reduce_sum(counts)
-        return {"accuracy": (counts[0] / counts[2]).item(), "format": (counts[1] / counts[2]).item()}
+        return {"accuracy": (counts[0] / counts[2]).item(), "format": (counts[1] / counts[2]).item(), "problems": n}
 
     stop = install_stop_handlers()
-    start = evaluate_now()
+    start = held_out = dict(evaluate_now(), step=first_step - 1)
+    skipped = 0  # updates skipped in a row
     if rank == 0:
         print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
     metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
@@ -210,8 +212,12 @@ def main(argv):
         resp_mask, n_tokens = rollouts["response_mask"], totals["tokens"]
         total_loss = all_reduce_sum(torch.tensor(totals["loss"])).item()
         grad_norm, applied = optimizer_step(optimizer, params, cfg.grad_clip, total_loss)
+        skipped = 0 if applied else skipped + 1
         if not applied:
             log["skipped_update"] = 1
+            if rank == 0:
+                tqdm.write(f"warning: step {step}: update skipped, loss {total_loss:.4g} or gradient norm "
+                           f"{grad_norm:.4g} is not finite ({skipped} in a row)")
         t4 = time.time()
 
         # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
@@ -246,30 +252,42 @@ def main(argv):
                 log["vepo_jsd"] = jsd_sum / all_reduce_sum(mask_f.sum()).item()
         if ref is not None:
             log["kl"] = kl_sum
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:  # the last: after the loop
-            log["eval_accuracy"] = evaluate_now()["accuracy"]
+        if cfg.eval_interval and step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            held_out = dict(evaluate_now(), step=step)  # the model card of the next save reports it
+            log["eval_accuracy"] = held_out["accuracy"]
         if rank == 0:
             metrics_file.write(json.dumps(log) + "\n")
             metrics_file.flush()
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
-        stopping = all_reduce_sum(torch.tensor(float(stop["signal"] is not None))).item() > 0
-        if step % cfg.save_interval == 0 or step == cfg.max_steps or stopping:
-            save_checkpoint(policy, tok, optimizer, step, checkpoint_dir, rank)
-        if stopping:
-            if rank == 0:
-                print(f"stopped by {stop['signal']} after step {step}; checkpoint saved, continue with --resume=True")
+        if skipped >= cfg.max_skipped_updates:  # the weights may be wrecked: keep the last checkpoint as it is
+            stop["restore"]()
+            checkpoint.unlock()
+            raise SystemExit(1 if rank else f"stopped: {skipped} updates in a row skipped as non-finite (steps "
+                             f"{step - skipped + 1}-{step}); the last checkpoint is kept as it was; lower lr (now "
+                             f"{cfg.lr:g}) or raise max_skipped_updates")
+        # which signal any rank got: one count per signal, summed over ranks
+        signals = all_reduce_sum(torch.tensor([float(stop["signal"] == name) for name in STOP_SIGNALS]))
+        stopped_by = next((name for name, n in zip(STOP_SIGNALS, signals.tolist()) if n > 0), None)
+        if (step % cfg.save_interval == 0 or step == cfg.max_steps or stopped_by) and skipped == 0:
+            reshard(policy)  # the state-dict API finds parameters by identity: they must be the sharded ones
+            checkpoint.save(policy, tok, optimizer, step, cfg, rank, world, held_out)
+        if stopped_by:
             stop["restore"]()
             if world > 1:
                 leave_process_group()
-            return None
+            checkpoint.unlock()
+            saved = "checkpoint saved" if skipped == 0 else "last update skipped, so the checkpoint was left as it was"
+            raise SystemExit(1 if rank else f"stopped by {stopped_by} after step {step}; {saved}; continue with "
+                             f"--resume=True")
 
     stop["restore"]()
-    end = evaluate_now()
+    end = held_out if held_out["step"] == cfg.max_steps else evaluate_now()
     if rank == 0:
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
               f"(format {start['format']:.3f} -> {end['format']:.3f})")
     if world > 1:
         leave_process_group()
+    checkpoint.unlock()
     return start, end
 
 
@@ -534,6 +552,9 @@ def reshard(policy):
             module.reshard()
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 def install_stop_handlers():
     """SIGINT/SIGTERM finish the current step, save a checkpoint and stop, instead of dying mid-write."""
     import signal
@@ -543,60 +564,24 @@ def install_stop_handlers():
         if stop["signal"] is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         stop["signal"] = signal.Signals(signum).name
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (getattr(signal, name) for name in STOP_SIGNALS)}
     stop["restore"] = lambda: [signal.signal(sig, h) for sig, h in previous.items()]
     return stop
 
 
-def save_checkpoint(policy, tok, optimizer, step, path, rank):
-    """A Hugging Face-format model (for eval.py and from_pretrained) plus trainer_state.pt (optimizer, step,
-    every rank's RNG state) in one folder, written beside the target and renamed into place: a kill at any
-    moment leaves the previous checkpoint whole."""
-    import shutil
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    reshard(policy)  # the state-dict API finds parameters by identity: they must be the sharded ones
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0
-    model_state = get_model_state_dict(policy, options=full)
-    # frozen weights (the vision tower) have no optimizer state; the state-dict API must be told
-    optim_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    distributed = dist.is_available() and dist.is_initialized()
-    rngs = [None] * dist.get_world_size() if distributed else [rng]
-    if distributed:
-        dist.all_gather_object(rngs, rng)
-    if rank == 0:
-        tmp, old = path + ".tmp", path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, state_dict=model_state)
-        tok.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim_state, "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    if distributed:
-        dist.barrier()
-
-
-def load_trainer_state(policy, optimizer, path, rank):
-    """Restore the optimizer and this rank's RNG from a checkpoint (weights come with the model). Returns its step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+        status = 0
+    except SystemExit as e:  # one line: a bad input, a stop by signal, a failed save (exit status 1)
+        status = e.code
+    import checkpoint
+    checkpoint.unlock()
+    if isinstance(status, str):
+        print(status, file=sys.stderr)
+        status = 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # everything is saved and the process group is closed:
         sys.stdout.flush()                          # skip interpreter teardown, where gloo's threads can
         sys.stderr.flush()                          # abort ("terminate called without an active exception")
-        os._exit(0)
+        os._exit(status)
+    sys.exit(status)
