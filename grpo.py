@@ -28,8 +28,11 @@ def dead_groups(rewards, group_size):
 
 
 def _scaled_logits(h, weight, temperature):
-    """(n, D), (V, D) -> (n, V) fp32 logits / T, divided in place (no second (n, V) tensor)."""
-    logits = (h @ weight.T).float()
+    """(n, D), (V, D) -> (n, V) fp32 logits / T, divided in place (no second (n, V) tensor).
+
+    The product runs in the weight's dtype (bf16 under FSDP2's compute weights, where autocast is off), the softmax
+    that follows in fp32."""
+    logits = (h.to(weight.dtype) @ weight.T).float()
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -64,8 +67,12 @@ class _HeadLogpEntropy(torch.autograd.Function):
             grad_z.sub_(p.mul_(grad_logp[:, None]))
             grad_z.scatter_add_(-1, targets[:, None], grad_logp[:, None]).div_(ctx.temperature)
             del p
+            # grad_z is fp32; the two products run in the weight's dtype, as the forward's did (with autocast on,
+            # it casts by itself; FSDP2's bf16 compute weights run with autocast off), and the gradients come
+            # back in the dtypes of h and weight
+            grad_z = grad_z.to(weight.dtype)
             grad_h = (grad_z @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None
-            grad_w = (grad_z.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_w = (grad_z.T @ h.to(weight.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None
 
 

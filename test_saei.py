@@ -258,17 +258,32 @@ UPDATE_SCRIPT = textwrap.dedent("""
     # Same fixed rollouts on 1 rank or split over 2: the token-mean loss and the gradients must agree.
     import os, sys, torch
     sys.path.insert(0, {root!r})
-    import train
+    import egas, train
     from model import load_policy
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # two prompts x (2 clean + 2 adversarial) responses; micro-batches of 3 rows that share their prompt's encoding
     cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=2, n_adv=2,
                                   gradient_checkpointing=False))
+    if world > 1:  # the process group of a GPU run, with gloo standing in for NCCL on the one device NCCL serves:
+        # a collective handed a tensor on a device the group has no backend for fails here as under NCCL
+        from torch.distributed.distributed_c10d import BackendConfig
+        init = torch.distributed.init_process_group
+        def gpu_like(backend, **kw):
+            served = BackendConfig(backend).get_device_backend_map()  # "nccl" -> {{"cuda": "nccl"}}
+            init(",".join(f"{{d}}:{{'gloo' if b == 'nccl' else b}}" for d, b in served.items()), **kw)
+        torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, lambda device: None
+        cfg.device = "cuda"
     rank, world = train.setup_distributed(cfg)
-    policy, tok = load_policy("tiny", seed=0)
-    policy.model.visual.requires_grad_(False)
+    loads = []  # how many times this rank reads the model: under torchrun, rank 0 alone
+    import model as model_lib
+    model_lib.load_policy = lambda *a, load=model_lib.load_policy, **kw: loads.append(1) or load(*a, **kw)
     if world > 1:
-        train.shard(policy, torch.float32)
+        policy, tok, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy.model.visual.requires_grad_(False)
+        train.shard(policy, torch.float32, "cpu", weights)
+    else:
+        policy, tok = model_lib.load_policy("tiny", seed=0)
+        policy.model.visual.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     B, P, L = 8, 30, 12
     image_tokens = 4  # a 56x56 image: 16 patches, 4 merged tokens
@@ -282,14 +297,31 @@ UPDATE_SCRIPT = textwrap.dedent("""
     rows = slice(rank * B // world, (rank + 1) * B // world)
     rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
                     response_ids=response[rows] * response_mask[rows], response_mask=response_mask[rows])
-    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world,
-                                    lambda: torch.autocast("cpu", enabled=False))
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)
+    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world, no_autocast)
     loss = train.all_reduce_sum(torch.tensor(totals["loss"])).item()
-    grads = {{}}
-    for name, p in policy.named_parameters():
-        if p.grad is not None:
-            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            grads[name] = grad.clone()
+
+    def full_grads(model):
+        return {{name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for name, p in model.named_parameters() if p.grad is not None}}
+
+    def attack(model):  # EgAS on this rank's first prompt, its first 2 responses standing in for clean rollouts
+        seqs = torch.cat([rollouts["prompt_ids"][:2], rollouts["response_ids"][:2]], 1)
+        attn = torch.cat([rollouts["prompt_mask"][:2], rollouts["response_mask"][:2]], 1)
+        return egas.attack(model.eval(), images[rows][0], seqs, attn, rollouts["response_mask"][:2], P, steps=1,
+                           alpha=2 / 255, eps=2 / 255)[1]
+    grads = full_grads(policy)
+    bf16 = None
+    if world == 1:
+        attack_stats = attack(policy)
+    else:  # the update and the attack with FSDP2's bf16 compute weights and autocast off, as on GPUs
+        policy16, _, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy16.model.visual.requires_grad_(False)
+        train.shard(policy16, torch.bfloat16, "cpu", weights)
+        totals16, _ = train.policy_update(policy16, None, rollouts, advantages[rows], images[rows], cfg, world,
+                                          no_autocast)
+        bf16 = {{"loss": train.all_reduce_sum(torch.tensor(totals16["loss"])).item(), "grads": full_grads(policy16),
+                 "attack": attack(policy16)}}
     # one optimizer step; then every rank gathers the full weights and reports a checksum of them
     torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -299,10 +331,14 @@ UPDATE_SCRIPT = textwrap.dedent("""
     checksums = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(checksums, checksum)
+        all_loads = [None] * world
+        torch.distributed.all_gather_object(all_loads, len(loads))
+        assert all_loads == [2, 0], all_loads  # the fp32 and the bf16 model
     else:
         checksums = [checksum]
     if rank == 0:
-        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums}}, sys.argv[1])
+        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums,
+                     "attack": attack_stats if world == 1 else None, "bf16": bf16}}, sys.argv[1])
     if world > 1:
         train.leave_process_group()
     sys.stdout.flush()
@@ -714,6 +750,54 @@ def test_model_sample_never_emits_vision_tokens(tiny):
         assert truncated == (not torch.isin(ids[n - 1], stops))
 
 
+SAMPLE_GATHER_SCRIPT = textwrap.dedent("""
+    # Under FSDP2 on 2 ranks: all-gathers during one `sample` call of 8 and of 32 new tokens.
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import data, train
+    from model import load_policy, sample
+    from torch.distributed.tensor import DTensor
+    dist = torch.distributed
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu"))
+    rank, world = train.setup_distributed(cfg)
+    policy, tok = load_policy("tiny", seed=0)
+    train.shard(policy, torch.float32)
+    gathers, forwards = [0], [0]
+    gather = dist.all_gather_single  # FSDP2's all-gather of a group's weights
+    dist.all_gather_single = lambda *a, **kw: (gathers.__setitem__(0, gathers[0] + 1), gather(*a, **kw))[1]
+    policy.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+    x = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(rank))
+    prompt = data.build_prompt(tok, "<image>Describe the picture.", data.n_image_tokens(x))
+    result = {{}}
+    for new_tokens in (8, 32):
+        gathers[0] = forwards[0] = 0
+        torch.manual_seed(0)
+        out = sample(policy.eval(), tok, [prompt], [x], n=2, max_new_tokens=new_tokens)
+        layer = policy.model.language_model.layers[0].mlp.up_proj.weight
+        result[new_tokens] = dict(gathers=gathers[0], forwards=forwards[0], resharded=isinstance(layer, DTensor),
+                                  longest=int(out["response_mask"].sum(1).max()))
+    if rank == 0:
+        torch.save(result, sys.argv[1])
+    train.leave_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def test_model_sample_gathers_each_layer_once_under_fsdp2(tmp_path):
+    # FSDP2 reshards every non-root group after its forward: without holding the weights, each generated token
+    # re-gathers every layer (7 + 4 per token on this model), ~13 GB per token at 7B
+    script = tmp_path / "gather.py"
+    script.write_text(SAMPLE_GATHER_SCRIPT.format(root=ROOT))
+    run = _torchrun([str(script), str(tmp_path / "counts.pt")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    short, long = (torch.load(tmp_path / "counts.pt")[n] for n in (8, 32))
+    assert long["forwards"] > short["forwards"] + 10 and long["longest"] > 16  # it did generate more tokens
+    n_groups = 2 + 4 + 1  # vision blocks, decoder layers, root: each gathered once
+    assert short["gathers"] == long["gathers"] == n_groups, (short, long)
+    assert short["resharded"] and long["resharded"]  # the shards are back afterwards
+
+
 def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(tiny):
     policy, tok = tiny
     g = torch.Generator().manual_seed(1)
@@ -986,7 +1070,7 @@ def test_egas_pgd_ascends_a_linear_objective_within_the_ball_and_grid():
     w = torch.randn(3, 28, 28)
     objective = lambda img: (img * w).sum()
     for steps, alpha, eps in [(1, 2 / 255, 2 / 255), (3, 1 / 255, 2 / 255), (2, -3 / 255, 6 / 255)]:
-        x_adv = egas.pgd(objective, x, steps, alpha, eps)
+        x_adv = egas.pgd(lambda img: (objective(img), w), x, steps, alpha, eps)
         assert (x_adv - x).abs().max().item() <= eps + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert torch.allclose(x_adv * 255, (x_adv * 255).round(), atol=1e-4)  # still an 8-bit image
@@ -1108,12 +1192,12 @@ def test_egas_shared_prompt_hidden_equals_response_hidden(rollouts):
         pv, grid = data.image_to_pixels(x)
         with torch.no_grad():
             ref = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
-            ours = egas.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+            ours = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
         valid = mask.bool()
         assert (ours - ref)[valid].abs().max() < 1e-5
     two_prompts = torch.cat([_rows(out, 0)[0][:1], _rows(out, 1)[0][:1]])
     with pytest.raises(ValueError, match="share one prompt"):
-        egas.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
+        model_lib.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
 
 
 @pytest.mark.parametrize("scope,temperature,chunk_size", [("group", 1.0, 1024), ("response", 0.7, 5)])
@@ -1124,15 +1208,14 @@ def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(roll
         ids, attn, mask = _rows(out, i)
         objective, state = egas.tsec_objective(policy, ids, attn, mask, P, scope=scope, temperature=temperature,
                                                chunk_size=chunk_size)
-        img = x.clone().requires_grad_(True)
-        value = objective(img)
-        (grad,) = torch.autograd.grad(value, img)
+        value, grad = objective(x, grad=True)
+        assert objective(x)[0] == pytest.approx(value, abs=1e-6)
         img_ref = x.clone().requires_grad_(True)
         value_ref = bench.full_logits_objective(policy, img_ref, ids, attn, mask, P, scope=scope,
                                                 temperature=temperature)
         (grad_ref,) = torch.autograd.grad(value_ref, img_ref)
         assert state["fallback"] == 0 and 0 < state["selected"].sum() < mask.sum()
-        assert abs(value.item() - value_ref.item()) < 1e-5
+        assert abs(value - value_ref.item()) < 1e-5
         assert grad_ref.abs().max() > 1e-6 and grad.norm() > 0.5 * grad_ref.norm()  # not a vanishing gradient
         assert (grad - grad_ref).abs().max() < 1e-5
         assert (grad - grad_ref).norm() / grad_ref.norm() < 1e-4  # relative: the gradients are small
@@ -1302,6 +1385,26 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
 
 
+def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
+    # FSDP2's compute weights are bf16 with autocast off (GPU runs): backward must not multiply its fp32 gradient
+    # by the bf16 weight, and the gradients come back in the inputs' dtypes, close to the fp32 ones
+    torch.manual_seed(0)
+    N, D, V = 6, 16, 300
+    h32, w32 = torch.randn(N, D), torch.randn(V, D) / 4
+    targets = torch.randint(0, V, (N,))
+    h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
+    logp, ent = grpo._HeadLogpEntropy.apply(h, w, targets, 0.9)
+    assert logp.dtype == ent.dtype == torch.float32
+    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [h, w])
+    assert g_h.dtype == g_w.dtype == torch.bfloat16
+    h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    logits = h_ref @ w_ref.T / 0.9
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - tsec.token_entropy(logits)
+    r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
+    assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
+    assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
+
+
 def test_grpo_bench_quick_configuration_runs():
     rows = bench.main(quick=True)
     measured = {(r[0], r[1].split(" (")[0].split(",")[0]) for r in rows}
@@ -1311,6 +1414,23 @@ def test_grpo_bench_quick_configuration_runs():
     assert float(step[4]) > 0
     memory = next(r for r in rows if r[1].startswith("attack peak memory"))
     assert float(memory[2]) < float(memory[3])  # ours below the full-logits version even at 16 tokens
+
+
+def test_grpo_bench_memory_estimate_counts_the_real_parameters():
+    # the estimator's parameter count is the real model's, for the tiny config and its 152k-vocabulary version
+    policy, _ = model_lib.load_policy("tiny")
+    trainable = sum(p.numel() for n, p in policy.named_parameters() if not n.startswith("model.visual"))
+    assert bench.parameters(bench.ARCHS["tiny"]) == (sum(p.numel() for p in policy.parameters()), trainable)
+    big, _ = bench.build_model(bench.QWEN_VOCAB)
+    assert bench.parameters(bench.ARCHS["tiny-152k"])[0] == sum(p.numel() for p in big.parameters())
+    # the per-token activation formula gives the measured bf16 values (issue 13: 133 KiB at 3B, 231 KiB at 7B)
+    for name, kib in (("Qwen2.5-VL-3B", 133), ("Qwen2.5-VL-7B", 231)):
+        a = bench.ARCHS[name]
+        kvd = a["hidden"] // a["heads"] * a["kv_heads"]
+        assert bench.activation_bytes(a["hidden"], a["intermediate"], kvd, 2) / 1024 == pytest.approx(kib, rel=0.03)
+    e = bench.estimate("Qwen2.5-VL-7B", 8)
+    assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
+    assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
 
 
 # ----------------------------------------------------------------------------- configurator.py
@@ -1396,17 +1516,29 @@ def test_train_update_sharing_each_prompt_equals_encoding_every_row():
     clean = [torch.rand(3, 56, 56, generator=g) for _ in range(2)]
     adv = [x.flip(2) for x in clean]  # logprob_image="adversarial": a group's last n_adv rows see another image
     images = [adv[r // group] if r % group >= n_clean else clean[r // group] for r in range(2 * group)]
+    prompt[:, 2:6] = model_lib.tiny_tokenizer().convert_tokens_to_ids("<|image_pad|>")
+    # the same rollouts with 4 more left-padding columns and 6 more response-padding columns
+    pad = torch.nn.functional.pad
+    padded = dict(prompt_ids=pad(prompt, (4, 0)), prompt_mask=pad(prompt_mask, (4, 0)),
+                  response_ids=pad(rollouts["response_ids"], (0, 6)), response_mask=pad(mask, (0, 6)))
     results = []
-    for checkpointing in (False, True):
+    for checkpointing, batch in ((False, rollouts), (True, rollouts), (False, padded)):
         policy, tok = load_policy("tiny", seed=0)
-        prompt[:, 2:6] = policy.config.image_token_id
         cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=n_clean, n_adv=n_adv,
                                       gradient_checkpointing=checkpointing))
-        totals, entropy = train.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
+        widths = []  # the token width of every forward pass
+        hook = policy.model.language_model.embed_tokens.register_forward_pre_hook(
+            lambda module, args: widths.append(args[0].shape[1]))
+        totals, entropy = train.policy_update(policy, None, batch, advantages, images, cfg, 1,
                                               lambda: torch.autocast("cpu", enabled=False))
+        hook.remove()
         grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
-        results.append((totals["loss"], entropy, grads))
-    (shared_loss, shared_entropy, shared_grads), (full_loss, full_entropy, full_grads) = results
+        results.append((totals["loss"], entropy, grads, widths))
+    # each micro-batch is cut to its own prompt and its longest response: the extra columns change nothing
+    assert results[2][3] == results[0][3] and max(results[0][3]) <= max(P, lengths.max().item())
+    assert results[2][0] == results[0][0] and torch.equal(results[2][1][:, :L], results[0][1])
+    assert all(torch.equal(results[2][2][k], results[0][2][k]) for k in results[0][2])
+    (shared_loss, shared_entropy, shared_grads, _), (full_loss, full_entropy, full_grads, _) = results[:2]
     assert shared_loss == pytest.approx(full_loss, abs=1e-6) and abs(full_loss) > 1e-4
     assert torch.allclose(shared_entropy, full_entropy, atol=1e-5) and shared_entropy.abs().sum() > 0
     assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 10
@@ -1573,6 +1705,14 @@ def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     # after the step every rank holds the same weights, and they match the single-process step
     assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
     assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
+    # with bf16 compute weights (autocast off) the update and the attack run, and land near their fp32 values
+    # (before the fix: "expected m1 and m2 to have the same dtype" in the LM head's backward)
+    c = b["bf16"]
+    assert c["grads"].keys() == a["grads"].keys() and all(g.dtype == torch.float32 for g in c["grads"].values())
+    worst = max(((c["grads"][k] - a["grads"][k]).norm() / a["grads"][k].norm()).item() for k in a["grads"])
+    assert worst < 0.05, worst  # bf16 rounding: ~1-2% per tensor here
+    assert c["attack"]["objective_clean"] == pytest.approx(a["attack"]["objective_clean"], rel=1e-2)
+    assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
 
 
 SEE_SCRIPT = textwrap.dedent("""

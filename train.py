@@ -109,19 +109,23 @@ def main(argv):
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
     resume_from = checkpoint.start(cfg, rank, world)  # lock out_dir; the checkpoint to continue, or None
     # weights are loaded in fp32 (the master copy the optimizer updates); compute runs in cfg.dtype
-    policy, tok = load_policy(resume_from or cfg.model, device=cfg.device, seed=cfg.seed)
+    def load(name):  # under torchrun, rank 0 alone reads the weights; each rank then keeps only its shards
+        if world == 1:
+            return (*load_policy(name, device=cfg.device, seed=cfg.seed), None)
+        return load_on_rank0(name, rank, cfg.seed)
+    policy, tok, weights = load(resume_from or cfg.model)
     if cfg.freeze_vision:
         policy.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = None
+    ref, ref_weights = None, None
     if cfg.kl_coef > 0:  # a frozen copy of the initial policy
-        ref, _ = load_policy(cfg.model, device=cfg.device, seed=cfg.seed)
+        ref, _, ref_weights = load(cfg.model)
         ref.requires_grad_(False).eval()
     if world > 1:
-        for module in (policy, ref):
+        for module, state in ((policy, weights), (ref, ref_weights)):
             if module is not None:
-                shard(module, getattr(torch, cfg.dtype))
+                shard(module, getattr(torch, cfg.dtype), cfg.device, state)
     params = [p for p in policy.parameters() if p.requires_grad]
     # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
     # optimizer's parameter numbering identical to the model's, which the distributed state dict needs
@@ -315,21 +319,26 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                 or row_images[r] is not row_images[starts[-1]]):
             starts.append(r)
 
-    def hidden_of(model, rows, pixel_values, grid):
+    def hidden_of(model, ids, am, pixel_values, grid, p_len):
         if share:
-            return shared_prompt_hidden(model, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
-        return response_hidden(model, seqs[rows], attn[rows], pixel_values, grid, prompt_len)
+            return shared_prompt_hidden(model, ids, am, pixel_values, grid, p_len)
+        return response_hidden(model, ids, am, pixel_values, grid, p_len)
     for first, end in zip(starts, starts[1:] + [seqs.shape[0]]):
         rows = slice(first, end)
         pixel_values, grid = data.batch_pixels(row_images[first:first + 1] if share else row_images[rows])
-        targets, mask = rollouts["response_ids"][rows], resp_mask[rows]
+        # the micro-batch's own padding is cut: its prompt's left padding (one prompt per micro-batch) and the
+        # columns past its longest response; the result is the same, the cost that of its own tokens
+        pad = int((attn[first, :prompt_len] == 0).sum())
+        width = max(1, int(resp_mask[rows].sum(1).max()))
+        ids, am, p_len = seqs[rows, pad:prompt_len + width], attn[rows, pad:prompt_len + width], prompt_len - pad
+        targets, mask = rollouts["response_ids"][rows, :width], resp_mask[rows, :width]
         with compute():
-            hidden = hidden_of(policy, rows, pixel_values, grid)
+            hidden = hidden_of(policy, ids, am, pixel_values, grid, p_len)
             logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
             pg_mask = mask  # the tokens that get policy gradient
             if cfg.pg_tokens == "vepo":  # a second pass with the image drowned in noise: which tokens does it drive?
                 with torch.no_grad():
-                    noisy = hidden_of(policy, rows, vepo.perturb_pixels(pixel_values), grid)
+                    noisy = hidden_of(policy, ids, am, vepo.perturb_pixels(pixel_values), grid, p_len)
                     jsd, ent_noisy = vepo.token_jsd(hidden.detach(), noisy, policy.lm_head.weight, mask,
                                                     cfg.temperature, cfg.logit_chunk)
                 pg_mask = vepo.top_fraction(vepo.score(jsd, ent.detach(), ent_noisy - ent.detach(), mask), mask)
@@ -341,7 +350,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                                         cfg.clip_low, cfg.clip_high, n_pg)
             if ref is not None:
                 with torch.no_grad():
-                    ref_hidden = hidden_of(ref, rows, pixel_values, grid)
+                    ref_hidden = hidden_of(ref, ids, am, pixel_values, grid, p_len)
                     ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
                                                       cfg.logit_chunk)
                 kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens
@@ -353,7 +362,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         totals["loss"] += loss.item()
         totals["clipped_tokens"] += st["clipped_tokens"]
         totals["pg_entropy"] += (ent.detach() * pg_mask).sum().item()
-        entropy[rows] = ent.detach().cpu()
+        entropy[rows, :width] = ent.detach().cpu()
     return totals, entropy
 
 
@@ -513,7 +522,10 @@ def setup_distributed(cfg):
     if world == 1:
         return 0, 1
     import torch.distributed as dist
-    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    # A collective's tensor must live on a device its backend serves. NCCL serves CUDA tensors only, while metrics,
+    # token counts and gathered objects are CPU tensors: the GPU process group pairs NCCL with gloo for those (a few
+    # scalars a step), so no call site has to copy its tensor to the GPU and back, and none can forget to.
+    backend = "cpu:gloo,cuda:nccl" if cfg.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -537,11 +549,42 @@ def all_reduce_sum(t):
     return t
 
 
-def shard(policy, compute_dtype):
+def load_on_rank0(name, rank, seed):
+    """Rank 0 reads the model (load_policy, on the CPU); the other ranks build the same architecture on the meta
+    device, which holds no memory. Returns (model, tokenizer, weights): weights is rank 0's {name: tensor} of every
+    parameter and buffer (None elsewhere), for `shard` to hand out. One full copy in host memory per node, not one
+    per rank (7B: 33 GB each). A load error on rank 0 stops every rank with its one line."""
+    import torch.distributed as dist
+    from model import Qwen2_5_VLForConditionalGeneration, load_policy
+    shared = [None, None, None]  # tokenizer, config, error
+    if rank == 0:
+        try:
+            model, tok = load_policy(name, seed=seed)
+            shared[:2] = tok, model.config
+        except SystemExit as e:
+            shared[2] = str(e)
+    dist.broadcast_object_list(shared, src=0)
+    tok, config, error = shared
+    if error:
+        raise SystemExit(error)
+    if rank != 0:
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        return model, tok, None
+    weights = dict(model.named_buffers())  # buffers too: rotary frequencies are not in the state dict
+    weights.update(model.state_dict())
+    return model, tok, weights
+
+
+def shard(policy, compute_dtype, device="cpu", weights=None):
     """FSDP2: one shard group per vision block and per decoder layer, the rest (embeddings, LM head) at the root.
 
     Weights stay fp32 shards (the optimizer's master copy); each forward gathers them in compute_dtype.
+    With `weights` from load_on_rank0 (the model on the meta device on ranks other than 0), the shards are
+    allocated on `device` and filled from rank 0, one tensor at a time; without, the model's own weights are sharded.
     """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in policy.model.visual.blocks:
@@ -549,6 +592,15 @@ def shard(policy, compute_dtype):
     for layer in policy.model.language_model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(policy, mp_policy=mp)
+    if weights is not None or any(p.is_meta for p in policy.parameters()):
+        policy.to_empty(device=device)  # every rank alike: rank 0's values come back from `weights` below
+        keys = set(policy.state_dict()) if weights is not None else set()
+        set_model_state_dict(policy, {k: v for k, v in (weights or {}).items() if k in keys},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buffer in policy.named_buffers():  # replicated, not sharded: rank 0's copy for everyone
+            if weights is not None:
+                buffer.copy_(weights[name])
+            dist.broadcast(buffer, src=0)
     # FSDP wants the root's forward first; generate() would reach the vision blocks before it
     with torch.no_grad():
         device = next(policy.parameters()).device
