@@ -13,8 +13,7 @@ from transformers import DynamicCache
 
 import tsec
 from data import image_to_pixels
-from model import gather_weights, multimodal_positions, release_weights
-from grpo import token_logprobs
+from model import gather_weights, multimodal_positions, release_weights, token_logprobs
 
 
 def pgd(value_and_grad, x, steps, alpha, eps):

@@ -38,6 +38,9 @@ GEO3K_SAMPLE = os.path.join(ROOT, "assets", "geometry3k-sample", "test.parquet")
 SMALL = ["--model", "tiny", "--dataset", GEO3K_SAMPLE, "--min_pixels", "3136", "--max_pixels", "12544",
          "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2"]
 SMALL_ONE_STEP = SMALL + ["--max_steps", "1"]
+# the same on the shipped warm start and the synthetic task: rewards differ within a group, so advantages are not 0
+WARM = ["--model", "assets/tiny-synthetic", "--dataset", "synthetic", "--min_pixels", "12544", "--max_pixels", "12544",
+        "--max_response_len", "48"]
 
 
 # ----------------------------------------------------------------------------- shared fixtures and helpers
@@ -820,6 +823,29 @@ def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(ti
     assert (recorded - entropy_on(other)).abs().max() > 1e-3  # the image it was sampled on, not another one
 
 
+def test_model_sample_in_chunks_keeps_the_rows_and_the_answers(tiny):
+    policy, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 56, 56, generator=g), torch.rand(3, 56, 84, generator=g)]
+    prompts = [data.build_prompt(tok, q, data.n_image_tokens(x)) for q, x in zip(["<image>How many?", "<image>Area?"], images)]
+    whole = model_lib.sample(policy, tok, prompts, images, 3, 20, greedy=True)
+    chunked = model_lib.sample(policy, tok, prompts, images, 3, 20, greedy=True, chunk_rows=4)  # calls of 4 and 2 rows
+    for key in whole:
+        assert torch.equal(whole[key], chunked[key]) if key != "response_entropy" else \
+            torch.allclose(whole[key], chunked[key], atol=1e-5), key
+    torch.manual_seed(0)
+    drawn = model_lib.sample(policy, tok, prompts, images, 3, 20, chunk_rows=2)
+    stops = torch.tensor(model_lib.stop_token_ids(tok))
+    for row in range(6):  # row i * 3 + j is prompt i's j-th response, whichever call sampled it
+        prompt = drawn["prompt_ids"][row][drawn["prompt_mask"][row].bool()]
+        assert prompt.tolist() == prompts[row // 3]
+        mask, ids = drawn["response_mask"][row], drawn["response_ids"][row]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any() and (ids[n:] == tok.pad_token_id).all()
+        assert bool(drawn["truncated"][row]) == (not torch.isin(ids[n - 1], stops))
+        assert drawn["response_entropy"][row, n:].eq(0).all() and drawn["response_entropy"][row, :n].gt(0).all()
+
+
 QWEN_INSTRUCT_GENERATION = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
 
 
@@ -1313,6 +1339,10 @@ def test_grpo_policy_loss_clips_both_sides_hand_computed():
     expected = (-2.0 * 1.2 + 1.0 * 0.8 - 2.0 * 1.1) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert stats["clipped_tokens"] == 2 and stats["tokens"] == 3
+    # how far the policy moved from the sampling one: ratio sum and range, KL(old || new) by the k3 estimator
+    assert stats["ratio_sum"] == pytest.approx(3.1, rel=1e-6)
+    assert (stats["ratio_min"], stats["ratio_max"]) == (pytest.approx(0.5), pytest.approx(1.5))
+    assert stats["approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1)), rel=1e-5)
     # the clipped side carries no gradient; the unclipped token's gradient is -A * ratio / n
     logp = logp.clone().requires_grad_(True)
     grpo.policy_loss(logp, old, adv, mask)[0].backward()
@@ -1344,7 +1374,7 @@ def test_grpo_chunked_logprobs_equal_full_logits_values_and_gradients():
     targets = torch.randint(0, V, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1, 4:] = 0
-    logp, ent = grpo.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
+    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
     logits = lm_head(hidden) / 0.8
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
     ref_ent = tsec.token_entropy(logits) * mask
@@ -1371,7 +1401,7 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     hidden = torch.randn(B, L, D, requires_grad=True)
     targets, mask = torch.randint(0, V, (B, L)), torch.ones(B, L, dtype=torch.long)
     mask[0, 6:] = 0
-    logp, ent = grpo.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
+    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
     g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
     logits = lm_head(hidden) / 0.9
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
@@ -1379,7 +1409,7 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
     assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
     # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
-    _, ent2 = grpo.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
+    _, ent2 = model_lib.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
     (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
     (r_h2,) = torch.autograd.grad(-tsec.token_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
     assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
@@ -1393,7 +1423,7 @@ def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
     h32, w32 = torch.randn(N, D), torch.randn(V, D) / 4
     targets = torch.randint(0, V, (N,))
     h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
-    logp, ent = grpo._HeadLogpEntropy.apply(h, w, targets, 0.9)
+    logp, ent = model_lib._HeadLogpEntropy.apply(h, w, targets, 0.9)
     assert logp.dtype == ent.dtype == torch.float32
     g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [h, w])
     assert g_h.dtype == g_w.dtype == torch.bfloat16
@@ -1653,6 +1683,81 @@ def test_train_attack_budget_is_alpha_times_steps_unless_given():
     assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_eps=0.02"]).pgd_eps == pytest.approx(0.02)
 
 
+def _logprobs_by_full_forward(policy, rollouts, row_images, temperature=1.0):
+    """(B, L) response-token log-probs from one plain forward over whole rows: independent of the update's path."""
+    ids = torch.cat([rollouts["prompt_ids"], rollouts["response_ids"]], 1)
+    attn = torch.cat([rollouts["prompt_mask"], rollouts["response_mask"]], 1)
+    pv, grid = data.batch_pixels(row_images)
+    P = rollouts["prompt_ids"].shape[1]
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv, image_grid_thw=grid,
+                        mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, P - 1:-1].float()
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, rollouts["response_ids"][..., None])[..., 0]
+    return logp * rollouts["response_mask"]
+
+
+@pytest.fixture(scope="module")
+def two_mini_batch_runs(tmp_path_factory):
+    """One SaEI step whose 2 prompts x 4 responses are updated in 2 mini-batches of one group each, at micro-batch
+    sizes 1 and 3; the policy's weights and the update's inputs are recorded at each mini-batch."""
+    runs = {}
+    for micro in (1, 3):
+        calls, losses = [], []
+        real_update, real_loss = train.policy_update, grpo.policy_loss
+
+        def spy_update(policy, ref, rollouts, advantages, row_images, cfg, *args):
+            weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            calls.append({"weights": weights, "rollouts": rollouts, "row_images": row_images, "old_logp": args[-1]})
+            return real_update(policy, ref, rollouts, advantages, row_images, cfg, *args)
+
+        def spy_loss(logp, old_logp, advantages, mask, *args):
+            losses.append({"call": len(calls) - 1, "logp": logp.detach(), "old": old_logp.detach(), "mask": mask})
+            return real_loss(logp, old_logp, advantages, mask, *args)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train, "policy_update", spy_update)
+            mp.setattr(grpo, "policy_loss", spy_loss)
+            path = tmp_path_factory.mktemp(f"micro{micro}")
+            train.main(SMALL_ONE_STEP + WARM + ["--updates_per_rollout=2", "--lr=1e-3", f"--micro_batch_size={micro}",
+                                                "--eval_limit=0", "--out_dir", str(path)])
+        runs[micro] = {"calls": calls, "losses": losses, "log": json.loads(open(path / "metrics.jsonl").readline()),
+                       "weights": _weights(path)}
+    return runs
+
+
+def test_train_second_mini_batch_is_off_policy_with_ratios_from_pi_old(two_mini_batch_runs):
+    run = two_mini_batch_runs[3]
+    policy, _ = model_lib.load_policy(WARM[1])
+    first, second = run["calls"]
+    assert first["old_logp"] is not None and second["old_logp"] is not None
+    # pi_old's log-probs, passed to both mini-batches, are those of the weights that sampled (before any update)
+    policy.load_state_dict(first["weights"])
+    for call in (first, second):
+        expected = _logprobs_by_full_forward(policy, call["rollouts"], call["row_images"])
+        assert torch.allclose(call["old_logp"][:, :expected.shape[1]], expected, atol=1e-4)
+    # the second mini-batch is updated by weights one step later: its ratios are exp(logp_new - logp_old) != 1
+    pi_old = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
+    policy.load_state_dict(second["weights"])
+    pi_new = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
+    mask = second["rollouts"]["response_mask"].bool()
+    independent = torch.exp(pi_new - pi_old)[mask]
+    seen = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 1])
+    assert torch.allclose(seen, independent, atol=1e-4)
+    assert (independent - 1).abs().max() > 1e-3
+    first_ratios = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 0])
+    assert torch.allclose(first_ratios, torch.ones_like(first_ratios), atol=1e-4)  # the first is on-policy
+    log = run["log"]
+    assert log["ratio_min"] < 1 - 1e-3 or log["ratio_max"] > 1 + 1e-3
+    assert log["ratio_min"] <= log["ratio_mean"] <= log["ratio_max"] and log["approx_kl"] > 0
+
+
+def test_train_mini_batch_updates_do_not_depend_on_the_micro_batch_size(two_mini_batch_runs):
+    a, b = two_mini_batch_runs[1], two_mini_batch_runs[3]
+    assert a["log"]["loss"] == pytest.approx(b["log"]["loss"], abs=1e-6)
+    for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "clip_frac"):
+        assert a["log"][key] == pytest.approx(b["log"][key], abs=1e-5), key
+    assert max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"]) < 1e-5
+
+
 @pytest.mark.parametrize("args,message", [
     (["--n_clen=6"], "unknown constant 'n_clen'"),
     (["--n_clean=six"], "n_clean must be int"),
@@ -1676,6 +1781,10 @@ def test_train_attack_budget_is_alpha_times_steps_unless_given():
     (["--pgd_eps=-0.01"], "pgd_eps must be >= 0"),
     (["--dtype=float8"], "dtype must be one of"),
     (["--dataset=geometry4k"], "unknown dataset 'geometry4k'"),
+    (["--updates_per_rollout=3"], "batch_size 2 must split into 1 rank.s. x 3 mini-batch"),
+    (["--ppo_epochs=0"], "ppo_epochs must be >= 1"),
+    (["--rollout_chunk=-1"], "rollout_chunk must be >= 0"),
+    (["--max_skipped_updates=0"], "max_skipped_updates must be >= 1"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -2130,6 +2239,16 @@ def test_eval_drops_long_prompts_and_counts(tmp_path):
         evaluation.main(args + ["--max_prompt_len", "100"])  # every prompt is over 100 tokens
     rows = evaluation.main(args + ["--max_prompt_len", "400", "--limit", "2"])
     assert rows[0]["problems"] + rows[0]["dropped"] == 2
+
+
+def test_eval_in_chunks_gives_the_answers_of_one_call(tiny, geo3k):
+    import eval as evaluation
+    policy, tok = tiny
+    records = [geo3k[i] for i in range(4)]
+    one = evaluation.evaluate(policy, tok, records, 3136, 12544, 12, batch_size=4)
+    chunked = evaluation.evaluate(policy, tok, records, 3136, 12544, 12, batch_size=4, chunk_rows=3)
+    assert [s["response"] for s in one["samples"]] == [s["response"] for s in chunked["samples"]]
+    assert len({s["response"] for s in one["samples"]}) > 1  # four different answers, not one repeated
 
 
 def test_eval_pass_at_k_equals_enumerating_every_k_subset():

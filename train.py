@@ -38,6 +38,7 @@ batch_size = 128             # prompts per step, over all ranks
 n_clean = 6                  # n1: responses per prompt on the clean image
 n_adv = 6                    # n2: responses per prompt on the perturbed image; 0 = vanilla GRPO
 temperature = 1.0
+rollout_chunk = 64           # at most this many responses per generate call: bounds the KV cache (0: no limit)
 max_prompt_len = 2048        # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
 min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
@@ -60,6 +61,9 @@ kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of 
 entropy_coef = 0.0           # > 0 adds an entropy bonus (the released NoisyRollout scripts use 1e-3; the papers do not)
 pg_tokens = "all"            # tokens that get policy gradient: all | vepo (VEPO's top 20%) | top_entropy (80/20)
 grad_clip = 1.0
+updates_per_rollout = 1      # optimizer steps per rollout batch, each on an equal share of its groups (PPO mini-
+                             # batches): from the second on the policy is off-policy and the clip does its work
+ppo_epochs = 1               # passes over the rollout batch
 micro_batch_size = 4         # responses per forward/backward in the update (the attack takes one prompt's n_clean);
                              # 4 and gradient checkpointing are our memory choice for 8 x 80 GB, not the papers'
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
@@ -68,6 +72,7 @@ gradient_checkpointing = True   # recompute decoder layers in backward: less mem
 # evaluation, logging, checkpoints
 eval_interval = 20           # greedy held-out accuracy every this many steps (0: only before and after training)
 eval_limit = 1000            # held-out problems per evaluation (Geometry3K's whole test split); 0: none
+eval_samples = 0             # > 0: evaluations also sample this many answers per problem and log pass@1 ... pass@k
 save_interval = 50           # also on the last step and on SIGINT/SIGTERM
 resume = False               # continue from {out_dir}/checkpoint (weights, optimizer, step, RNG states)
 overwrite = False            # a new run may replace the checkpoint and metrics already in out_dir
@@ -144,13 +149,16 @@ def main(argv):
     per_rank = cfg.batch_size // world
 
     def evaluate_now():
+        """Greedy accuracy (and with eval_samples, pass@k) on the first eval_limit held-out problems, all ranks."""
         n = min(cfg.eval_limit, len(eval_set)) // world * world  # equal shares: ranks generate in lockstep
         subset = [eval_set[i] for i in range(rank, n, world)]
         with compute():
-            result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len)
-        counts = torch.tensor([result["accuracy"] * len(subset), result["format"] * len(subset), len(subset)])
-        counts = all_reduce_sum(counts)
-        return {"accuracy": (counts[0] / counts[2]).item(), "format": (counts[1] / counts[2]).item(), "problems": n}
+            result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
+                                         n_samples=cfg.eval_samples, temperature=cfg.temperature,
+                                         chunk_rows=cfg.rollout_chunk)
+        rates = ["accuracy", "format"] + [k for k in result if k.startswith("pass@")]
+        sums = all_reduce_sum(torch.tensor([result[k] * len(subset) for k in rates] + [len(subset)], dtype=torch.float64))
+        return {**{k: (s / sums[-1]).item() for k, s in zip(rates, sums)}, "problems": n}
 
     stop = install_stop_handlers()
     start = held_out = dict(evaluate_now(), step=first_step - 1)
@@ -174,7 +182,8 @@ def main(argv):
         policy.eval()
         t0 = time.time()
         with compute():
-            clean = sample(policy, tok, prompts, images, cfg.n_clean, cfg.max_response_len, cfg.temperature)
+            clean = sample(policy, tok, prompts, images, cfg.n_clean, cfg.max_response_len, cfg.temperature,
+                           chunk_rows=cfg.rollout_chunk)
 
         # 2-4. the perturbed image for the second half of the rollouts
         t1 = time.time()
@@ -196,7 +205,8 @@ def main(argv):
         rollouts = clean
         if cfg.n_adv > 0:
             with compute():
-                adv = sample(policy, tok, prompts, adv_images, cfg.n_adv, cfg.max_response_len, cfg.temperature)
+                adv = sample(policy, tok, prompts, adv_images, cfg.n_adv, cfg.max_response_len, cfg.temperature,
+                             chunk_rows=cfg.rollout_chunk)
             rollouts = merge_groups(clean, adv, cfg.n_clean, cfg.n_adv, tok.pad_token_id)
         t3 = time.time()
 
@@ -208,38 +218,32 @@ def main(argv):
         # 7. advantages, one group of n_clean + n_adv per prompt
         advantages = grpo.group_advantages(reward, group)
 
-        # 8. update: every response conditioned on the clean image (or its own image, logprob_image="adversarial")
+        # 8. update: every response conditioned on the clean image (or its own image, logprob_image="adversarial"),
+        #    in updates_per_rollout mini-batch steps (x ppo_epochs) on the rollout batch
         policy.train()
         is_adv = torch.arange(len(texts)) % group >= cfg.n_clean
         row_images = [adv_images[i // group] if is_adv[i] and cfg.logprob_image == "adversarial" else images[i // group]
                       for i in range(len(texts))]
-        totals, entropy = policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute)
-        n_tokens = totals["tokens"]
-        total_loss = all_reduce_sum(torch.tensor(totals["loss"])).item()
-        grad_norm, applied = optimizer_step(optimizer, params, cfg.grad_clip, total_loss)
-        skipped = 0 if applied else skipped + 1
-        if not applied:
+        update = ppo_update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute)
+        skipped = 0 if update["applied"] else skipped + 1
+        if not update["applied"]:
             log["skipped_update"] = 1
             if rank == 0:
-                tqdm.write(f"warning: step {step}: update skipped, loss {total_loss:.4g} or gradient norm "
-                           f"{grad_norm:.4g} is not finite ({skipped} in a row)")
+                tqdm.write(f"warning: step {step}: update skipped, loss {update['loss']:.4g} or gradient norm "
+                           f"{update['grad_norm']:.4g} is not finite ({skipped} in a row)")
         t4 = time.time()
 
         # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
-        log.update(step_metrics(rollouts, texts, scores, is_adv, entropy, group, cfg))
+        log.update(step_metrics(rollouts, texts, scores, is_adv, update["entropy"], group, cfg))
         log.update(attack_metrics(images, adv_images, attacks, cfg))
-        log.update({"lr": optimizer.param_groups[0]["lr"], "loss": total_loss, "grad_norm": grad_norm,
-                    "clip_frac": global_sum(totals["clipped_tokens"]) / n_tokens,
+        log.update({"lr": optimizer.param_groups[0]["lr"], **update["log"],
                     "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
-        if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient
-            log["pg_entropy"] = global_sum(totals["pg_entropy"]) / n_tokens
         if cfg.pg_tokens == "vepo":  # mean clean-vs-noised JSD per token
-            log["vepo_jsd"] = global_sum(totals["jsd"]) / global_sum(rollouts["response_mask"].sum())
-        if ref is not None:
-            log["kl"] = global_sum(totals["kl"])
+            log["vepo_jsd"] = update["jsd"] / global_sum(rollouts["response_mask"].sum())
         if cfg.eval_interval and step % cfg.eval_interval == 0 or step == cfg.max_steps:
             held_out = dict(evaluate_now(), step=step)  # the model card of the next save reports it
             log["eval_accuracy"] = held_out["accuracy"]
+            log.update({f"eval_{k}": v for k, v in held_out.items() if k.startswith("pass@")})
         if rank == 0:
             metrics_file.write(json.dumps(log) + "\n")
             metrics_file.flush()
@@ -287,72 +291,135 @@ def get_lr(it, lr, decay_iters, warmup_iters=0):
     return lr * (0.55 + 0.45 * math.cos(math.pi * (it - warmup_iters) / max(1, decay_iters - warmup_iters)))
 
 
-def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute):
-    """Step 8 up to the gradients: the clipped-objective loss over all responses, micro-batch by micro-batch.
+def ppo_update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute):
+    """Step 8: updates_per_rollout optimizer steps (x ppo_epochs) on the rollout batch, each on an equal share
+    of every rank's groups (whole groups: a group's advantages were standardised together).
 
-    rollouts: prompt_ids/prompt_mask (B, P), response_ids/response_mask (B, L); advantages: (B,); row_images:
-    B (3, H, W) images the log-probs condition on. The loss is the token-mean over every response token of every
-    rank (or over the cfg.pg_tokens selection), so the gradient does not depend on micro-batching or on the number
-    of ranks. Accumulates .grad and returns (totals, entropy): summed loss/kl/clipped-token statistics and the
-    (B, L) token entropies.
+    With a single update the sampling policy is the current one, so logp_old = logp.detach() exactly; otherwise
+    the sampling policy's log-probs come from one no-grad pass before the first step. Returns {"applied": every
+    step was applied, "loss", "grad_norm" (means over steps), "entropy": (B, L) token entropies of the first
+    epoch, "jsd": VEPO's summed JSD, "log": the update's metrics}.
+    """
+    B = rollouts["response_ids"].shape[0]
+    n_steps = cfg.updates_per_rollout * cfg.ppo_epochs
+    old_logp = rollout_logprobs(policy, rollouts, row_images, cfg, compute) if n_steps > 1 else None
+    rows_per_update = B // cfg.updates_per_rollout  # check_config: a whole number of groups
+    entropy = torch.zeros(rollouts["response_mask"].shape)
+    sums = {"loss": 0.0, "grad_norm": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl": 0.0,
+            "approx_kl": 0.0, "pg_entropy": 0.0, "jsd": 0.0}
+    ratio_min, ratio_max, applied = math.inf, -math.inf, True
+    for epoch in range(cfg.ppo_epochs):
+        for first in range(0, B, rows_per_update):
+            rows = slice(first, first + rows_per_update)
+            part = {k: v[rows] for k, v in rollouts.items()}
+            totals, part_entropy = policy_update(policy, ref, part, advantages[rows], row_images[rows], cfg, world,
+                                                 compute, None if old_logp is None else old_logp[rows])
+            loss = global_sum(totals["loss"])
+            grad_norm, ok = optimizer_step(optimizer, params, cfg.grad_clip, loss)
+            applied = applied and ok
+            if epoch == 0:
+                entropy[rows, :part_entropy.shape[1]] = part_entropy
+            sums["loss"] += loss
+            sums["grad_norm"] += grad_norm
+            sums["tokens"] += totals["tokens"]  # already summed over ranks
+            for key in ("clipped_tokens", "ratio_sum", "approx_kl", "pg_entropy", "jsd", "kl"):
+                sums[key] += global_sum(totals[key])
+            ratio_min = min(ratio_min, -all_reduce_max(torch.tensor(-totals["ratio_min"])).item())
+            ratio_max = max(ratio_max, all_reduce_max(torch.tensor(totals["ratio_max"])).item())
+    log = {"loss": sums["loss"] / n_steps, "grad_norm": sums["grad_norm"] / n_steps,
+           "clip_frac": sums["clipped_tokens"] / sums["tokens"], "ratio_mean": sums["ratio_sum"] / sums["tokens"],
+           "ratio_min": ratio_min, "ratio_max": ratio_max, "approx_kl": sums["approx_kl"] / sums["tokens"]}
+    if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient
+        log["pg_entropy"] = sums["pg_entropy"] / sums["tokens"]
+    if ref is not None:
+        log["kl"] = sums["kl"] / n_steps
+    return {"applied": applied, "loss": log["loss"], "grad_norm": log["grad_norm"], "entropy": entropy,
+            "jsd": sums["jsd"], "log": log}
+
+
+def micro_batches(rollouts, row_images, cfg):
+    """The update's micro-batches: at most micro_batch_size rows of one group that share one image, each cut to
+    its prompt's own left padding and its longest response (same result, the cost of its own tokens).
+
+    Yields (rows, ids, attention_mask, prompt_len, targets, mask, pixel_values, grid): ids/attention_mask (m, p + w),
+    targets/mask (m, w) with w the micro-batch's longest response; pixel_values/grid of its one image.
     """
     import data
-    import grpo
-    import vepo
-    from model import response_hidden, shared_prompt_hidden
     seqs, attn, resp_mask = sequences(rollouts, slice(None))
     prompt_len = rollouts["prompt_ids"].shape[1]
-    n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
-    # the policy loss averages over the tokens that get gradient (pg_tokens): each response's top 20% is a
-    # count fixed by its length, so the denominator is known before any forward pass
-    n_pg = n_tokens if cfg.pg_tokens == "all" else all_reduce_sum(vepo.n_top(resp_mask).sum().float().cpu()).item()
-    totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0}
-    entropy = torch.zeros(resp_mask.shape)
-    # A micro-batch never mixes two prompts or two images, so it encodes its prompt and image once and shares
-    # their keys/values among its rows: P + m * L tokens instead of m * (P + L). Under gradient checkpointing
-    # transformers drops the KV cache, so there every row is encoded in full instead (same result).
-    share = not cfg.gradient_checkpointing
     group = cfg.n_clean + cfg.n_adv
     starts = []  # first row of each micro-batch
     for r in range(seqs.shape[0]):
         if (not starts or r - starts[-1] == cfg.micro_batch_size or r // group != starts[-1] // group
                 or row_images[r] is not row_images[starts[-1]]):
             starts.append(r)
-
-    def hidden_of(model, ids, am, pixel_values, grid, p_len):
-        if share:
-            return shared_prompt_hidden(model, ids, am, pixel_values, grid, p_len)
-        return response_hidden(model, ids, am, pixel_values, grid, p_len)
     for first, end in zip(starts, starts[1:] + [seqs.shape[0]]):
         rows = slice(first, end)
-        pixel_values, grid = data.batch_pixels(row_images[first:first + 1] if share else row_images[rows])
-        # the micro-batch's own padding is cut: its prompt's left padding (one prompt per micro-batch) and the
-        # columns past its longest response; the result is the same, the cost that of its own tokens
         pad = int((attn[first, :prompt_len] == 0).sum())
         width = max(1, int(resp_mask[rows].sum(1).max()))
-        ids, am, p_len = seqs[rows, pad:prompt_len + width], attn[rows, pad:prompt_len + width], prompt_len - pad
-        targets, mask = rollouts["response_ids"][rows, :width], resp_mask[rows, :width]
+        pixel_values, grid = data.batch_pixels(row_images[first:first + 1])
+        yield (rows, seqs[rows, pad:prompt_len + width], attn[rows, pad:prompt_len + width], prompt_len - pad,
+               rollouts["response_ids"][rows, :width], resp_mask[rows, :width], pixel_values, grid)
+
+
+@torch.no_grad()
+def rollout_logprobs(policy, rollouts, row_images, cfg, compute):
+    """(B, L) log-prob of every response token under the current weights: pi_old, before the first update."""
+    from model import shared_prompt_hidden, token_logprobs
+    logp = torch.zeros(rollouts["response_mask"].shape)
+    for rows, ids, am, p_len, targets, mask, pixel_values, grid in micro_batches(rollouts, row_images, cfg):
         with compute():
-            hidden = hidden_of(policy, ids, am, pixel_values, grid, p_len)
-            logp, ent = grpo.token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
+            hidden = shared_prompt_hidden(policy, ids, am, pixel_values, grid, p_len)
+            logp[rows, :mask.shape[1]] = token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature,
+                                                        cfg.logit_chunk)[0].cpu()
+    return logp
+
+
+def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, compute, old_logp=None):
+    """The clipped-objective loss of one (mini-)batch, micro-batch by micro-batch, into .grad.
+
+    rollouts: prompt_ids/prompt_mask (B, P), response_ids/response_mask (B, L); advantages: (B,); row_images:
+    B (3, H, W) images the log-probs condition on; old_logp: (B, L) the sampling policy's log-probs, or None when
+    it is the current policy (then logp_old = logp.detach()). The loss is the token-mean over every response token
+    of every rank (or over the cfg.pg_tokens selection), so the gradient does not depend on micro-batching or on
+    the number of ranks. Returns (totals, entropy): summed loss/kl/clip/ratio statistics and (B, L) entropies.
+    """
+    import grpo
+    import vepo
+    from model import shared_prompt_hidden, token_logprobs
+    resp_mask = rollouts["response_mask"]
+    n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
+    # the policy loss averages over the tokens that get gradient (pg_tokens): each response's top 20% is a
+    # count fixed by its length, so the denominator is known before any forward pass
+    n_pg = n_tokens if cfg.pg_tokens == "all" else all_reduce_sum(vepo.n_top(resp_mask).sum().float().cpu()).item()
+    totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0,
+              "ratio_sum": 0.0, "approx_kl": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf}
+    entropy = torch.zeros(resp_mask.shape)
+    # A micro-batch never mixes two prompts or two images, so it encodes its prompt and image once and shares
+    # their keys/values among its rows: P + m * L tokens instead of m * (P + L).
+    for rows, ids, am, p_len, targets, mask, pixel_values, grid in micro_batches(rollouts, row_images, cfg):
+        width = mask.shape[1]
+        with compute():
+            hidden = shared_prompt_hidden(policy, ids, am, pixel_values, grid, p_len)
+            logp, ent = token_logprobs(hidden, policy.lm_head, targets, mask, cfg.temperature, cfg.logit_chunk)
             pg_mask = mask  # the tokens that get policy gradient
             if cfg.pg_tokens == "vepo":  # a second pass with the image drowned in noise: which tokens does it drive?
                 with torch.no_grad():
-                    noisy = hidden_of(policy, ids, am, vepo.perturb_pixels(pixel_values), grid, p_len)
+                    noisy = shared_prompt_hidden(policy, ids, am, vepo.perturb_pixels(pixel_values), grid, p_len)
                     jsd, ent_noisy = vepo.token_jsd(hidden.detach(), noisy, policy.lm_head.weight, mask,
                                                     cfg.temperature, cfg.logit_chunk)
                 pg_mask = vepo.top_fraction(vepo.score(jsd, ent.detach(), ent_noisy - ent.detach(), mask), mask)
                 totals["jsd"] += jsd.sum().item()
             elif cfg.pg_tokens == "top_entropy":
                 pg_mask = vepo.top_fraction(ent, mask)
-            # one update per rollout batch, so pi_old = pi and logp_old = logp.detach() exactly
-            loss, st = grpo.policy_loss(logp, logp.detach(), advantages[rows].to(logp.device), pg_mask,
-                                        cfg.clip_low, cfg.clip_high, n_pg)
+            old = logp.detach() if old_logp is None else old_logp[rows, :width].to(logp.device)
+            loss, st = grpo.policy_loss(logp, old, advantages[rows].to(logp.device), pg_mask, cfg.clip_low,
+                                        cfg.clip_high, n_pg)
             if ref is not None:
                 with torch.no_grad():
-                    ref_hidden = hidden_of(ref, ids, am, pixel_values, grid, p_len)
-                    ref_logp, _ = grpo.token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
-                                                      cfg.logit_chunk)
+                    ref_hidden = shared_prompt_hidden(ref, ids, am, pixel_values, grid, p_len)
+                    ref_logp, _ = token_logprobs(ref_hidden, ref.lm_head, targets, mask, cfg.temperature,
+                                                 cfg.logit_chunk)
                 kl = (grpo.kl_penalty(logp, ref_logp) * mask).sum() / n_tokens
                 loss = loss + cfg.kl_coef * kl
                 totals["kl"] += kl.item()
@@ -360,7 +427,9 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                 loss = loss - cfg.entropy_coef * (ent * mask).sum() / n_tokens
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
         totals["loss"] += loss.item()
-        totals["clipped_tokens"] += st["clipped_tokens"]
+        for key in ("clipped_tokens", "ratio_sum", "approx_kl"):
+            totals[key] += st[key]
+        totals["ratio_min"], totals["ratio_max"] = min(totals["ratio_min"], st["ratio_min"]), max(totals["ratio_max"], st["ratio_max"])
         totals["pg_entropy"] += (ent.detach() * pg_mask).sum().item()
         entropy[rows, :width] = ent.detach().cpu()
     return totals, entropy
@@ -466,6 +535,8 @@ def check_config(cfg):
     if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
     at_least = {"max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
+                "updates_per_rollout": 1, "ppo_epochs": 1, "rollout_chunk": 0, "eval_samples": 0,
+                "max_skipped_updates": 1,
                 "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
                 "logit_chunk": 1}
     for key, low in at_least.items():
@@ -487,8 +558,9 @@ def check_config(cfg):
     import data
     data.check_dataset(cfg.dataset)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % world:
-        raise SystemExit(f"config error: batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    if cfg.batch_size % (world * cfg.updates_per_rollout):
+        raise SystemExit(f"config error: batch_size {cfg.batch_size} must split into {world} rank(s) x "
+                         f"{cfg.updates_per_rollout} mini-batch(es) of whole prompts (updates_per_rollout)")
 
 
 def sequences(rollouts, rows):
@@ -546,6 +618,15 @@ def all_reduce_sum(t):
     if dist.is_available() and dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)
+    return t
+
+
+def all_reduce_max(t):
+    """Elementwise maximum of a tensor over ranks (a no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
