@@ -3,6 +3,7 @@
     python bench.py            # the full table (about 15 minutes)
     python bench.py --quick    # the smallest configuration, seconds (the test runs this)
     python bench.py --threads=2  # torch threads per process (default 1, see below)
+    python bench.py --attack-responses  # (d) alone: attack peak memory against the number of clean responses
 
 Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
 Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
@@ -16,6 +17,8 @@ Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head domi
     through /proc/self/clear_refs after a warm-up call) minus its resident set just before the call: everything
     the call allocates counts (autograd's saved tensors, temporaries, allocator slack); the model does not.
 (c) Rollout tokens per second: valid response tokens sampled per second of t_generate, from the runs of (a).
+(d) Attack peak memory as in (b) against the number of clean responses per prompt (same length each): ours runs
+    each response's forward and backward alone, so its peak stays flat; the full-logits version grows with them.
 Every process runs single-threaded by default: on cores shared with other jobs, OpenMP threads that wait for
 each other at every op make timings swing by 10x, while one thread per process stays steady. Ratios are what
 this measures; absolute times are those of one core.
@@ -125,7 +128,7 @@ def full_logits_objective(model, x, sequences, attention_mask, response_mask, pr
                           scope="group", temperature=1.0):
     """The straightforward TsEC objective, for comparison: the (n, P + L, V) logits of every row, with gradient.
 
-    Same inputs and value as egas.tsec_objective(...)(x); x: (3, H, W) in [0, 1]. Returns the scalar J.
+    Same inputs and value as egas.tsec_objective(...)(x)[0]; x: (3, H, W) in [0, 1]. Returns the scalar J.
     """
     import tsec
     from data import image_to_pixels
@@ -196,6 +199,117 @@ def attack_memory_fresh(method, length, cfg):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def attack_responses_table(threads=1, length=256, responses=(1, 2, 4, 6)):
+    """(d): attack peak memory (MB) and time against the number of clean responses, ours and full logits."""
+    cfg = dict(FULL, threads=threads, mem_repeats=1)
+    lines = [f"| clean responses x {length} tokens, V={QWEN_VOCAB} | ours: peak MB | full logits: peak MB | ours: s |",
+             "|---|---|---|---|"]
+    for n in responses:
+        ours, full = (attack_memory_fresh(m, length, dict(cfg, mem_rows=n)) for m in ("ours", "full"))
+        lines.append(f"| {n} | {ours['peak_mb']:.0f} | {full['peak_mb']:.0f} | {ours['seconds']:.2f} |")
+    print("\n".join(lines))
+    return lines
+
+
+# ----------------------------------------------------------------------------- (e): per-GPU memory estimate
+
+# Published config.json values (DESIGN §10; 32B: the Qwen2.5-32B text model, 64 layers, 40 heads, 8 kv heads).
+# Every size shares the vision tower: depth 32, hidden 1280, intermediate 3420, patch 14, 2x2 merge, 2 frames.
+ARCHS = {
+    "Qwen2.5-VL-3B": dict(vocab=151936, hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, tied=True,
+                          v_depth=32, v_hidden=1280, v_intermediate=3420),
+    "Qwen2.5-VL-7B": dict(vocab=152064, hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, tied=False,
+                          v_depth=32, v_hidden=1280, v_intermediate=3420),
+    "Qwen2.5-VL-32B": dict(vocab=152064, hidden=5120, intermediate=27648, layers=64, heads=40, kv_heads=8, tied=False,
+                           v_depth=32, v_hidden=1280, v_intermediate=3420),
+    # model.tiny_config and bench's tiny-152k, for the check against measured peaks
+    "tiny": dict(vocab=103, hidden=128, intermediate=512, layers=4, heads=4, kv_heads=2, tied=False,
+                 v_depth=2, v_hidden=64, v_intermediate=128),
+}
+ARCHS["tiny-152k"] = dict(ARCHS["tiny"], vocab=QWEN_VOCAB)
+GB = 1024 ** 3
+
+
+def parameters(a):
+    """(all parameters, the language model's): the vision tower is frozen in the recipe, so it has no Adam state."""
+    H, I, kvd = a["hidden"], a["intermediate"], a["hidden"] // a["heads"] * a["kv_heads"]
+    layer = 2 * H * H + H + 2 * (H * kvd + kvd) + 3 * H * I + 2 * H  # q (bias), o; k, v (bias); MLP; two norms
+    text = a["layers"] * layer + a["vocab"] * H * (1 if a["tied"] else 2) + H
+    vh, vi, merged = a["v_hidden"], a["v_intermediate"], 4 * a["v_hidden"]
+    block = vh * 3 * vh + 3 * vh + vh * vh + vh + 3 * (vh * vi) + 2 * vi + vh + 2 * vh
+    vision = a["v_depth"] * block + 1176 * vh + vh + merged * merged + merged + merged * H + H
+    return text + vision, text
+
+
+def activation_bytes(hidden, intermediate, kv_dim, compute_bytes):
+    """Bytes autograd keeps per token per decoder layer without checkpointing: in compute precision the normed
+    inputs, q, k, v (and their rotated copies), the attention output, and the MLP's gate, up, activation and product;
+    the two RMS norms keep their fp32 input. Matches what was measured in bf16: 133 KiB (3B), 231 KiB (7B)."""
+    return compute_bytes * (7 * hidden + 3 * kv_dim + 4 * intermediate) + 8 * hidden
+
+
+def attack_bytes(a, prompt_len, response_len, patches, chunk, compute_bytes=2):
+    """The attack's own memory, above the weights: the prompt's and the image's graphs (kept while the responses
+    run), one response's graph, and the LM head's chunk of fp32 logits and their gradient."""
+    kvd = a["hidden"] // a["heads"] * a["kv_heads"]
+    text = activation_bytes(a["hidden"], a["intermediate"], kvd, compute_bytes) * a["layers"]
+    vision = activation_bytes(a["v_hidden"], a["v_intermediate"], a["v_hidden"], compute_bytes) * a["v_depth"]
+    return (prompt_len + response_len) * text + patches * vision + 2 * min(chunk, response_len) * a["vocab"] * 4
+
+
+def estimate(name, gpus, cfg=None):
+    """Per-GPU peak memory in GiB by phase for train.py's recipe (cfg: train.DEFAULTS) on `gpus` GPUs."""
+    import train
+    cfg = cfg or train.DEFAULTS
+    a = ARCHS[name]
+    H, I, V, layers = a["hidden"], a["intermediate"], a["vocab"], a["layers"]
+    kvd = H // a["heads"] * a["kv_heads"]
+    total, trainable = parameters(a)
+    shards = (4 * total + 12 * trainable) / gpus  # fp32 weights; fp32 gradients and Adam's two moments
+    gathered = 2 * total  # generation and the attack hold every layer gathered in bf16 (model.gather_weights)
+    P, L = cfg["max_prompt_len"], cfg["max_response_len"]
+    patches = cfg["max_pixels"] // (14 * 14)  # the image's tokens before the 2x2 merge (at most P / 1 of them)
+    rows = cfg["batch_size"] // gpus * max(cfg["n_clean"], cfg["n_adv"])  # one `sample` call's responses
+    kv_cache = rows * (P + L) * layers * 2 * kvd * 2
+    prefill = rows * P * 3 * I * 2  # one layer's MLP temporaries over the whole batch of prompts
+    generation = shards + gathered + kv_cache + prefill
+    attack = shards + gathered + attack_bytes(a, P, L, patches, cfg["logit_chunk"])
+    # update: gradient checkpointing keeps each layer's input; one layer is recomputed at a time; layers are
+    # gathered one (and the next, prefetched) at a time, the root (embeddings, LM head) for the whole pass
+    m = cfg["micro_batch_size"] * (P + L)
+    root = 2 * V * H * (1 if a["tied"] else 2)
+    update = (shards + m * H * 2 * layers + m * activation_bytes(H, I, kvd, 2) + 2 * cfg["logit_chunk"] * V * 4
+              + root + 2 * 2 * (total - root) / layers)
+    return {"params_b": total / 1e9, "shards": shards / GB, "generation": generation / GB, "attack": attack / GB,
+            "update": update / GB}
+
+
+def estimate_table(gpus=8, gpu_gb=80):
+    lines = [f"| model ({gpus} GPUs x {gpu_gb} GB) | parameters | weights + Adam shards | generation | attack | update "
+             "| fits |", "|---|---|---|---|---|---|---|"]
+    for name in ("Qwen2.5-VL-3B", "Qwen2.5-VL-7B", "Qwen2.5-VL-32B"):
+        e = estimate(name, gpus)
+        peak = max(e["generation"], e["attack"], e["update"])
+        lines.append(f"| {name} | {e['params_b']:.2f} B | {e['shards']:.1f} GiB | {e['generation']:.1f} GiB | "
+                     f"{e['attack']:.1f} GiB | {e['update']:.1f} GiB | {'yes' if peak <= gpu_gb * 1e9 / GB else 'NO'} |")
+    print("\n".join(lines))
+    return lines
+
+
+def estimate_check(lengths=(256, 1024, 2048), image=224):
+    """The attack estimate against the measured peak (bench (b), fresh processes) of the CPU models in fp32."""
+    from data import build_prompt, n_image_tokens
+    from model import tiny_tokenizer
+    prompt_len = len(build_prompt(tiny_tokenizer(), PROBLEM, n_image_tokens(torch.zeros(3, image, image))))
+    lines = ["| model, fp32 on CPU | response tokens | estimated attack MB | measured MB |", "|---|---|---|---|"]
+    for L in lengths:
+        est = attack_bytes(ARCHS["tiny-152k"], prompt_len, L, image * image // 196, 1024, compute_bytes=4) / 2 ** 20
+        measured = attack_memory_fresh("ours", L, dict(FULL, threads=1, mem_rows=1, mem_repeats=1, image=image))
+        lines.append(f"| tiny-152k | {L} | {est:.0f} | {measured['peak_mb']:.0f} |")
+    print("\n".join(lines))
+    return lines
+
+
 # ----------------------------------------------------------------------------- the table
 
 def main(quick=False, threads=1):
@@ -249,4 +363,13 @@ if __name__ == "__main__":
         print(json.dumps(attack_memory(method, length, rows, repeats, image)))
     else:
         threads = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")]
-        main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)
+        gpus = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--gpus=")]
+        gpu_gb = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--gpu_gb=")]
+        if "--estimate" in sys.argv[1:]:
+            estimate_table(gpus[0] if gpus else 8, gpu_gb[0] if gpu_gb else 80)
+            if "--check" in sys.argv[1:]:
+                estimate_check()
+        elif "--attack-responses" in sys.argv[1:]:
+            attack_responses_table(threads[0] if threads else 1)
+        else:
+            main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)

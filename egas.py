@@ -9,28 +9,34 @@ NoisyRollout's random alternative (`perturb="noise"`) lives here too: annealed d
 import math
 
 import torch
+from transformers import DynamicCache
 
 import tsec
 from data import image_to_pixels
-from model import shared_prompt_hidden
-from grpo import token_logprobs
+from model import gather_weights, multimodal_positions, release_weights, token_logprobs
 
 
-def pgd(objective, x, steps, alpha, eps):
-    """Projected signed-gradient ascent of the scalar `objective(x)` on an image.
+def pgd(value_and_grad, x, steps, alpha, eps):
+    """Projected signed-gradient ascent of a scalar objective on an image.
 
-    x: (3, H, W) in [0, 1]. Each step: x <- clip_[0,1](proj_eps(x + alpha * sign(grad))), rounded to the
-    1/255 grid so the result is still a valid 8-bit image (alpha < 0 descends instead). Returns x_adv, detached.
+    value_and_grad(x) -> (objective, its gradient (3, H, W)); x: (3, H, W) in [0, 1]. Each step:
+    x <- clip_[0,1](proj_eps(x + alpha * sign(grad))), rounded to the 1/255 grid so the result is still a valid
+    8-bit image (alpha < 0 descends instead). Returns x_adv, detached.
     """
     x0 = x.detach()
     x_adv = x0.clone()
     for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
-        x_adv = x_adv.detach() + alpha * grad.sign()
+        _, grad = value_and_grad(x_adv)
+        x_adv = x_adv + alpha * grad.sign()
         x_adv = torch.minimum(torch.maximum(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
         x_adv = torch.round(x_adv * 255) / 255
     return x_adv
+
+
+def perturbation_size(x, x_adv):
+    """(L-inf, L2) distance between two (3, H, W) images in [0, 1], in 1/255 units (one 8-bit grey level = 1)."""
+    delta = (x_adv - x).double().cpu() * 255
+    return delta.abs().max().item(), delta.norm().item()
 
 
 def noise_level(step, max_steps, k0=500, mid=2 / 3, sharpness=30.0):
@@ -62,37 +68,99 @@ def add_noise(x, k):
 
 def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, band=(1 / 3, 2 / 3), scope="group",
                    temperature=1.0, chunk_size=1024):
-    """The TsEC objective J(image) on one prompt's n clean responses, as a function of the [0, 1] image.
+    """The TsEC objective J(image) on one prompt's n clean responses, and its gradient, in the memory of one response.
 
-    sequences, attention_mask: (n, P + L) the prompt + its n clean responses; response_mask: (n, L). On the first
-    call the tokens are ranked by entropy without gradient, within the group of n responses (scope "group") or per
-    response ("response"), and the band is kept fixed for later calls. The LM head then runs with gradient on the
-    selected positions only, chunk by chunk (DESIGN §6), and the prompt is encoded once (`shared_prompt_hidden`).
-    Returns (objective, state): objective(img (3, H, W)) -> scalar J; state["selected"] the (n, L) bool band and
-    state["fallback"] = 1 when the band selected nothing and all tokens were used instead.
+    sequences, attention_mask: (n, P + L) the prompt + its n clean responses, right-padded; response_mask: (n, L).
+    On the first call the tokens are ranked by entropy without gradient, within the group of n responses (scope
+    "group") or per response ("response"), and the band is kept fixed for later calls. J is the mean over responses
+    of each response's mean entropy on its band, so each response's weight is known before its forward pass: the
+    prompt and image are encoded once, then each response, trimmed to its own length, runs its forward and backward
+    alone, its share of the gradient accumulated into the prompt's keys/values; one backward through the prompt
+    then reaches the pixels. The LM head runs on the selected positions only, chunk by chunk (DESIGN §6).
+    Returns (objective, state): objective(img (3, H, W), grad=False) -> (J as a float, dJ/dimg (3, H, W) or None);
+    state["selected"] the (n, L) bool band and state["fallback"] = 1 when the band selected nothing and all tokens
+    were used instead.
     """
     n = sequences.shape[0]
+    if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
+        raise ValueError("tsec_objective: all rows must share one prompt")
+    lengths = response_mask.sum(1).tolist()  # right-padded: response j is its first lengths[j] tokens
     targets = sequences[:, prompt_len:]
-    state = {"selected": None, "fallback": 0}
+    state = {"selected": None, "fallback": 0, "positions": None}
 
-    def objective(img):
+    def encode_prompt(img):
+        """img -> the state predicting response token 0 (1, 1, D) and the prompt's keys/values, one pair per layer."""
         pixel_values, grid = image_to_pixels(img)
-        hidden = shared_prompt_hidden(model, sequences, attention_mask, pixel_values, grid, prompt_len)  # (n, L, D)
-        # weights are constants here, so no weight gradient is computed; read after the forward, which under
+        if state["positions"] is None:  # Qwen2.5-VL's 3D positions of the whole rows; the image size never changes
+            state["positions"] = multimodal_positions(model, sequences, attention_mask, grid.repeat(n, 1))
+        out, states = _forward(model, input_ids=sequences[:1, :prompt_len], attention_mask=attention_mask[:1, :prompt_len],
+                               pixel_values=pixel_values, image_grid_thw=grid,
+                               position_ids=state["positions"][:, :1, :prompt_len])
+        return states[:, -1:], [(layer.keys, layer.values) for layer in out.cache.layers]
+
+    def response_states(j, last, prompt_kv):
+        """(1, L_j, D): the states predicting response j's tokens, given the encoded prompt."""
+        end = prompt_len + lengths[j]
+        _, states = _forward(model, input_ids=sequences[j:j + 1, prompt_len:end],
+                             attention_mask=attention_mask[j:j + 1, :end], cache=DynamicCache(prompt_kv),
+                             position_ids=state["positions"][:, j:j + 1, prompt_len:end])
+        return torch.cat([last, states[:, :-1]], 1)
+
+    def objective(img, grad=False):
+        img = img.detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            last, prompt_kv = encode_prompt(img)
+        # leaves standing for the prompt's outputs: each response's backward stops here and adds to their .grad
+        leaves = [t.detach().requires_grad_(grad) for t in [last] + [t for kv in prompt_kv for t in kv]]
+        leaf_kv = list(zip(leaves[1::2], leaves[2::2]))
+        # weights are constants here, so no weight gradient is computed; read after a forward, which under
         # FSDP2 is when the LM head holds its gathered (unsharded) weight
         head = model.lm_head.weight.detach()
         if state["selected"] is None:  # rank on the first (clean) image, without gradient
+            entropy = torch.zeros(response_mask.shape, device=sequences.device)
             with torch.no_grad():
-                _, entropy = token_logprobs(hidden.detach(), head, targets, response_mask, temperature, chunk_size)
+                for j in range(n):
+                    _, entropy[j:j + 1, :lengths[j]] = token_logprobs(
+                        response_states(j, leaves[0], leaf_kv), head, targets[j:j + 1, :lengths[j]],
+                        response_mask[j:j + 1, :lengths[j]], temperature, chunk_size)
             selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
             if not selected.any():  # too few tokens for the band (very short responses): use them all
                 selected, state["fallback"] = response_mask.bool(), 1
             state["selected"] = selected
-        # the LM head with gradient on the selected positions only, chunked: never an (n, L, V) tensor
-        _, entropy = token_logprobs(hidden, head, targets, state["selected"], temperature, chunk_size)
-        return tsec.selective_entropy(entropy, state["selected"])
+        selected = state["selected"]
+        counts = selected.sum(1)
+        weights = 1.0 / (counts.clamp(min=1) * (counts > 0).sum())  # mean per response, then over responses
+        total = 0.0
+        for j in range(n):
+            if counts[j] == 0:  # a response with no selected token does not count
+                continue
+            with torch.set_grad_enabled(grad):
+                _, entropy = token_logprobs(response_states(j, leaves[0], leaf_kv), head,
+                                            targets[j:j + 1, :lengths[j]], selected[j:j + 1, :lengths[j]],
+                                            temperature, chunk_size)
+                part = entropy.sum() * weights[j]
+            if grad:
+                torch.autograd.backward(part, inputs=leaves)  # frees this response's graph
+            total += part.item()
+        if not grad:
+            return total, None
+        torch.autograd.backward([last] + [t for kv in prompt_kv for t in kv], [leaf.grad for leaf in leaves],
+                                inputs=[img])
+        return total, img.grad
 
     return objective, state
+
+
+def _forward(model, **inputs):
+    """One forward through the top-level module (so FSDP's hooks gather the weights) with a KV cache and
+    logits_to_keep=1 -> (output, final hidden states (B, T, D)), caught by a hook on the final norm."""
+    captured = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return out, captured[-1]
 
 
 def attack(model, x, sequences, attention_mask, response_mask, prompt_len, steps, alpha, eps,
@@ -109,15 +177,18 @@ def attack(model, x, sequences, attention_mask, response_mask, prompt_len, steps
     stats = {}
 
     def logged(img):  # PGD's first call is on the clean image: record J there for free
-        value = objective(img)
-        stats.setdefault("objective_clean", value.item())
-        return value
+        value, grad = objective(img, grad=True)
+        stats.setdefault("objective_clean", value)
+        return value, grad
 
-    x_adv = pgd(logged, x, steps, alpha, eps) if steps > 0 else x.detach().clone()
-    with torch.no_grad():
+    sharded = gather_weights(model)  # under FSDP2 the n forwards and backwards reuse each layer, gathered once
+    try:
+        x_adv = pgd(logged, x, steps, alpha, eps) if steps > 0 else x.detach().clone()
         if "objective_clean" not in stats:
-            logged(x)
-        stats["objective_adv"] = objective(x_adv).item()
+            stats["objective_clean"] = objective(x)[0]
+        stats["objective_adv"] = objective(x_adv)[0]
+    finally:
+        release_weights(sharded)
     stats["gain"] = stats["objective_adv"] - stats["objective_clean"]
     stats["fallback"] = state["fallback"]
     return x_adv, stats

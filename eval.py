@@ -25,6 +25,7 @@ split = "test"            # for the sets with several splits (geo3k, mmk12, loca
 limit = 0                 # evaluate the first N problems of each benchmark (0: all)
 batch_size = 16
 n_samples = 0             # > 0: also sample this many responses per problem and report pass@1 ... pass@n_samples
+rollout_chunk = 64        # at most this many responses per generate call (memory; 0: a batch's all at once)
 temperature = 1.0         # for those samples (the rollout temperature)
 max_prompt_len = 2048     # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
@@ -52,9 +53,10 @@ def ks_for(n):
 
 
 def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch_size=16, n_samples=0,
-             temperature=1.0):
+             temperature=1.0, chunk_rows=0):
     """Greedy answers to `records`, and with n_samples > 0 also n_samples sampled answers per problem at
     `temperature` -> {"accuracy", "format", "samples": [per-problem dicts], and "pass@k" for k in ks_for(n_samples)}.
+    At most `chunk_rows` responses go through one generate call (0: a batch's all at once).
 
     pass@1 is the mean accuracy of the samples; pass@k the mean over problems of the unbiased estimator.
     """
@@ -67,10 +69,10 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
         images, prompts = zip(*[data.prepare(r, tok, min_pixels, max_pixels) for r in batch])
-        out = sample(policy, tok, prompts, images, 1, max_new_tokens, greedy=True)
+        out = sample(policy, tok, prompts, images, 1, max_new_tokens, greedy=True, chunk_rows=chunk_rows)
         sampled = [[] for _ in batch]
         if n_samples:
-            drawn = sample(policy, tok, prompts, images, n_samples, max_new_tokens, temperature)
+            drawn = sample(policy, tok, prompts, images, n_samples, max_new_tokens, temperature, chunk_rows=chunk_rows)
             for i, text in enumerate(tok.batch_decode(drawn["response_ids"], skip_special_tokens=True)):
                 sampled[i // n_samples].append(text)
         for r, text, drawn_texts in zip(batch, tok.batch_decode(out["response_ids"], skip_special_tokens=True), sampled):
@@ -148,7 +150,7 @@ def main(argv):
                 records = [records[i] for i in range(min(cfg.limit, len(records)))]
             records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name)
             result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
-                              cfg.batch_size, cfg.n_samples, cfg.temperature)
+                              cfg.batch_size, cfg.n_samples, cfg.temperature, cfg.rollout_chunk)
             for s in result["samples"]:
                 samples_file.write(json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n")
             rows.append({"benchmark": name, "accuracy": result["accuracy"], "format": result["format"],

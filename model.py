@@ -4,12 +4,15 @@
 `load_policy("path/to/checkpoint")` loads a local save, and `load_policy("tiny")` builds a ~1M-parameter
 Qwen2.5-VL (the real `Qwen2_5_VLForConditionalGeneration` class) with a character-level tokenizer, so the
 demo and the tests run on a laptop with no network. This file also holds the one forward pass everything
-else uses: `response_hidden`, the last hidden states that predict each response token.
+else uses (`response_hidden`, the last hidden states that predict each response token; `shared_prompt_hidden`,
+the same with the prompt encoded once) and the one LM head on top of it (`token_logprobs`: each response token's
+log-prob and the entropy of its next-token distribution, chunked, never storing the vocabulary-wide logits).
 """
 import os
 import string
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from transformers import (AutoTokenizer, GenerationConfig, LogitsProcessor, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
@@ -212,6 +215,80 @@ def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_g
     return torch.cat([prompt_states[:, -1:].expand(n, -1, -1), response_states[:, :-1]], 1)
 
 
+def _scaled_logits(h, weight, temperature):
+    """(n, D), (V, D) -> (n, V) fp32 logits / T, divided in place (no second (n, V) tensor).
+
+    The product runs in the weight's dtype (bf16 under FSDP2's compute weights, where autocast is off), the softmax
+    that follows in fp32."""
+    logits = (h.to(weight.dtype) @ weight.T).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _HeadLogpEntropy(torch.autograd.Function):
+    """Target log-prob and entropy of softmax(h W^T / T) for one chunk of positions, never storing the logits.
+
+    h: (n, D), weight: (V, D), targets: (n,) -> logp, entropy: (n,) fp32. Like activation checkpointing, backward
+    recomputes the (n, V) logits; unlike it, the gradient is written in closed form into one buffer, so a chunk
+    costs 2 (n, V) fp32 tensors at peak (autograd through log_softmax, exp and the product would keep ~5).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature):
+        # same autocast (bf16 matmul on GPU) in the recomputation as here, so backward sees identical logits
+        ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
+        logp_all = torch.log_softmax(_scaled_logits(h, weight, temperature), dim=-1)  # (n, V)
+        logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+        entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # H = -sum_v p_v log p_v
+        ctx.save_for_backward(h, weight, targets, entropy)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, targets, entropy = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):
+            logp_all = torch.log_softmax(_scaled_logits(h, weight, ctx.temperature), dim=-1)
+            p = logp_all.exp()
+            # dH/dz = -p * (log p + H);  d log p_t / dz = onehot(t) - p;  z = logits / T
+            grad_z = logp_all.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])  # reuses logp_all's memory
+            grad_z.sub_(p.mul_(grad_logp[:, None]))
+            grad_z.scatter_add_(-1, targets[:, None], grad_logp[:, None]).div_(ctx.temperature)
+            del p
+            # grad_z is fp32; the two products run in the weight's dtype, as the forward's did (with autocast on,
+            # it casts by itself; FSDP2's bf16 compute weights run with autocast off), and the gradients come
+            # back in the dtypes of h and weight
+            grad_z = grad_z.to(weight.dtype)
+            grad_h = (grad_z @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (grad_z.T @ h.to(weight.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
+
+
+def token_logprobs(hidden, lm_head, targets, mask, temperature=1.0, chunk_size=1024):
+    """Log-prob of each response token and the entropy of its next-token distribution, chunk by chunk.
+
+    hidden: (B, L, D) states predicting each response token (model.response_hidden); targets, mask: (B, L).
+    lm_head: the LM head module, or its (V, D) weight (pass a detached weight when only `hidden` needs a gradient,
+    as in the attack: then no weight gradient is computed). Returns logp, entropy: (B, L) fp32, zero where mask is 0.
+    Only masked positions are pushed through the LM head, `chunk_size` at a time, and the (chunk, vocab) logits are
+    recomputed in backward instead of stored: memory grows with the response length times D, not times V.
+    """
+    weight = lm_head.weight if isinstance(lm_head, torch.nn.Module) else lm_head
+    mask = mask.bool()
+    h, t = hidden[mask], targets[mask]  # (N, D), (N,): padding never reaches the LM head
+    logp_parts, ent_parts = [], []
+    for i in range(0, h.shape[0], chunk_size):
+        lp, ent = _HeadLogpEntropy.apply(h[i:i + chunk_size], weight, t[i:i + chunk_size], temperature)
+        logp_parts.append(lp)
+        ent_parts.append(ent)
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    entropy = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    if logp_parts:
+        logp = logp.masked_scatter(mask, torch.cat(logp_parts))
+        entropy = entropy.masked_scatter(mask, torch.cat(ent_parts))
+    return logp, entropy
+
+
 def mm_token_types(model, input_ids):
     """(B, T) 1 at image tokens, 0 at text: transformers needs it to give image tokens their 3D (time, height,
     width) rotary positions; without it every token gets a plain text position, wrong for a pretrained Qwen."""
@@ -223,6 +300,31 @@ def multimodal_positions(model, input_ids, attention_mask, image_grid_thw):
     positions, _ = model.model.get_rope_index(input_ids, mm_token_types(model, input_ids), image_grid_thw=image_grid_thw,
                                               attention_mask=attention_mask)
     return positions
+
+
+def gather_weights(model):
+    """Under FSDP2, gather every layer's weights and hold them until `release_weights` (no-op for a plain model).
+
+    FSDP2 reshards each non-root group after its forward and backward, so a `generate` call would all-gather every
+    layer again for every token (at 7B, ~13 GB over the interconnect per token); held, each layer is gathered once.
+    Returns the sharded modules, [] for a plain model.
+    """
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        if m is not model:  # FSDP2 never reshards the root after forward; leave it so
+            m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
+        m.unshard()
+    return sharded
+
+
+def release_weights(sharded):
+    """Undo `gather_weights`: reshard after each forward and backward again, and drop the gathered weights now."""
+    for m in sharded:
+        if m is not sharded[0]:  # sharded[0] is the root (model.modules() lists it first)
+            m.set_reshard_after_forward(True, recurse=False)
+        m.set_reshard_after_backward(True, recurse=False)
+        m.reshard()
 
 
 def stop_token_ids(tok):
@@ -256,8 +358,9 @@ class SamplingEntropy(LogitsProcessor):
 
 
 @torch.no_grad()
-def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False):
-    """Sample n responses for each prompt in one batched `generate`.
+def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False, chunk_rows=0):
+    """Sample n responses for each prompt, in batched `generate` calls of at most `chunk_rows` responses (0: one
+    call for all): the KV cache grows with the rows of a call, so the chunk bounds sampling memory.
 
     prompts: list of token-id lists; images: list of (3, H, W) tensors in [0, 1], one per prompt (an adversarial
     image simply replaces the clean one). Rows are laid out prompt by prompt: row i * n + j is prompt i's j-th
@@ -273,26 +376,34 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for i, p in enumerate(prompts):
         prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
-    pixel_values, grid = batch_pixels([x.to(device) for x in images for _ in range(n)])  # row i * n + j: image i
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
-    recorder = SamplingEntropy(temperature if not greedy else 1.0)
+    B = prompt_ids.shape[0]
+    chunk = chunk_rows or B
+    stops = torch.tensor(stop_token_ids(tok), device=device)
     # under FSDP2, gather the weights once for the whole rollout rather than once per token, and keep
-    # ranks stepping together until every rank's responses are done (synced_gpus)
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
-                         image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids),
-                         generation_config=sampling_config(tok, max_new_tokens, temperature, greedy),
-                         logits_processor=[recorder], synced_gpus=bool(sharded))
-    for m in sharded:
-        m.reshard()
-    response_ids = out[:, P:]
-    is_stop = torch.isin(response_ids, torch.tensor(stop_token_ids(tok), device=device))
+    # ranks stepping together until every rank's responses are done (synced_gpus); every rank has B rows,
+    # so every rank makes the same number of calls
+    sharded = gather_weights(model)
+    ids_parts, entropy_parts = [], []
+    for start in range(0, B, chunk):
+        rows = slice(start, min(start + chunk, B))
+        pixel_values, grid = batch_pixels([images[r // n].to(device) for r in range(rows.start, rows.stop)])
+        recorder = SamplingEntropy(temperature if not greedy else 1.0)
+        out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows], pixel_values=pixel_values,
+                             image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids[rows]),
+                             generation_config=sampling_config(tok, max_new_tokens, temperature, greedy),
+                             logits_processor=[recorder], synced_gpus=bool(sharded))
+        ids_parts.append(out[:, P:])
+        # a rank that finished early under synced_gpus records steps it does not keep
+        entropy_parts.append(torch.stack(recorder.steps, 1)[:, :out.shape[1] - P])
+    release_weights(sharded)
+    L = max(part.shape[1] for part in ids_parts)  # chunks end at different lengths: right-pad them to one
+    response_ids = torch.cat([F.pad(part, (0, L - part.shape[1]), value=tok.pad_token_id) for part in ids_parts])
+    entropy = torch.cat([F.pad(part, (0, L - part.shape[1])) for part in entropy_parts])
+    is_stop = torch.isin(response_ids, stops)
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # positions strictly after the first stop token
     response_mask = (~after_stop).long()
     response_ids = response_ids.masked_fill(after_stop, tok.pad_token_id)
-    # (B, L): a rank that finished early under synced_gpus records steps it does not keep
-    entropy = torch.stack(recorder.steps, 1)[:, :response_ids.shape[1]] * response_mask
+    entropy = entropy * response_mask
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "truncated": ~is_stop.any(1), "response_entropy": entropy}

@@ -38,6 +38,9 @@ GEO3K_SAMPLE = os.path.join(ROOT, "assets", "geometry3k-sample", "test.parquet")
 SMALL = ["--model", "tiny", "--dataset", GEO3K_SAMPLE, "--min_pixels", "3136", "--max_pixels", "12544",
          "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2"]
 SMALL_ONE_STEP = SMALL + ["--max_steps", "1"]
+# the same on the shipped warm start and the synthetic task: rewards differ within a group, so advantages are not 0
+WARM = ["--model", "assets/tiny-synthetic", "--dataset", "synthetic", "--min_pixels", "12544", "--max_pixels", "12544",
+        "--max_response_len", "48"]
 
 
 # ----------------------------------------------------------------------------- shared fixtures and helpers
@@ -207,9 +210,9 @@ def _run(tmp_path, *args):
 
 
 # spied on in the training loop: each spy records a call as {"name", "args" (by parameter name), "result"} and
-# returns the real function's result; policy_update's record also keeps a copy of the policy it was given (pi_old)
+# returns the real function's result; ppo_update's record also keeps a copy of the policy it was given (pi_old)
 SPIED = [(model_lib, "sample"), (egas, "attack"), (egas, "add_noise"), (rewards, "score"), (train, "merge_groups"),
-         (train, "policy_update")]
+         (train, "ppo_update")]
 
 
 def _spied_run(tmp_path, *args):
@@ -222,7 +225,7 @@ def _spied_run(tmp_path, *args):
             def spy(*a, _real=getattr(module, name), _name=name, **kw):
                 bound = inspect.signature(_real).bind(*a, **kw).arguments
                 call = {"name": _name, "args": bound}
-                if _name == "policy_update":
+                if _name == "ppo_update":
                     call["pi_old"] = copy.deepcopy(bound["policy"])
                 call["result"] = _real(*a, **kw)
                 calls.append(call)
@@ -239,7 +242,7 @@ def _one_step(logs, calls):
     after = calls[rollouts[-1] + 1:]
     end = next((i for i, c in enumerate(after) if c["name"] == "sample"), len(after))  # the final evaluation
     step = {name: [c for c in calls if c["name"] == name]
-            for name in ("attack", "add_noise", "merge_groups", "policy_update")}
+            for name in ("attack", "add_noise", "merge_groups", "ppo_update")}
     step.update(log=log, sample=[calls[i] for i in rollouts], score=[c for c in after[:end] if c["name"] == "score"])
     return step
 
@@ -330,17 +333,32 @@ UPDATE_SCRIPT = textwrap.dedent("""
     # Same fixed rollouts on 1 rank or split over 2: the token-mean loss and the gradients must agree.
     import os, sys, torch
     sys.path.insert(0, {root!r})
-    import train
+    import egas, train
     from model import load_policy
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # two prompts x (2 clean + 2 adversarial) responses; micro-batches of 3 rows that share their prompt's encoding
     cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=2, n_adv=2,
                                   gradient_checkpointing=False))
+    if world > 1:  # the process group of a GPU run, with gloo standing in for NCCL on the one device NCCL serves:
+        # a collective handed a tensor on a device the group has no backend for fails here as under NCCL
+        from torch.distributed.distributed_c10d import BackendConfig
+        init = torch.distributed.init_process_group
+        def gpu_like(backend, **kw):
+            served = BackendConfig(backend).get_device_backend_map()  # "nccl" -> {{"cuda": "nccl"}}
+            init(",".join(f"{{d}}:{{'gloo' if b == 'nccl' else b}}" for d, b in served.items()), **kw)
+        torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, lambda device: None
+        cfg.device = "cuda"
     rank, world = train.setup_distributed(cfg)
-    policy, tok = load_policy("tiny", seed=0)
-    policy.model.visual.requires_grad_(False)
+    loads = []  # how many times this rank reads the model: under torchrun, rank 0 alone
+    import model as model_lib
+    model_lib.load_policy = lambda *a, load=model_lib.load_policy, **kw: loads.append(1) or load(*a, **kw)
     if world > 1:
-        train.shard(policy, torch.float32)
+        policy, tok, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy.model.visual.requires_grad_(False)
+        train.shard(policy, torch.float32, "cpu", weights)
+    else:
+        policy, tok = model_lib.load_policy("tiny", seed=0)
+        policy.model.visual.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     B, P, L = 8, 30, 12
     image_tokens = 4  # a 56x56 image: 16 patches, 4 merged tokens
@@ -354,14 +372,31 @@ UPDATE_SCRIPT = textwrap.dedent("""
     rows = slice(rank * B // world, (rank + 1) * B // world)
     rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
                     response_ids=response[rows] * response_mask[rows], response_mask=response_mask[rows])
-    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world,
-                                    lambda: torch.autocast("cpu", enabled=False))
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)
+    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world, no_autocast)
     loss = train.all_reduce_sum(torch.tensor(totals["loss"])).item()
-    grads = {{}}
-    for name, p in policy.named_parameters():
-        if p.grad is not None:
-            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            grads[name] = grad.clone()
+
+    def full_grads(model):
+        return {{name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for name, p in model.named_parameters() if p.grad is not None}}
+
+    def attack(model):  # EgAS on this rank's first prompt, its first 2 responses standing in for clean rollouts
+        seqs = torch.cat([rollouts["prompt_ids"][:2], rollouts["response_ids"][:2]], 1)
+        attn = torch.cat([rollouts["prompt_mask"][:2], rollouts["response_mask"][:2]], 1)
+        return egas.attack(model.eval(), images[rows][0], seqs, attn, rollouts["response_mask"][:2], P, steps=1,
+                           alpha=2 / 255, eps=2 / 255)[1]
+    grads = full_grads(policy)
+    bf16 = None
+    if world == 1:
+        attack_stats = attack(policy)
+    else:  # the update and the attack with FSDP2's bf16 compute weights and autocast off, as on GPUs
+        policy16, _, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy16.model.visual.requires_grad_(False)
+        train.shard(policy16, torch.bfloat16, "cpu", weights)
+        totals16, _ = train.policy_update(policy16, None, rollouts, advantages[rows], images[rows], cfg, world,
+                                          no_autocast)
+        bf16 = {{"loss": train.all_reduce_sum(torch.tensor(totals16["loss"])).item(), "grads": full_grads(policy16),
+                 "attack": attack(policy16)}}
     # one optimizer step; then every rank gathers the full weights and reports a checksum of them
     torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -371,10 +406,14 @@ UPDATE_SCRIPT = textwrap.dedent("""
     checksums = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(checksums, checksum)
+        all_loads = [None] * world
+        torch.distributed.all_gather_object(all_loads, len(loads))
+        assert all_loads == [2, 0], all_loads  # the fp32 and the bf16 model
     else:
         checksums = [checksum]
     if rank == 0:
-        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums}}, sys.argv[1])
+        torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums,
+                     "attack": attack_stats if world == 1 else None, "bf16": bf16}}, sys.argv[1])
     if world > 1:
         train.leave_process_group()
     sys.stdout.flush()
@@ -802,6 +841,54 @@ def test_model_sample_cuts_each_response_after_its_first_stop_token(rollouts):
         assert out["truncated"][row] == (not torch.isin(ids[row, n - 1], stops))
 
 
+SAMPLE_GATHER_SCRIPT = textwrap.dedent("""
+    # Under FSDP2 on 2 ranks: all-gathers during one `sample` call of 8 and of 32 new tokens.
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import data, train
+    from model import load_policy, sample
+    from torch.distributed.tensor import DTensor
+    dist = torch.distributed
+    cfg = type("Config", (), dict(train.DEFAULTS, device="cpu"))
+    rank, world = train.setup_distributed(cfg)
+    policy, tok = load_policy("tiny", seed=0)
+    train.shard(policy, torch.float32)
+    gathers, forwards = [0], [0]
+    gather = dist.all_gather_single  # FSDP2's all-gather of a group's weights
+    dist.all_gather_single = lambda *a, **kw: (gathers.__setitem__(0, gathers[0] + 1), gather(*a, **kw))[1]
+    policy.register_forward_pre_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+    x = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(rank))
+    prompt = data.build_prompt(tok, "<image>Describe the picture.", data.n_image_tokens(x))
+    result = {{}}
+    for new_tokens in (8, 32):
+        gathers[0] = forwards[0] = 0
+        torch.manual_seed(0)
+        out = sample(policy.eval(), tok, [prompt], [x], n=2, max_new_tokens=new_tokens)
+        layer = policy.model.language_model.layers[0].mlp.up_proj.weight
+        result[new_tokens] = dict(gathers=gathers[0], forwards=forwards[0], resharded=isinstance(layer, DTensor),
+                                  longest=int(out["response_mask"].sum(1).max()))
+    if rank == 0:
+        torch.save(result, sys.argv[1])
+    train.leave_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def test_model_sample_gathers_each_layer_once_under_fsdp2(tmp_path):
+    # FSDP2 reshards every non-root group after its forward: without holding the weights, each generated token
+    # re-gathers every layer (7 + 4 per token on this model), ~13 GB per token at 7B
+    script = tmp_path / "gather.py"
+    script.write_text(SAMPLE_GATHER_SCRIPT.format(root=ROOT))
+    run = _torchrun([str(script), str(tmp_path / "counts.pt")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    short, long = (torch.load(tmp_path / "counts.pt")[n] for n in (8, 32))
+    assert long["forwards"] > short["forwards"] + 10 and long["longest"] > 16  # it did generate more tokens
+    n_groups = 2 + 4 + 1  # vision blocks, decoder layers, root: each gathered once
+    assert short["gathers"] == long["gathers"] == n_groups, (short, long)
+    assert short["resharded"] and long["resharded"]  # the shards are back afterwards
+
+
 def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(tiny):
     policy, tok = tiny
     g = torch.Generator().manual_seed(1)
@@ -822,6 +909,29 @@ def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(ti
         return torch.special.entr(torch.softmax(logits, -1)).sum(-1) * out["response_mask"]
     assert torch.allclose(recorded, entropy_on(x), atol=1e-5)
     assert (recorded - entropy_on(other)).abs().max() > 1e-3  # the image it was sampled on, not another one
+
+
+def test_model_sample_in_chunks_keeps_the_rows_and_the_answers(tiny):
+    policy, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 56, 56, generator=g), torch.rand(3, 56, 84, generator=g)]
+    prompts = [data.build_prompt(tok, q, data.n_image_tokens(x)) for q, x in zip(["<image>How many?", "<image>Area?"], images)]
+    whole = model_lib.sample(policy, tok, prompts, images, 3, 20, greedy=True)
+    chunked = model_lib.sample(policy, tok, prompts, images, 3, 20, greedy=True, chunk_rows=4)  # calls of 4 and 2 rows
+    for key in whole:
+        assert torch.equal(whole[key], chunked[key]) if key != "response_entropy" else \
+            torch.allclose(whole[key], chunked[key], atol=1e-5), key
+    torch.manual_seed(0)
+    drawn = model_lib.sample(policy, tok, prompts, images, 3, 20, chunk_rows=2)
+    stops = torch.tensor(model_lib.stop_token_ids(tok))
+    for row in range(6):  # row i * 3 + j is prompt i's j-th response, whichever call sampled it
+        prompt = drawn["prompt_ids"][row][drawn["prompt_mask"][row].bool()]
+        assert prompt.tolist() == prompts[row // 3]
+        mask, ids = drawn["response_mask"][row], drawn["response_ids"][row]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any() and (ids[n:] == tok.pad_token_id).all()
+        assert bool(drawn["truncated"][row]) == (not torch.isin(ids[n - 1], stops))
+        assert drawn["response_entropy"][row, n:].eq(0).all() and drawn["response_entropy"][row, :n].gt(0).all()
 
 
 QWEN_INSTRUCT_GENERATION = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
@@ -1074,7 +1184,7 @@ def test_egas_pgd_ascends_a_linear_objective_within_the_ball_and_grid():
     w = torch.randn(3, 28, 28)
     objective = lambda img: (img * w).sum()
     for steps, alpha, eps in [(1, 2 / 255, 2 / 255), (3, 1 / 255, 2 / 255), (2, -3 / 255, 6 / 255)]:
-        x_adv = egas.pgd(objective, x, steps, alpha, eps)
+        x_adv = egas.pgd(lambda img: (objective(img), w), x, steps, alpha, eps)
         assert (x_adv - x).abs().max().item() <= eps + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert torch.allclose(x_adv * 255, (x_adv * 255).round(), atol=1e-4)  # still an 8-bit image
@@ -1174,7 +1284,7 @@ def test_egas_attacked_image_is_a_valid_8bit_image_for_any_step_size(rollouts):
     x_adv, _ = egas.attack(policy, x, ids, attn, mask, out["prompt_ids"].shape[1], steps=1, alpha=1.5 / 255,
                            eps=2 / 255)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    x_lin = egas.pgd(lambda img: (img * w).sum(), x, steps=3, alpha=0.7 / 255, eps=2 / 255)
+    x_lin = egas.pgd(lambda img: ((img * w).sum(), w), x, steps=3, alpha=0.7 / 255, eps=2 / 255)
     for y in (x_adv, x_lin):
         assert torch.equal(y, torch.round(y * 255) / 255) and not torch.equal(y, x)
         assert (y - x).abs().max() <= 2 / 255 + 1e-6 and 0 <= y.min() and y.max() <= 1
@@ -1201,6 +1311,16 @@ def test_egas_noise_alpha_bar_is_the_sigmoid_beta_schedule():
     assert abar[499].item() == pytest.approx(math.prod(1 - beta(i) for i in range(500)), rel=1e-9)
 
 
+def test_egas_perturbation_size_in_grey_levels():
+    x = torch.full((3, 28, 28), 0.5)
+    x_adv = x.clone()
+    x_adv[0, :2, :2] += 2 / 255   # four pixels up two grey levels
+    x_adv[1, 0, 0] -= 3 / 255     # one pixel down three
+    linf, l2 = egas.perturbation_size(x, x_adv)
+    assert linf == pytest.approx(3.0, abs=1e-4) and l2 == pytest.approx(math.sqrt(4 * 2 ** 2 + 3 ** 2), abs=1e-4)
+    assert egas.perturbation_size(x, x) == (0.0, 0.0)
+
+
 def test_egas_noise_image_matches_the_forward_process():
     torch.manual_seed(0)
     x = torch.full((3, 224, 224), 0.5)
@@ -1224,12 +1344,12 @@ def test_egas_shared_prompt_hidden_equals_response_hidden(rollouts):
         pv, grid = data.image_to_pixels(x)
         with torch.no_grad():
             ref = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
-            ours = egas.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+            ours = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
         valid = mask.bool()
         assert (ours - ref)[valid].abs().max() < 1e-5
     two_prompts = torch.cat([_rows(out, 0)[0][:1], _rows(out, 1)[0][:1]])
     with pytest.raises(ValueError, match="share one prompt"):
-        egas.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
+        model_lib.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
 
 
 @pytest.mark.parametrize("scope,temperature,chunk_size", [("group", 1.0, 1024), ("response", 0.7, 5)])
@@ -1240,15 +1360,14 @@ def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(roll
         ids, attn, mask = _rows(out, i)
         objective, state = egas.tsec_objective(policy, ids, attn, mask, P, scope=scope, temperature=temperature,
                                                chunk_size=chunk_size)
-        img = x.clone().requires_grad_(True)
-        value = objective(img)
-        (grad,) = torch.autograd.grad(value, img)
+        value, grad = objective(x, grad=True)
+        assert objective(x)[0] == pytest.approx(value, abs=1e-6)
         img_ref = x.clone().requires_grad_(True)
         value_ref = bench.full_logits_objective(policy, img_ref, ids, attn, mask, P, scope=scope,
                                                 temperature=temperature)
         (grad_ref,) = torch.autograd.grad(value_ref, img_ref)
         assert state["fallback"] == 0 and 0 < state["selected"].sum() < mask.sum()
-        assert abs(value.item() - value_ref.item()) < 1e-5
+        assert abs(value - value_ref.item()) < 1e-5
         assert grad_ref.abs().max() > 1e-6 and grad.norm() > 0.5 * grad_ref.norm()  # not a vanishing gradient
         assert (grad - grad_ref).abs().max() < 1e-5
         assert (grad - grad_ref).norm() / grad_ref.norm() < 1e-4  # relative: the gradients are small
@@ -1346,6 +1465,10 @@ def test_grpo_policy_loss_clips_both_sides_hand_computed():
     expected = (-2.0 * 1.2 + 1.0 * 0.8 - 2.0 * 1.1) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert stats["clipped_tokens"] == 2 and stats["tokens"] == 3
+    # how far the policy moved from the sampling one: ratio sum and range, KL(old || new) by the k3 estimator
+    assert stats["ratio_sum"] == pytest.approx(3.1, rel=1e-6)
+    assert (stats["ratio_min"], stats["ratio_max"]) == (pytest.approx(0.5), pytest.approx(1.5))
+    assert stats["approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1)), rel=1e-5)
     # the clipped side carries no gradient; the unclipped token's gradient is -A * ratio / n
     logp = logp.clone().requires_grad_(True)
     grpo.policy_loss(logp, old, adv, mask)[0].backward()
@@ -1377,7 +1500,7 @@ def test_grpo_chunked_logprobs_equal_full_logits_values_and_gradients():
     targets = torch.randint(0, V, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1, 4:] = 0
-    logp, ent = grpo.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
+    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
     logits = lm_head(hidden) / 0.8
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
     ref_ent = tsec.token_entropy(logits) * mask
@@ -1404,7 +1527,7 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     hidden = torch.randn(B, L, D, requires_grad=True)
     targets, mask = torch.randint(0, V, (B, L)), torch.ones(B, L, dtype=torch.long)
     mask[0, 6:] = 0
-    logp, ent = grpo.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
+    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
     g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
     logits = lm_head(hidden) / 0.9
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
@@ -1412,10 +1535,30 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
     assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
     # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
-    _, ent2 = grpo.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
+    _, ent2 = model_lib.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
     (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
     (r_h2,) = torch.autograd.grad(-tsec.token_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
     assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
+
+
+def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
+    # FSDP2's compute weights are bf16 with autocast off (GPU runs): backward must not multiply its fp32 gradient
+    # by the bf16 weight, and the gradients come back in the inputs' dtypes, close to the fp32 ones
+    torch.manual_seed(0)
+    N, D, V = 6, 16, 300
+    h32, w32 = torch.randn(N, D), torch.randn(V, D) / 4
+    targets = torch.randint(0, V, (N,))
+    h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
+    logp, ent = model_lib._HeadLogpEntropy.apply(h, w, targets, 0.9)
+    assert logp.dtype == ent.dtype == torch.float32
+    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [h, w])
+    assert g_h.dtype == g_w.dtype == torch.bfloat16
+    h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    logits = h_ref @ w_ref.T / 0.9
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - tsec.token_entropy(logits)
+    r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
+    assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
+    assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
 
 
 def test_grpo_bench_quick_configuration_runs():
@@ -1427,6 +1570,23 @@ def test_grpo_bench_quick_configuration_runs():
     assert float(step[4]) > 0
     memory = next(r for r in rows if r[1].startswith("attack peak memory"))
     assert float(memory[2]) < float(memory[3])  # ours below the full-logits version even at 16 tokens
+
+
+def test_grpo_bench_memory_estimate_counts_the_real_parameters():
+    # the estimator's parameter count is the real model's, for the tiny config and its 152k-vocabulary version
+    policy, _ = model_lib.load_policy("tiny")
+    trainable = sum(p.numel() for n, p in policy.named_parameters() if not n.startswith("model.visual"))
+    assert bench.parameters(bench.ARCHS["tiny"]) == (sum(p.numel() for p in policy.parameters()), trainable)
+    big, _ = bench.build_model(bench.QWEN_VOCAB)
+    assert bench.parameters(bench.ARCHS["tiny-152k"])[0] == sum(p.numel() for p in big.parameters())
+    # the per-token activation formula gives the measured bf16 values (issue 13: 133 KiB at 3B, 231 KiB at 7B)
+    for name, kib in (("Qwen2.5-VL-3B", 133), ("Qwen2.5-VL-7B", 231)):
+        a = bench.ARCHS[name]
+        kvd = a["hidden"] // a["heads"] * a["kv_heads"]
+        assert bench.activation_bytes(a["hidden"], a["intermediate"], kvd, 2) / 1024 == pytest.approx(kib, rel=0.03)
+    e = bench.estimate("Qwen2.5-VL-7B", 8)
+    assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
+    assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
 
 
 # ----------------------------------------------------------------------------- configurator.py
@@ -1512,17 +1672,29 @@ def test_train_update_sharing_each_prompt_equals_encoding_every_row():
     clean = [torch.rand(3, 56, 56, generator=g) for _ in range(2)]
     adv = [x.flip(2) for x in clean]  # logprob_image="adversarial": a group's last n_adv rows see another image
     images = [adv[r // group] if r % group >= n_clean else clean[r // group] for r in range(2 * group)]
+    prompt[:, 2:6] = model_lib.tiny_tokenizer().convert_tokens_to_ids("<|image_pad|>")
+    # the same rollouts with 4 more left-padding columns and 6 more response-padding columns
+    pad = torch.nn.functional.pad
+    padded = dict(prompt_ids=pad(prompt, (4, 0)), prompt_mask=pad(prompt_mask, (4, 0)),
+                  response_ids=pad(rollouts["response_ids"], (0, 6)), response_mask=pad(mask, (0, 6)))
     results = []
-    for checkpointing in (False, True):
+    for checkpointing, batch in ((False, rollouts), (True, rollouts), (False, padded)):
         policy, tok = load_policy("tiny", seed=0)
-        prompt[:, 2:6] = policy.config.image_token_id
         cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, n_clean=n_clean, n_adv=n_adv,
                                       gradient_checkpointing=checkpointing))
-        totals, entropy = train.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
+        widths = []  # the token width of every forward pass
+        hook = policy.model.language_model.embed_tokens.register_forward_pre_hook(
+            lambda module, args: widths.append(args[0].shape[1]))
+        totals, entropy = train.policy_update(policy, None, batch, advantages, images, cfg, 1,
                                               lambda: torch.autocast("cpu", enabled=False))
+        hook.remove()
         grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
-        results.append((totals["loss"], entropy, grads))
-    (shared_loss, shared_entropy, shared_grads), (full_loss, full_entropy, full_grads) = results
+        results.append((totals["loss"], entropy, grads, widths))
+    # each micro-batch is cut to its own prompt and its longest response: the extra columns change nothing
+    assert results[2][3] == results[0][3] and max(results[0][3]) <= max(P, lengths.max().item())
+    assert results[2][0] == results[0][0] and torch.equal(results[2][1][:, :L], results[0][1])
+    assert all(torch.equal(results[2][2][k], results[0][2][k]) for k in results[0][2])
+    (shared_loss, shared_entropy, shared_grads, _), (full_loss, full_entropy, full_grads, _) = results[:2]
     assert shared_loss == pytest.approx(full_loss, abs=1e-6) and abs(full_loss) > 1e-4
     assert torch.allclose(shared_entropy, full_entropy, atol=1e-5) and shared_entropy.abs().sum() > 0
     assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 10
@@ -1568,6 +1740,64 @@ def test_train_saei_and_its_tsec_ablations_raise_the_entropy(tmp_path, args):
     assert log["attack_gain"] > 0 and log["tsec_fallback"] == 0
 
 
+def test_train_distinct_answers_per_group_and_per_half():
+    answers = ["1", "1", "2", "3", "3", "3",   # group 0: clean 1, 1, 2; adversarial 3, 3, 3
+               "4", "5", "6", "4", "4", None]  # group 1: clean 4, 5, 6; adversarial 4, 4, (no answer)
+    assert train.distinct_answers(answers, 6).tolist() == [3.0, 4.0]
+    assert train.distinct_answers(answers, 6, 3, first=True).tolist() == [2.0, 3.0]
+    assert train.distinct_answers(answers, 6, 3, first=False).tolist() == [1.0, 2.0]
+
+
+def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatch):
+    """entropy_adv is the adversarial rollouts' entropy on the image they were sampled on; the distances and the
+    gain are those of the images the attack returned. A strong attack (32/255) so the two images differ clearly."""
+    calls, attacks = [], []
+    real_sample, real_attack = model_lib.sample, egas.attack
+
+    def spy_sample(policy, tok, prompts, images, n, *args, **kwargs):
+        out = real_sample(policy, tok, prompts, images, n, *args, **kwargs)
+        calls.append(out)
+        return out
+
+    def spy_attack(policy, x, *args, **kwargs):
+        x_adv, stats = real_attack(policy, x, *args, **kwargs)
+        attacks.append((x, x_adv, stats))
+        return x_adv, stats
+    monkeypatch.setattr(model_lib, "sample", spy_sample)
+    monkeypatch.setattr(egas, "attack", spy_attack)
+    (log,) = _run(tmp_path, f"--pgd_alpha={32 / 255}", "--eval_limit=0")
+    clean, adv = calls  # one clean and one adversarial sampling call (no evaluation)
+
+    def mean_entropy(out):
+        mask = out["response_mask"].float()
+        return ((out["response_entropy"] * mask).sum(1) / mask.sum(1)).mean().item()
+    assert log["entropy_clean"] == pytest.approx(mean_entropy(clean), abs=1e-6)
+    assert log["entropy_adv"] == pytest.approx(mean_entropy(adv), abs=1e-6)
+    assert abs(log["entropy_adv"] - log["entropy_adv_on_clean"]) > 1e-4  # on its own image, not the clean one
+    sizes = [egas.perturbation_size(x, x_adv) for x, x_adv, _ in attacks]
+    assert log["attack_linf"] == pytest.approx(32.0, abs=1e-3) == pytest.approx(sum(s[0] for s in sizes) / 2)
+    assert log["attack_l2"] == pytest.approx(sum(s[1] for s in sizes) / 2, rel=1e-6) and log["attack_l2"] > 32
+    gains = [st["gain"] for _, _, st in attacks]
+    assert log["attack_gain"] == pytest.approx(sum(gains) / 2, rel=1e-6)
+    assert log["attack_gain_rel"] == pytest.approx(sum(st["gain"] / st["objective_clean"] for _, _, st in attacks) / 2,
+                                                   rel=1e-6)
+
+
+def test_train_wandb_logs_every_metric_offline(tmp_path, monkeypatch):
+    import wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, real_log = [], wandb.sdk.wandb_run.Run.log  # wandb.init rebinds wandb.log to the run's own method
+
+    def spy_log(run, data, step=None, **kwargs):
+        logged.append((step, dict(data)))
+        return real_log(run, data, step=step, **kwargs)
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy_log)
+    logs = _run(tmp_path, "--wandb_log=True", "--wandb_run_name=unit", "--max_steps=2")
+    assert [(log["step"], log) for log in logs] == logged  # every line of metrics.jsonl, with its step
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))  # an offline run to `wandb sync`
+
+
 def test_train_saei_descending_sign_lowers_the_entropy(tmp_path):
     (log,) = _run(tmp_path, f"--pgd_alpha={-2 / 255}")
     assert log["attack_gain"] < 0
@@ -1589,6 +1819,81 @@ def test_train_attack_budget_is_alpha_times_steps_unless_given():
     assert train.get_config(SMALL).pgd_eps == pytest.approx(2 / 255)
     assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_alpha=-0.01"]).pgd_eps == pytest.approx(0.03)
     assert train.get_config(SMALL + ["--pgd_steps=3", "--pgd_eps=0.02"]).pgd_eps == pytest.approx(0.02)
+
+
+def _logprobs_by_full_forward(policy, rollouts, row_images, temperature=1.0):
+    """(B, L) response-token log-probs from one plain forward over whole rows: independent of the update's path."""
+    ids = torch.cat([rollouts["prompt_ids"], rollouts["response_ids"]], 1)
+    attn = torch.cat([rollouts["prompt_mask"], rollouts["response_mask"]], 1)
+    pv, grid = data.batch_pixels(row_images)
+    P = rollouts["prompt_ids"].shape[1]
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv, image_grid_thw=grid,
+                        mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, P - 1:-1].float()
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, rollouts["response_ids"][..., None])[..., 0]
+    return logp * rollouts["response_mask"]
+
+
+@pytest.fixture(scope="module")
+def two_mini_batch_runs(tmp_path_factory):
+    """One SaEI step whose 2 prompts x 4 responses are updated in 2 mini-batches of one group each, at micro-batch
+    sizes 1 and 3; the policy's weights and the update's inputs are recorded at each mini-batch."""
+    runs = {}
+    for micro in (1, 3):
+        calls, losses = [], []
+        real_update, real_loss = train.policy_update, grpo.policy_loss
+
+        def spy_update(policy, ref, rollouts, advantages, row_images, cfg, *args):
+            weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            calls.append({"weights": weights, "rollouts": rollouts, "row_images": row_images, "old_logp": args[-1]})
+            return real_update(policy, ref, rollouts, advantages, row_images, cfg, *args)
+
+        def spy_loss(logp, old_logp, advantages, mask, *args):
+            losses.append({"call": len(calls) - 1, "logp": logp.detach(), "old": old_logp.detach(), "mask": mask})
+            return real_loss(logp, old_logp, advantages, mask, *args)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train, "policy_update", spy_update)
+            mp.setattr(grpo, "policy_loss", spy_loss)
+            path = tmp_path_factory.mktemp(f"micro{micro}")
+            train.main(SMALL_ONE_STEP + WARM + ["--updates_per_rollout=2", "--lr=1e-3", f"--micro_batch_size={micro}",
+                                                "--eval_limit=0", "--out_dir", str(path)])
+        runs[micro] = {"calls": calls, "losses": losses, "log": json.loads(open(path / "metrics.jsonl").readline()),
+                       "weights": _weights(path)}
+    return runs
+
+
+def test_train_second_mini_batch_is_off_policy_with_ratios_from_pi_old(two_mini_batch_runs):
+    run = two_mini_batch_runs[3]
+    policy, _ = model_lib.load_policy(WARM[1])
+    first, second = run["calls"]
+    assert first["old_logp"] is not None and second["old_logp"] is not None
+    # pi_old's log-probs, passed to both mini-batches, are those of the weights that sampled (before any update)
+    policy.load_state_dict(first["weights"])
+    for call in (first, second):
+        expected = _logprobs_by_full_forward(policy, call["rollouts"], call["row_images"])
+        assert torch.allclose(call["old_logp"][:, :expected.shape[1]], expected, atol=1e-4)
+    # the second mini-batch is updated by weights one step later: its ratios are exp(logp_new - logp_old) != 1
+    pi_old = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
+    policy.load_state_dict(second["weights"])
+    pi_new = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
+    mask = second["rollouts"]["response_mask"].bool()
+    independent = torch.exp(pi_new - pi_old)[mask]
+    seen = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 1])
+    assert torch.allclose(seen, independent, atol=1e-4)
+    assert (independent - 1).abs().max() > 1e-3
+    first_ratios = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 0])
+    assert torch.allclose(first_ratios, torch.ones_like(first_ratios), atol=1e-4)  # the first is on-policy
+    log = run["log"]
+    assert log["ratio_min"] < 1 - 1e-3 or log["ratio_max"] > 1 + 1e-3
+    assert log["ratio_min"] <= log["ratio_mean"] <= log["ratio_max"] and log["approx_kl"] > 0
+
+
+def test_train_mini_batch_updates_do_not_depend_on_the_micro_batch_size(two_mini_batch_runs):
+    a, b = two_mini_batch_runs[1], two_mini_batch_runs[3]
+    assert a["log"]["loss"] == pytest.approx(b["log"]["loss"], abs=1e-6)
+    for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "clip_frac"):
+        assert a["log"][key] == pytest.approx(b["log"][key], abs=1e-5), key
+    assert max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"]) < 1e-5
 
 
 @pytest.mark.parametrize("args,message", [
@@ -1614,6 +1919,10 @@ def test_train_attack_budget_is_alpha_times_steps_unless_given():
     (["--pgd_eps=-0.01"], "pgd_eps must be >= 0"),
     (["--dtype=float8"], "dtype must be one of"),
     (["--dataset=geometry4k"], "unknown dataset 'geometry4k'"),
+    (["--updates_per_rollout=3"], "batch_size 2 must split into 1 rank.s. x 3 mini-batch"),
+    (["--ppo_epochs=0"], "ppo_epochs must be >= 1"),
+    (["--rollout_chunk=-1"], "rollout_chunk must be >= 0"),
+    (["--max_skipped_updates=0"], "max_skipped_updates must be >= 1"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -1643,6 +1952,14 @@ def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     # after the step every rank holds the same weights, and they match the single-process step
     assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
     assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
+    # with bf16 compute weights (autocast off) the update and the attack run, and land near their fp32 values
+    # (before the fix: "expected m1 and m2 to have the same dtype" in the LM head's backward)
+    c = b["bf16"]
+    assert c["grads"].keys() == a["grads"].keys() and all(g.dtype == torch.float32 for g in c["grads"].values())
+    worst = max(((c["grads"][k] - a["grads"][k]).norm() / a["grads"][k].norm()).item() for k in a["grads"])
+    assert worst < 0.05, worst  # bf16 rounding: ~1-2% per tensor here
+    assert c["attack"]["objective_clean"] == pytest.approx(a["attack"]["objective_clean"], rel=1e-2)
+    assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
 
 
 SEE_SCRIPT = textwrap.dedent("""
@@ -1955,34 +2272,41 @@ def test_train_two_steps_write_metrics_and_a_loadable_checkpoint(method, tmp_pat
 
 
 def _update_entropies(step):
-    """What the update's logged entropies should be, recomputed: the mean entropy of the clean responses on the
-    clean image, and of the adversarial responses on the clean image and on the image they were sampled on."""
+    """The update pass's mean token entropy of the clean and of the adversarial responses (rows by the layout
+    clean-then-adversarial), and the same recomputed from the sampled responses: clean ones on the clean image,
+    adversarial ones on the clean image and on the image they were sampled on."""
     clean, adv = step["sample"]
-    (update,) = step["policy_update"]
+    (update,) = step["ppo_update"]
     policy, tok = update["pi_old"], clean["args"]["tok"]
-    per_row = lambda call: [x for x in call["args"]["images"] for _ in range(call["args"]["n"])]
-    lengths = lambda call: _lengths(call["result"]["response_ids"], tok)
-    adv_on_clean = [x for x in clean["args"]["images"] for _ in range(adv["args"]["n"])]
-    return (_row_entropy(policy, clean["result"], per_row(clean), lengths(clean)).mean().item(),
-            _row_entropy(policy, adv["result"], adv_on_clean, lengths(adv)).mean().item(),
-            _row_entropy(policy, adv["result"], per_row(adv), lengths(adv)).mean().item())
+    nc, na = clean["args"]["n"], adv["args"]["n"]
+    ids = update["args"]["rollouts"]["response_ids"]
+    lengths = _lengths(ids, tok)
+    in_update = update["result"]["entropy"][:, :ids.shape[1]].sum(1) / lengths  # (B,), zero past each response
+    is_adv = torch.arange(len(lengths)) % (nc + na) >= nc
+    per_row = lambda call, images: [x for x in images for _ in range(call["args"]["n"])]
+    recompute = lambda call, images: _row_entropy(policy, call["result"], per_row(call, images),
+                                                  _lengths(call["result"]["response_ids"], tok)).mean().item()
+    return {"update_clean": in_update[~is_adv].mean().item(), "update_adv": in_update[is_adv].mean().item(),
+            "clean_on_clean": recompute(clean, clean["args"]["images"]),
+            "adv_on_clean": recompute(adv, clean["args"]["images"]),
+            "adv_on_attacked": recompute(adv, adv["args"]["images"])}
 
 
 def test_train_update_conditions_every_row_on_the_clean_image(saei_step):
-    # logprob_image="clean": the update's log-probs (so its logged entropies) of the adversarial responses are
-    # taken on the clean image, not on the attacked image they were sampled on
-    clean_on_clean, adv_on_clean, adv_on_attacked = _update_entropies(saei_step)
-    assert abs(adv_on_clean - adv_on_attacked) > 1e-3  # the two images give clearly different entropies
-    assert saei_step["log"]["entropy_adv"] == pytest.approx(adv_on_clean, abs=1e-5)
-    assert saei_step["log"]["entropy_clean"] == pytest.approx(clean_on_clean, abs=1e-5)
+    # logprob_image="clean": the update's log-probs (so its entropies) of the adversarial responses are taken on
+    # the clean image, not on the attacked image they were sampled on
+    e = _update_entropies(saei_step)
+    assert abs(e["adv_on_clean"] - e["adv_on_attacked"]) > 1e-3  # the two images give clearly different entropies
+    assert e["update_adv"] == pytest.approx(e["adv_on_clean"], abs=1e-5)
+    assert e["update_clean"] == pytest.approx(e["clean_on_clean"], abs=1e-5)
+    assert saei_step["log"]["entropy_adv_on_clean"] == pytest.approx(e["adv_on_clean"], abs=1e-5)
 
 
 def test_train_logprob_image_adversarial_conditions_adversarial_rows_on_the_attacked_image(tmp_path):
-    step = _one_step(*_spied_run(tmp_path, *SAEI_STEP, "--logprob_image", "adversarial"))
-    clean_on_clean, adv_on_clean, adv_on_attacked = _update_entropies(step)
-    assert abs(adv_on_clean - adv_on_attacked) > 1e-3
-    assert step["log"]["entropy_adv"] == pytest.approx(adv_on_attacked, abs=1e-5)
-    assert step["log"]["entropy_clean"] == pytest.approx(clean_on_clean, abs=1e-5)
+    e = _update_entropies(_one_step(*_spied_run(tmp_path, *SAEI_STEP, "--logprob_image", "adversarial")))
+    assert abs(e["adv_on_clean"] - e["adv_on_attacked"]) > 1e-3
+    assert e["update_adv"] == pytest.approx(e["adv_on_attacked"], abs=1e-5)
+    assert e["update_clean"] == pytest.approx(e["clean_on_clean"], abs=1e-5)
 
 
 def test_train_advantages_standardise_each_prompts_whole_group(saei_step):
@@ -2000,7 +2324,7 @@ def test_train_advantages_standardise_each_prompts_whole_group(saei_step):
                         grpo.group_advantages(groups[:, nc:].flatten(), na).view(-1, na)], 1).flatten()
     joint = grpo.group_advantages(reward, nc + na)
     assert (joint - halves).abs().max() > 0.1  # the rewards tell the two apart
-    (update,) = saei_step["policy_update"]
+    (update,) = saei_step["ppo_update"]
     assert torch.allclose(update["args"]["advantages"], joint, atol=1e-6)
     assert saei_step["log"]["loss"] == pytest.approx(loss(joint), rel=1e-5, abs=1e-7)
     dead = (groups.std(1) == 0).float().mean().item()
@@ -2189,6 +2513,16 @@ def test_eval_drops_long_prompts_and_counts(tmp_path):
         evaluation.main(args + ["--max_prompt_len", "100"])  # every prompt is over 100 tokens
     rows = evaluation.main(args + ["--max_prompt_len", "400", "--limit", "2"])
     assert rows[0]["problems"] + rows[0]["dropped"] == 2
+
+
+def test_eval_in_chunks_gives_the_answers_of_one_call(tiny, geo3k):
+    import eval as evaluation
+    policy, tok = tiny
+    records = [geo3k[i] for i in range(4)]
+    one = evaluation.evaluate(policy, tok, records, 3136, 12544, 12, batch_size=4)
+    chunked = evaluation.evaluate(policy, tok, records, 3136, 12544, 12, batch_size=4, chunk_rows=3)
+    assert [s["response"] for s in one["samples"]] == [s["response"] for s in chunked["samples"]]
+    assert len({s["response"] for s in one["samples"]}) > 1  # four different answers, not one repeated
 
 
 def test_eval_pass_at_k_equals_enumerating_every_k_subset():

@@ -67,11 +67,10 @@ def sft_batch(tok, records):
 
 def sft_loss(policy, batch):
     """Mean cross-entropy over the batch's response tokens, through the same log-prob function as GRPO."""
-    import grpo
-    from model import response_hidden
+    from model import response_hidden, token_logprobs
     hidden = response_hidden(policy, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              batch["image_grid_thw"], batch["prompt_len"])  # (B, L, D)
-    logp, _ = grpo.token_logprobs(hidden, policy.lm_head, batch["targets"], batch["target_mask"])  # (B, L)
+    logp, _ = token_logprobs(hidden, policy.lm_head, batch["targets"], batch["target_mask"])  # (B, L)
     return -logp.sum() / batch["target_mask"].sum()
 
 
