@@ -289,6 +289,13 @@ def token_logprobs(hidden, lm_head, targets, mask, temperature=1.0, chunk_size=1
     return logp, entropy
 
 
+def sequences(rollouts, rows):
+    """Prompt + response rows -> (input_ids, attention_mask) of shape (B, P + L) and the (B, L) response mask."""
+    ids = torch.cat([rollouts["prompt_ids"][rows], rollouts["response_ids"][rows]], 1)
+    attn = torch.cat([rollouts["prompt_mask"][rows], rollouts["response_mask"][rows]], 1)
+    return ids, attn, rollouts["response_mask"][rows]
+
+
 def mm_token_types(model, input_ids):
     """(B, T) 1 at image tokens, 0 at text: transformers needs it to give image tokens their 3D (time, height,
     width) rotary positions; without it every token gets a plain text position, wrong for a pretrained Qwen."""
