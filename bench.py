@@ -49,14 +49,10 @@ QUICK = dict(steps=2, repeats=1, batch_size=1, response_len=8, image=56, mem_len
 # ----------------------------------------------------------------------------- models and data
 
 def build_model(vocab_size=None, seed=0):
-    """The tiny Qwen2.5-VL, optionally with a bigger vocabulary (ids past the tokenizer's 103 decode to nothing)."""
-    from model import Qwen2_5_VLForConditionalGeneration, tiny_config, tiny_tokenizer
-    tok = tiny_tokenizer()
-    config = tiny_config(tok)
-    if vocab_size:
-        config.text_config.vocab_size = vocab_size
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).eval(), tok
+    """The tiny Qwen2.5-VL in eval mode, optionally with a bigger vocabulary (model.build_tiny)."""
+    from model import build_tiny
+    policy, tok = build_tiny(seed, vocab_size=vocab_size)
+    return policy.eval(), tok
 
 
 def write_inputs(folder, models, n_records=8, size=224):

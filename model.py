@@ -71,11 +71,16 @@ def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidd
         tie_word_embeddings=False)
 
 
-def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64):
-    """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer."""
+def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64, vocab_size=None):
+    """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer. `vocab_size`
+    widens the LM head and embeddings (ids past the tokenizer's 103 decode to nothing): Qwen's real vocabulary on
+    a small model, for measuring what the 152k-token LM head costs."""
     tok = tiny_tokenizer()
+    config = tiny_config(tok, text_layers, text_hidden, vision_depth, vision_hidden)
+    if vocab_size:
+        config.text_config.vocab_size = vocab_size
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, text_layers, text_hidden, vision_depth, vision_hidden))
+    model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig()  # sampling settings are sample()'s alone (see load_policy)
     return model, tok
 
