@@ -133,12 +133,13 @@ def full_logits_objective(model, x, sequences, attention_mask, response_mask, pr
     """
     import tsec
     from data import image_to_pixels
+    from model import entropy_from_logp
     n = sequences.shape[0]
     pixel_values, grid = image_to_pixels(x)
     logits = model(input_ids=sequences, attention_mask=attention_mask, pixel_values=pixel_values.repeat(n, 1),
                    image_grid_thw=grid.repeat(n, 1), mm_token_type_ids=(sequences == model.config.image_token_id).int(),
                    use_cache=False).logits
-    entropy = tsec.token_entropy(logits[:, prompt_len - 1:-1], temperature) * response_mask
+    entropy = entropy_from_logp(torch.log_softmax(logits[:, prompt_len - 1:-1].float() / temperature, -1)) * response_mask
     selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
     return tsec.selective_entropy(entropy, selected)
 

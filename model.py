@@ -220,6 +220,13 @@ def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_g
     return torch.cat([prompt_states[:, -1:].expand(n, -1, -1), response_states[:, :-1]], 1)
 
 
+def entropy_from_logp(logp):
+    """The entropy formula: (..., V) log-probs -> (...) entropy in nats, H = -sum_v p_v log p_v, with 0 log 0 = 0
+    (suppressed tokens, at -inf, count for nothing). Differentiable. (_HeadLogpEntropy writes the same formula
+    in place, to hold one (n, V) tensor fewer in the memory-critical LM head.)"""
+    return torch.special.entr(logp.exp()).sum(-1)
+
+
 def _scaled_logits(h, weight, temperature):
     """(n, D), (V, D) -> (n, V) fp32 logits / T, divided in place (no second (n, V) tensor).
 
@@ -243,7 +250,7 @@ class _HeadLogpEntropy(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
         logp_all = torch.log_softmax(_scaled_logits(h, weight, temperature), dim=-1)  # (n, V)
         logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-        entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # H = -sum_v p_v log p_v
+        entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # entropy_from_logp, in place: H = -sum_v p_v log p_v
         ctx.save_for_backward(h, weight, targets, entropy)
         ctx.temperature = temperature
         return logp, entropy
@@ -364,8 +371,7 @@ class SamplingEntropy(LogitsProcessor):
         self.temperature, self.steps = temperature, []
 
     def __call__(self, input_ids, scores):
-        p = torch.softmax(scores.float() / self.temperature, dim=-1)
-        self.steps.append(torch.special.entr(p).sum(-1))  # H = -sum_v p_v log p_v, 0 log 0 = 0
+        self.steps.append(entropy_from_logp(torch.log_softmax(scores.float() / self.temperature, dim=-1)))
         return scores
 
 

@@ -707,6 +707,24 @@ def test_model_unknown_name_is_a_clear_error():
         model_lib.load_policy("./no/such/checkpoint")
 
 
+def _reference_entropy(logits, temperature=1.0):
+    """Entropy in nats of softmax(logits / T), written out plainly: the reference the code is checked against."""
+    p = torch.softmax(logits.float() / temperature, -1)
+    return -(p * torch.log_softmax(logits.float() / temperature, -1)).sum(-1)
+
+
+def test_model_entropy_from_logp_is_the_formula():
+    for temperature in (1.0, 0.7):
+        logits = torch.randn(3, 5, 40) * 3
+        p = torch.softmax(logits / temperature, -1)
+        logp = torch.log_softmax(logits / temperature, -1)
+        assert torch.allclose(model_lib.entropy_from_logp(logp.clone()), -(p * p.log()).sum(-1), atol=1e-6)
+    assert math.isclose(model_lib.entropy_from_logp(torch.log_softmax(torch.zeros(50), -1)).item(), math.log(50),
+                        rel_tol=1e-6)
+    suppressed = torch.log_softmax(torch.tensor([0.0, 0.0, -math.inf, -math.inf]), -1)  # 0 log 0 counts for 0
+    assert model_lib.entropy_from_logp(suppressed).item() == pytest.approx(math.log(2))
+
+
 def test_model_response_hidden_predicts_response_tokens(tiny):
     policy, tok = tiny
     x = torch.rand(3, 56, 56)
@@ -1061,15 +1079,6 @@ def test_rewards_real_geometry3k():
 
 # ----------------------------------------------------------------------------- tsec.py
 
-def test_tsec_token_entropy_matches_formula():
-    logits = torch.randn(5, 7, 11)
-    for temperature in (1.0, 0.7):
-        p = torch.softmax(logits / temperature, -1)
-        assert torch.allclose(tsec.token_entropy(logits, temperature), -(p * p.log()).sum(-1), atol=1e-6)
-    assert math.isclose(tsec.token_entropy(torch.zeros(50)).item(), math.log(50), rel_tol=1e-6)
-    assert tsec.token_entropy(torch.tensor([0.0, 1e4, 0.0])).item() < 1e-6
-
-
 def test_tsec_select_band_keeps_exactly_the_middle_third():
     entropy = torch.tensor([[5., 1., 9., 3., 7., 2., 8., 4., 6., 0., 0., 0.]])
     mask = torch.tensor([[1] * 9 + [0] * 3])
@@ -1146,7 +1155,7 @@ def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
     with torch.no_grad():  # straightforward recomputation with full logits
         logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv.repeat(n, 1), image_grid_thw=grid.repeat(n, 1),
                         mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
-    entropy = tsec.token_entropy(logits[:, P - 1:-1]) * out["response_mask"]
+    entropy = _reference_entropy(logits[:, P - 1:-1]) * out["response_mask"]
     selected = tsec.select_band(entropy, out["response_mask"], group_size=n)
     assert st["objective_clean"] == pytest.approx(tsec.selective_entropy(entropy, selected).item(), abs=1e-5)
     assert st["gain"] == pytest.approx(0.0, abs=1e-6)
@@ -1165,7 +1174,7 @@ def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
     with torch.no_grad():
         logits = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
                              mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, len(prompt) - 1:-1]
-    assert st["objective_clean"] == pytest.approx(tsec.token_entropy(logits).mean().item(), abs=1e-5)
+    assert st["objective_clean"] == pytest.approx(_reference_entropy(logits).mean().item(), abs=1e-5)
     assert math.isfinite(st["gain"])
 
 
@@ -1382,7 +1391,7 @@ def test_grpo_chunked_logprobs_equal_full_logits_values_and_gradients():
     logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
     logits = lm_head(hidden) / 0.8
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    ref_ent = tsec.token_entropy(logits) * mask
+    ref_ent = _reference_entropy(logits) * mask
     assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
     (g,) = torch.autograd.grad((logp * 1.3 + ent).sum(), hidden)
     (g_ref,) = torch.autograd.grad((ref_logp * 1.3 + ref_ent).sum(), hidden)
@@ -1410,13 +1419,13 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
     logits = lm_head(hidden) / 0.9
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    ref_ent = tsec.token_entropy(logits) * mask
+    ref_ent = _reference_entropy(logits) * mask
     r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
     assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
     # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
     _, ent2 = model_lib.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
     (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
-    (r_h2,) = torch.autograd.grad(-tsec.token_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
+    (r_h2,) = torch.autograd.grad(-_reference_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
     assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
 
 
@@ -1434,7 +1443,7 @@ def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
     assert g_h.dtype == g_w.dtype == torch.bfloat16
     h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
     logits = h_ref @ w_ref.T / 0.9
-    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - tsec.token_entropy(logits)
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - _reference_entropy(logits)
     r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
     assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
     assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
