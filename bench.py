@@ -4,6 +4,8 @@
     python bench.py --quick    # the smallest configuration, seconds (the test runs this)
     python bench.py --threads=2  # torch threads per process (default 1, see below)
     python bench.py --attack-responses  # (d) alone: attack peak memory against the number of clean responses
+    python bench.py --sampling-chunks   # (f) alone: sampling peak memory against rollout_chunk
+    python bench.py --estimate          # (e): per-GPU peak memory of the recipe on 8 x 80 GB, from the configs
 
 Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
 Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
@@ -19,6 +21,8 @@ Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head domi
 (c) Rollout tokens per second: valid response tokens sampled per second of t_generate, from the runs of (a).
 (d) Attack peak memory as in (b) against the number of clean responses per prompt (same length each): ours runs
     each response's forward and backward alone, so its peak stays flat; the full-logits version grows with them.
+(f) Peak memory of sampling 48 responses with the 152k vocabulary against rollout_chunk, the most responses one
+    generate call takes (fresh process each, as in (b)): the per-step logits and the KV cache grow with it.
 Every process runs single-threaded by default: on cores shared with other jobs, OpenMP threads that wait for
 each other at every op make timings swing by 10x, while one thread per process stays steady. Ratios are what
 this measures; absolute times are those of one core.
@@ -45,14 +49,10 @@ QUICK = dict(steps=2, repeats=1, batch_size=1, response_len=8, image=56, mem_len
 # ----------------------------------------------------------------------------- models and data
 
 def build_model(vocab_size=None, seed=0):
-    """The tiny Qwen2.5-VL, optionally with a bigger vocabulary (ids past the tokenizer's 103 decode to nothing)."""
-    from model import Qwen2_5_VLForConditionalGeneration, tiny_config, tiny_tokenizer
-    tok = tiny_tokenizer()
-    config = tiny_config(tok)
-    if vocab_size:
-        config.text_config.vocab_size = vocab_size
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).eval(), tok
+    """The tiny Qwen2.5-VL in eval mode, optionally with a bigger vocabulary (model.build_tiny)."""
+    from model import build_tiny
+    policy, tok = build_tiny(seed, vocab_size=vocab_size)
+    return policy.eval(), tok
 
 
 def write_inputs(folder, models, n_records=8, size=224):
@@ -93,6 +93,7 @@ def run_train(model, dataset, out_dir, n_clean, n_adv, cfg):
             f"--max_steps={cfg['steps']}", f"--batch_size={cfg['batch_size']}",
             f"--max_response_len={cfg['response_len']}", f"--min_pixels={pixels}", f"--max_pixels={pixels}",
             "--eval_limit=0", "--eval_interval=0", "--save_interval=1000000", "--micro_batch_size=8",
+            "--updates_per_rollout=1",
             "--gradient_checkpointing=False"]  # the CPU demo's update: micro-batches share their prompt's encoding
     if cfg["fresh_processes"]:
         run = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
@@ -132,12 +133,13 @@ def full_logits_objective(model, x, sequences, attention_mask, response_mask, pr
     """
     import tsec
     from data import image_to_pixels
+    from model import entropy_from_logp
     n = sequences.shape[0]
     pixel_values, grid = image_to_pixels(x)
     logits = model(input_ids=sequences, attention_mask=attention_mask, pixel_values=pixel_values.repeat(n, 1),
                    image_grid_thw=grid.repeat(n, 1), mm_token_type_ids=(sequences == model.config.image_token_id).int(),
                    use_cache=False).logits
-    entropy = tsec.token_entropy(logits[:, prompt_len - 1:-1], temperature) * response_mask
+    entropy = entropy_from_logp(torch.log_softmax(logits[:, prompt_len - 1:-1].float() / temperature, -1)) * response_mask
     selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
     return tsec.selective_entropy(entropy, selected)
 
@@ -211,6 +213,41 @@ def attack_responses_table(threads=1, length=256, responses=(1, 2, 4, 6)):
     return lines
 
 
+def sampling_memory(rows, chunk, new_tokens=128, image=224):
+    """Peak memory (MB) of sampling `rows` responses of `new_tokens` tokens in calls of at most `chunk` rows, with
+    Qwen's 152k vocabulary (the per-step logits and the KV cache grow with the rows of a call). Fresh process only."""
+    from data import build_prompt, n_image_tokens
+    from model import sample
+    torch.manual_seed(0)
+    policy, tok = build_model(QWEN_VOCAB)
+    policy.eval()
+    x = torch.randint(0, 256, (3, image, image)).float() / 255
+    prompt = build_prompt(tok, PROBLEM, n_image_tokens(x))
+    sample(policy, tok, [prompt], [x], 2, 4)  # warm-up
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = time.perf_counter()
+    out = sample(policy, tok, [prompt] * (rows // 2), [x] * (rows // 2), 2, new_tokens, chunk_rows=chunk)
+    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024, "seconds": time.perf_counter() - start,
+            "tokens": int(out["response_mask"].sum())}
+
+
+def sampling_table(threads=1, rows=48, chunks=(48, 24, 12, 6)):
+    """(f): sampling peak memory against rollout_chunk, each in a fresh process."""
+    lines = [f"| rollout_chunk ({rows} responses, V={QWEN_VOCAB}) | peak MB | seconds | tokens sampled |",
+             "|---|---|---|---|"]
+    for chunk in chunks:
+        run = subprocess.run([sys.executable, __file__, "--sampling-worker", str(rows), str(chunk)], cwd=ROOT,
+                             capture_output=True, text=True, env=_env({"threads": threads}))
+        if run.returncode != 0:
+            raise SystemExit(f"sampling worker chunk={chunk} failed:\n{run.stderr[-2000:]}")
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        lines.append(f"| {chunk} | {r['peak_mb']:.0f} | {r['seconds']:.1f} | {r['tokens']} |")
+    print("\n".join(lines))
+    return lines
+
+
 # ----------------------------------------------------------------------------- (e): per-GPU memory estimate
 
 # Published config.json values (DESIGN §10; 32B: the Qwen2.5-32B text model, 64 layers, 40 heads, 8 kv heads).
@@ -269,7 +306,8 @@ def estimate(name, gpus, cfg=None):
     gathered = 2 * total  # generation and the attack hold every layer gathered in bf16 (model.gather_weights)
     P, L = cfg["max_prompt_len"], cfg["max_response_len"]
     patches = cfg["max_pixels"] // (14 * 14)  # the image's tokens before the 2x2 merge (at most P / 1 of them)
-    rows = cfg["batch_size"] // gpus * max(cfg["n_clean"], cfg["n_adv"])  # one `sample` call's responses
+    rows = cfg["batch_size"] // gpus * max(cfg["n_clean"], cfg["n_adv"])  # one `sample`'s responses, in calls of
+    rows = min(rows, cfg["rollout_chunk"] or rows)                          # at most rollout_chunk rows
     kv_cache = rows * (P + L) * layers * 2 * kvd * 2
     prefill = rows * P * 3 * I * 2  # one layer's MLP temporaries over the whole batch of prompts
     generation = shards + gathered + kv_cache + prefill
@@ -361,6 +399,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory-worker"]:
         method, length, rows, repeats, image = sys.argv[2], *map(int, sys.argv[3:7])
         print(json.dumps(attack_memory(method, length, rows, repeats, image)))
+    elif sys.argv[1:2] == ["--sampling-worker"]:
+        print(json.dumps(sampling_memory(int(sys.argv[2]), int(sys.argv[3]))))
     else:
         threads = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")]
         gpus = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--gpus=")]
@@ -371,5 +411,7 @@ if __name__ == "__main__":
                 estimate_check()
         elif "--attack-responses" in sys.argv[1:]:
             attack_responses_table(threads[0] if threads else 1)
+        elif "--sampling-chunks" in sys.argv[1:]:
+            sampling_table(threads[0] if threads else 1)
         else:
             main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)

@@ -17,10 +17,13 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import socket
 import warnings
 
 import torch
+
+from distributed import all_reduce_sum
 
 NAMES = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # the live folder, the one being written, the previous
 MARKER = "trainer_state.pt"      # written last: a folder without it is incomplete
@@ -433,3 +436,25 @@ them. It loads with `Qwen2_5_VLForConditionalGeneration` (or `AutoModelForImageT
 with the format instruction it was trained with (`instruction` in `training_config.json`);
 `generation_config.json` decodes greedily, as the evaluation did.
 """
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def install_stop_handlers():
+    """SIGINT/SIGTERM finish the current step, save a checkpoint and stop, instead of dying mid-write."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+    previous = {sig: signal.signal(sig, handler) for sig in (getattr(signal, name) for name in STOP_SIGNALS)}
+    stop["restore"] = lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+    return stop
+
+
+def signal_on_any_rank(stop):
+    """The name of the stop signal any rank got (every rank gets the same answer), or None."""
+    counts = all_reduce_sum(torch.tensor([float(stop["signal"] == name) for name in STOP_SIGNALS]))
+    return next((name for name, n in zip(STOP_SIGNALS, counts.tolist()) if n > 0), None)

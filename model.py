@@ -71,11 +71,16 @@ def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidd
         tie_word_embeddings=False)
 
 
-def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64):
-    """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer."""
+def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64, vocab_size=None):
+    """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer. `vocab_size`
+    widens the LM head and embeddings (ids past the tokenizer's 103 decode to nothing): Qwen's real vocabulary on
+    a small model, for measuring what the 152k-token LM head costs."""
     tok = tiny_tokenizer()
+    config = tiny_config(tok, text_layers, text_hidden, vision_depth, vision_hidden)
+    if vocab_size:
+        config.text_config.vocab_size = vocab_size
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tok, text_layers, text_hidden, vision_depth, vision_hidden))
+    model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig()  # sampling settings are sample()'s alone (see load_policy)
     return model, tok
 
@@ -215,6 +220,13 @@ def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_g
     return torch.cat([prompt_states[:, -1:].expand(n, -1, -1), response_states[:, :-1]], 1)
 
 
+def entropy_from_logp(logp):
+    """The entropy formula: (..., V) log-probs -> (...) entropy in nats, H = -sum_v p_v log p_v, with 0 log 0 = 0
+    (suppressed tokens, at -inf, count for nothing). Differentiable. (_HeadLogpEntropy writes the same formula
+    in place, to hold one (n, V) tensor fewer in the memory-critical LM head.)"""
+    return torch.special.entr(logp.exp()).sum(-1)
+
+
 def _scaled_logits(h, weight, temperature):
     """(n, D), (V, D) -> (n, V) fp32 logits / T, divided in place (no second (n, V) tensor).
 
@@ -238,7 +250,7 @@ class _HeadLogpEntropy(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
         logp_all = torch.log_softmax(_scaled_logits(h, weight, temperature), dim=-1)  # (n, V)
         logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-        entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # H = -sum_v p_v log p_v
+        entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # entropy_from_logp, in place: H = -sum_v p_v log p_v
         ctx.save_for_backward(h, weight, targets, entropy)
         ctx.temperature = temperature
         return logp, entropy
@@ -287,6 +299,13 @@ def token_logprobs(hidden, lm_head, targets, mask, temperature=1.0, chunk_size=1
         logp = logp.masked_scatter(mask, torch.cat(logp_parts))
         entropy = entropy.masked_scatter(mask, torch.cat(ent_parts))
     return logp, entropy
+
+
+def sequences(rollouts, rows):
+    """Prompt + response rows -> (input_ids, attention_mask) of shape (B, P + L) and the (B, L) response mask."""
+    ids = torch.cat([rollouts["prompt_ids"][rows], rollouts["response_ids"][rows]], 1)
+    attn = torch.cat([rollouts["prompt_mask"][rows], rollouts["response_mask"][rows]], 1)
+    return ids, attn, rollouts["response_mask"][rows]
 
 
 def mm_token_types(model, input_ids):
@@ -352,8 +371,7 @@ class SamplingEntropy(LogitsProcessor):
         self.temperature, self.steps = temperature, []
 
     def __call__(self, input_ids, scores):
-        p = torch.softmax(scores.float() / self.temperature, dim=-1)
-        self.steps.append(torch.special.entr(p).sum(-1))  # H = -sum_v p_v log p_v, 0 log 0 = 0
+        self.steps.append(entropy_from_logp(torch.log_softmax(scores.float() / self.temperature, dim=-1)))
         return scores
 
 

@@ -23,10 +23,13 @@ import torch
 
 from rewards import ACCURACY_WEIGHT, FORMAT_WEIGHT, extract_answer, format_ok, is_correct, score
 import bench
+import checkpoint
 import data
+import distributed
 import egas
 import grpo
 import model as model_lib
+import ppo
 import rewards
 import train
 import tsec
@@ -36,7 +39,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 GEO3K_SAMPLE = os.path.join(ROOT, "assets", "geometry3k-sample", "test.parquet")
 # a small SaEI run: the tiny model, 2 prompts x (2 clean + 2 adversarial) responses of at most 24 tokens
 SMALL = ["--model", "tiny", "--dataset", GEO3K_SAMPLE, "--min_pixels", "3136", "--max_pixels", "12544",
-         "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2"]
+         "--max_response_len", "24", "--batch_size", "2", "--n_clean", "2", "--n_adv", "2", "--eval_limit", "2",
+         "--updates_per_rollout", "1"]
 SMALL_ONE_STEP = SMALL + ["--max_steps", "1"]
 # the same on the shipped warm start and the synthetic task: rewards differ within a group, so advantages are not 0
 WARM = ["--model", "assets/tiny-synthetic", "--dataset", "synthetic", "--min_pixels", "12544", "--max_pixels", "12544",
@@ -198,7 +202,7 @@ def demo_checkpoint(tmp_path_factory):
     16 held-out problems. Returns (checkpoint folder, the after-training evaluation train.main returned)."""
     out = tmp_path_factory.mktemp("demo")
     _, end = train.main(["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--dataset", "synthetic",
-                         "--min_pixels=12544", "--max_pixels=12544", "--max_response_len=96", "--batch_size=2",
+                         "--min_pixels=12544", "--max_pixels=12544", "--max_response_len=96", "--batch_size=2", "--updates_per_rollout=1",
                          "--n_clean=2", "--n_adv=2", "--eval_limit=16", "--max_steps=1", "--lr=1e-4",
                          "--micro_batch_size=4", "--gradient_checkpointing=False", "--out_dir", str(out)])
     return out / "checkpoint", end
@@ -333,7 +337,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
     # Same fixed rollouts on 1 rank or split over 2: the token-mean loss and the gradients must agree.
     import os, sys, torch
     sys.path.insert(0, {root!r})
-    import egas, train
+    import distributed, egas, ppo, train
     from model import load_policy
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # two prompts x (2 clean + 2 adversarial) responses; micro-batches of 3 rows that share their prompt's encoding
@@ -348,14 +352,15 @@ UPDATE_SCRIPT = textwrap.dedent("""
             init(",".join(f"{{d}}:{{'gloo' if b == 'nccl' else b}}" for d, b in served.items()), **kw)
         torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, lambda device: None
         cfg.device = "cuda"
-    rank, world = train.setup_distributed(cfg)
+    rank, world = distributed.setup_distributed(cfg)
     loads = []  # how many times this rank reads the model: under torchrun, rank 0 alone
     import model as model_lib
     model_lib.load_policy = lambda *a, load=model_lib.load_policy, **kw: loads.append(1) or load(*a, **kw)
+    distributed.load_policy = model_lib.load_policy  # the name distributed.py imported
     if world > 1:
-        policy, tok, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy, tok, weights = distributed.load_on_rank0("tiny", rank, seed=0)
         policy.model.visual.requires_grad_(False)
-        train.shard(policy, torch.float32, "cpu", weights)
+        distributed.shard(policy, torch.float32, "cpu", weights)
     else:
         policy, tok = model_lib.load_policy("tiny", seed=0)
         policy.model.visual.requires_grad_(False)
@@ -373,8 +378,8 @@ UPDATE_SCRIPT = textwrap.dedent("""
     rollouts = dict(prompt_ids=prompt[rows], prompt_mask=torch.ones_like(prompt[rows]),
                     response_ids=response[rows] * response_mask[rows], response_mask=response_mask[rows])
     no_autocast = lambda: torch.autocast("cpu", enabled=False)
-    totals, _ = train.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world, no_autocast)
-    loss = train.all_reduce_sum(torch.tensor(totals["loss"])).item()
+    totals, _ = ppo.policy_update(policy, None, rollouts, advantages[rows], images[rows], cfg, world, no_autocast)
+    loss = distributed.all_reduce_sum(torch.tensor(totals["loss"])).item()
 
     def full_grads(model):
         return {{name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
@@ -390,17 +395,17 @@ UPDATE_SCRIPT = textwrap.dedent("""
     if world == 1:
         attack_stats = attack(policy)
     else:  # the update and the attack with FSDP2's bf16 compute weights and autocast off, as on GPUs
-        policy16, _, weights = train.load_on_rank0("tiny", rank, seed=0)
+        policy16, _, weights = distributed.load_on_rank0("tiny", rank, seed=0)
         policy16.model.visual.requires_grad_(False)
-        train.shard(policy16, torch.bfloat16, "cpu", weights)
-        totals16, _ = train.policy_update(policy16, None, rollouts, advantages[rows], images[rows], cfg, world,
+        distributed.shard(policy16, torch.bfloat16, "cpu", weights)
+        totals16, _ = ppo.policy_update(policy16, None, rollouts, advantages[rows], images[rows], cfg, world,
                                           no_autocast)
-        bf16 = {{"loss": train.all_reduce_sum(torch.tensor(totals16["loss"])).item(), "grads": full_grads(policy16),
+        bf16 = {{"loss": distributed.all_reduce_sum(torch.tensor(totals16["loss"])).item(), "grads": full_grads(policy16),
                  "attack": attack(policy16)}}
     # one optimizer step; then every rank gathers the full weights and reports a checksum of them
     torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    train.reshard(policy) if world > 1 else None
+    distributed.reshard(policy) if world > 1 else None
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
     checksum = sum(v.double().abs().sum().item() * (i + 1) for i, v in enumerate(full.values()))
     checksums = [None] * world
@@ -415,7 +420,7 @@ UPDATE_SCRIPT = textwrap.dedent("""
         torch.save({{"loss": loss, "grads": grads, "tokens": totals["tokens"], "checksums": checksums,
                      "attack": attack_stats if world == 1 else None, "bf16": bf16}}, sys.argv[1])
     if world > 1:
-        train.leave_process_group()
+        distributed.leave_process_group()
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: gloo's threads at exit sometimes abort ("terminate called ...")
 """)
@@ -774,6 +779,24 @@ def test_model_unknown_name_is_a_clear_error():
         model_lib.load_policy("./no/such/checkpoint")
 
 
+def _reference_entropy(logits, temperature=1.0):
+    """Entropy in nats of softmax(logits / T), written out plainly: the reference the code is checked against."""
+    p = torch.softmax(logits.float() / temperature, -1)
+    return -(p * torch.log_softmax(logits.float() / temperature, -1)).sum(-1)
+
+
+def test_model_entropy_from_logp_is_the_formula():
+    for temperature in (1.0, 0.7):
+        logits = torch.randn(3, 5, 40) * 3
+        p = torch.softmax(logits / temperature, -1)
+        logp = torch.log_softmax(logits / temperature, -1)
+        assert torch.allclose(model_lib.entropy_from_logp(logp.clone()), -(p * p.log()).sum(-1), atol=1e-6)
+    assert math.isclose(model_lib.entropy_from_logp(torch.log_softmax(torch.zeros(50), -1)).item(), math.log(50),
+                        rel_tol=1e-6)
+    suppressed = torch.log_softmax(torch.tensor([0.0, 0.0, -math.inf, -math.inf]), -1)  # 0 log 0 counts for 0
+    assert model_lib.entropy_from_logp(suppressed).item() == pytest.approx(math.log(2))
+
+
 def test_model_response_hidden_predicts_response_tokens(tiny):
     policy, tok = tiny
     x = torch.rand(3, 56, 56)
@@ -845,14 +868,14 @@ SAMPLE_GATHER_SCRIPT = textwrap.dedent("""
     # Under FSDP2 on 2 ranks: all-gathers during one `sample` call of 8 and of 32 new tokens.
     import os, sys, torch
     sys.path.insert(0, {root!r})
-    import data, train
+    import data, distributed, train
     from model import load_policy, sample
     from torch.distributed.tensor import DTensor
     dist = torch.distributed
     cfg = type("Config", (), dict(train.DEFAULTS, device="cpu"))
-    rank, world = train.setup_distributed(cfg)
+    rank, world = distributed.setup_distributed(cfg)
     policy, tok = load_policy("tiny", seed=0)
-    train.shard(policy, torch.float32)
+    distributed.shard(policy, torch.float32)
     gathers, forwards = [0], [0]
     gather = dist.all_gather_single  # FSDP2's all-gather of a group's weights
     dist.all_gather_single = lambda *a, **kw: (gathers.__setitem__(0, gathers[0] + 1), gather(*a, **kw))[1]
@@ -869,7 +892,7 @@ SAMPLE_GATHER_SCRIPT = textwrap.dedent("""
                                   longest=int(out["response_mask"].sum(1).max()))
     if rank == 0:
         torch.save(result, sys.argv[1])
-    train.leave_process_group()
+    distributed.leave_process_group()
     sys.stdout.flush()
     os._exit(0)
 """)
@@ -1144,15 +1167,6 @@ def test_rewards_real_geometry3k():
 
 # ----------------------------------------------------------------------------- tsec.py
 
-def test_tsec_token_entropy_matches_formula():
-    logits = torch.randn(5, 7, 11)
-    for temperature in (1.0, 0.7):
-        p = torch.softmax(logits / temperature, -1)
-        assert torch.allclose(tsec.token_entropy(logits, temperature), -(p * p.log()).sum(-1), atol=1e-6)
-    assert math.isclose(tsec.token_entropy(torch.zeros(50)).item(), math.log(50), rel_tol=1e-6)
-    assert tsec.token_entropy(torch.tensor([0.0, 1e4, 0.0])).item() < 1e-6
-
-
 def test_tsec_select_band_keeps_exactly_the_middle_third():
     entropy = torch.tensor([[5., 1., 9., 3., 7., 2., 8., 4., 6., 0., 0., 0.]])
     mask = torch.tensor([[1] * 9 + [0] * 3])
@@ -1229,7 +1243,7 @@ def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
     with torch.no_grad():  # straightforward recomputation with full logits
         logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv.repeat(n, 1), image_grid_thw=grid.repeat(n, 1),
                         mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
-    entropy = tsec.token_entropy(logits[:, P - 1:-1]) * out["response_mask"]
+    entropy = _reference_entropy(logits[:, P - 1:-1]) * out["response_mask"]
     selected = tsec.select_band(entropy, out["response_mask"], group_size=n)
     assert st["objective_clean"] == pytest.approx(tsec.selective_entropy(entropy, selected).item(), abs=1e-5)
     assert st["gain"] == pytest.approx(0.0, abs=1e-6)
@@ -1248,7 +1262,7 @@ def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
     with torch.no_grad():
         logits = policy(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
                              mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, len(prompt) - 1:-1]
-    assert st["objective_clean"] == pytest.approx(tsec.token_entropy(logits).mean().item(), abs=1e-5)
+    assert st["objective_clean"] == pytest.approx(_reference_entropy(logits).mean().item(), abs=1e-5)
     assert math.isfinite(st["gain"])
 
 
@@ -1503,7 +1517,7 @@ def test_grpo_chunked_logprobs_equal_full_logits_values_and_gradients():
     logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
     logits = lm_head(hidden) / 0.8
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    ref_ent = tsec.token_entropy(logits) * mask
+    ref_ent = _reference_entropy(logits) * mask
     assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
     (g,) = torch.autograd.grad((logp * 1.3 + ent).sum(), hidden)
     (g_ref,) = torch.autograd.grad((ref_logp * 1.3 + ref_ent).sum(), hidden)
@@ -1531,13 +1545,13 @@ def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
     g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
     logits = lm_head(hidden) / 0.9
     ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    ref_ent = tsec.token_entropy(logits) * mask
+    ref_ent = _reference_entropy(logits) * mask
     r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
     assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
     # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
     _, ent2 = model_lib.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
     (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
-    (r_h2,) = torch.autograd.grad(-tsec.token_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
+    (r_h2,) = torch.autograd.grad(-_reference_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
     assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
 
 
@@ -1555,7 +1569,7 @@ def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
     assert g_h.dtype == g_w.dtype == torch.bfloat16
     h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
     logits = h_ref @ w_ref.T / 0.9
-    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - tsec.token_entropy(logits)
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - _reference_entropy(logits)
     r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
     assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
     assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
@@ -1640,7 +1654,7 @@ def test_train_selected_tokens_loss_is_the_mean_over_the_top_20_percent(pg_token
     advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
     cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=3, pg_tokens=pg_tokens))
     images = [torch.rand(3, 56, 56, generator=g) for _ in range(B)]
-    totals, entropy = train.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
+    totals, entropy = ppo.policy_update(policy, None, rollouts, advantages, images, cfg, 1,
                                           lambda: torch.autocast("cpu", enabled=False))
     k = torch.tensor([2.0, 2.0, 1.0, 1.0])
     assert totals["tokens"] == 6
@@ -1685,7 +1699,7 @@ def test_train_update_sharing_each_prompt_equals_encoding_every_row():
         widths = []  # the token width of every forward pass
         hook = policy.model.language_model.embed_tokens.register_forward_pre_hook(
             lambda module, args: widths.append(args[0].shape[1]))
-        totals, entropy = train.policy_update(policy, None, batch, advantages, images, cfg, 1,
+        totals, entropy = ppo.policy_update(policy, None, batch, advantages, images, cfg, 1,
                                               lambda: torch.autocast("cpu", enabled=False))
         hook.remove()
         grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
@@ -1763,7 +1777,7 @@ def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatc
         x_adv, stats = real_attack(policy, x, *args, **kwargs)
         attacks.append((x, x_adv, stats))
         return x_adv, stats
-    monkeypatch.setattr(model_lib, "sample", spy_sample)
+    monkeypatch.setattr(train, "sample", spy_sample)  # the name train.py calls
     monkeypatch.setattr(egas, "attack", spy_attack)
     (log,) = _run(tmp_path, f"--pgd_alpha={32 / 255}", "--eval_limit=0")
     clean, adv = calls  # one clean and one adversarial sampling call (no evaluation)
@@ -1841,7 +1855,7 @@ def two_mini_batch_runs(tmp_path_factory):
     runs = {}
     for micro in (1, 3):
         calls, losses = [], []
-        real_update, real_loss = train.policy_update, grpo.policy_loss
+        real_update, real_loss = ppo.policy_update, grpo.policy_loss
 
         def spy_update(policy, ref, rollouts, advantages, row_images, cfg, *args):
             weights = {k: v.detach().clone() for k, v in policy.state_dict().items()}
@@ -1852,7 +1866,7 @@ def two_mini_batch_runs(tmp_path_factory):
             losses.append({"call": len(calls) - 1, "logp": logp.detach(), "old": old_logp.detach(), "mask": mask})
             return real_loss(logp, old_logp, advantages, mask, *args)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train, "policy_update", spy_update)
+            mp.setattr(ppo, "policy_update", spy_update)
             mp.setattr(grpo, "policy_loss", spy_loss)
             path = tmp_path_factory.mktemp(f"micro{micro}")
             train.main(SMALL_ONE_STEP + WARM + ["--updates_per_rollout=2", "--lr=1e-3", f"--micro_batch_size={micro}",
@@ -1927,7 +1941,7 @@ def test_train_mini_batch_updates_do_not_depend_on_the_micro_batch_size(two_mini
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the configuration was checked")
-    monkeypatch.setattr(model_lib, "load_policy", no_load)
+    monkeypatch.setattr(train, "load_policy", no_load)
     with pytest.raises(SystemExit, match=message) as e:
         train.main(SMALL + args + ["--out_dir", str(tmp_path)])
     assert "\n" not in str(e.value)
@@ -1967,11 +1981,11 @@ SEE_SCRIPT = textwrap.dedent("""
     # shared filesystem): every rank must stop with one line, none may hang or train from scratch
     import json, os, sys
     sys.path.insert(0, {root!r})
-    import checkpoint, train
+    import checkpoint, distributed, train
     rank = int(os.environ["RANK"])
     saved = json.load(open(os.path.join(sys.argv[1], "checkpoint", "training_config.json")))["config"]
     cfg = type("Config", (), dict(saved, resume=True, out_dir=sys.argv[1 + rank]))
-    rank, world = train.setup_distributed(cfg)
+    rank, world = distributed.setup_distributed(cfg)
     try:
         checkpoint.start(cfg, rank, world)
         print(f"rank {{rank}} resumes")
@@ -2215,7 +2229,7 @@ def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchang
         assert policy.is_activation_checkpointing == checkpointing
         cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=micro))
         rollouts, images, advantages = _fixed_rollouts(policy)
-        train.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
+        ppo.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
     assert grads[0].abs().max() > 1e-4
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
@@ -2225,13 +2239,13 @@ def test_train_non_finite_update_is_skipped_not_applied():
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([w], lr=0.1)
     w.grad = torch.tensor([1.0, float("nan"), 0.0])
-    norm, applied = train.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    norm, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=0.5)
     assert not applied and not math.isfinite(norm) and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
     w.grad = torch.tensor([1.0, 1.0, 0.0])
-    _, applied = train.optimizer_step(optimizer, [w], 1.0, loss=float("inf"))
+    _, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=float("inf"))
     assert not applied and torch.equal(w.detach(), torch.ones(3))
     w.grad = torch.tensor([3.0, 4.0, 0.0])
-    norm, applied = train.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    norm, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=0.5)
     assert applied and norm == pytest.approx(5.0) and not torch.equal(w.detach(), torch.ones(3))
 
 

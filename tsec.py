@@ -8,15 +8,6 @@ response tokens by entropy and keeps only a middle band (paper: the middle third
 import torch
 
 
-def token_entropy(logits, temperature=1.0):
-    """Entropy in nats of softmax(logits / temperature) over the last dimension, computed in fp32.
-
-    logits: (..., V) -> (...). H = -sum_v p_v log p_v.
-    """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def select_band(entropy, mask, band=(1 / 3, 2 / 3), group_size=None):
     """Keep the tokens whose entropy rank falls in the band.
 

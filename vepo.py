@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from model import entropy_from_logp
+
 TOP_FRACTION = 0.2  # share of each response's tokens that receive policy gradient
 NOISE_STD = 2.0     # std of the Gaussian noise added to the normalized pixel values for the perturbed pass
 JSD_WEIGHT = 0.7    # alpha: weight of the JSD against the entropy gap in the score
@@ -50,7 +52,7 @@ def token_jsd(hidden, hidden_noisy, weight, mask, temperature=1.0, chunk_size=10
         logp = torch.log_softmax((h[i:i + chunk_size] @ weight.T).float() / temperature, dim=-1)
         logq = torch.log_softmax((hn[i:i + chunk_size] @ weight.T).float() / temperature, dim=-1)
         jsd_parts.append(jsd(logp, logq))
-        ent_parts.append(-(logq.exp() * logq).sum(-1))
+        ent_parts.append(entropy_from_logp(logq))
     out_jsd = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     out_ent = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     if jsd_parts:

@@ -5,4 +5,4 @@ dataset = "mmk12"
 train_split = "train"            # 6,457 problems (MMK12 in free form: xyliu6/k12-freeform)
 eval_split = "test"              # 808 problems, greedy
 out_dir = "out/mmk12_saei"
-max_steps = 504                  # 10 epochs at 128 prompts per step: 6457 * 10 / 128
+max_steps = 126                  # 10 epochs at 512 prompts per step: 6457 * 10 / 512
