@@ -214,9 +214,10 @@ def _run(tmp_path, *args):
 
 
 # spied on in the training loop: each spy records a call as {"name", "args" (by parameter name), "result"} and
-# returns the real function's result; ppo_update's record also keeps a copy of the policy it was given (pi_old)
-SPIED = [(model_lib, "sample"), (egas, "attack"), (egas, "add_noise"), (rewards, "score"), (train, "merge_groups"),
-         (train, "ppo_update")]
+# returns the real function's result; ppo.update's record also keeps a copy of the policy it was given (pi_old).
+# Patched where the loop looks them up (train.py imports `sample` by name).
+SPIED = [(train, "sample"), (egas, "attack"), (egas, "add_noise"), (rewards, "score"), (train, "merge_groups"),
+         (ppo, "update")]
 
 
 def _spied_run(tmp_path, *args):
@@ -229,7 +230,7 @@ def _spied_run(tmp_path, *args):
             def spy(*a, _real=getattr(module, name), _name=name, **kw):
                 bound = inspect.signature(_real).bind(*a, **kw).arguments
                 call = {"name": _name, "args": bound}
-                if _name == "ppo_update":
+                if _name == "update":
                     call["pi_old"] = copy.deepcopy(bound["policy"])
                 call["result"] = _real(*a, **kw)
                 calls.append(call)
@@ -240,14 +241,14 @@ def _spied_run(tmp_path, *args):
 
 
 def _one_step(logs, calls):
-    """A one-step run's training-step calls by name, evaluation's greedy sampling and scoring left out."""
+    """A one-step run's training-step calls by name; its scores are those between the rollouts and the update
+    (evaluation scores its greedy answers too)."""
     (log,) = logs
     rollouts = [i for i, c in enumerate(calls) if c["name"] == "sample" and not c["args"].get("greedy")]
-    after = calls[rollouts[-1] + 1:]
-    end = next((i for i, c in enumerate(after) if c["name"] == "sample"), len(after))  # the final evaluation
-    step = {name: [c for c in calls if c["name"] == name]
-            for name in ("attack", "add_noise", "merge_groups", "ppo_update")}
-    step.update(log=log, sample=[calls[i] for i in rollouts], score=[c for c in after[:end] if c["name"] == "score"])
+    (update,) = [i for i, c in enumerate(calls) if c["name"] == "update"]
+    step = {name: [c for c in calls if c["name"] == name] for name in ("attack", "add_noise", "merge_groups", "update")}
+    step.update(log=log, sample=[calls[i] for i in rollouts],
+                score=[c for c in calls[rollouts[-1] + 1:update] if c["name"] == "score"])
     return step
 
 
@@ -269,7 +270,7 @@ def _row_entropy(policy, out, images, lengths):
     with torch.no_grad():
         logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv, image_grid_thw=grid,
                         mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, P - 1:-1]
-    return (tsec.token_entropy(logits) * mask).sum(1) / mask.sum(1)
+    return (_reference_entropy(logits) * mask).sum(1) / mask.sum(1)
 
 
 # one SaEI step of the warm-started tiny model on the synthetic task, whose rewards differ within a group:
@@ -1272,7 +1273,7 @@ def _full_entropy(policy, ids, attn, mask, x, P):
     with torch.no_grad():
         logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv, image_grid_thw=grid,
                         mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits[:, P - 1:-1]
-    return tsec.token_entropy(logits) * mask
+    return _reference_entropy(logits) * mask
 
 
 def test_egas_attack_ranks_the_band_once_on_the_clean_image(rollouts):
@@ -2290,7 +2291,7 @@ def _update_entropies(step):
     clean-then-adversarial), and the same recomputed from the sampled responses: clean ones on the clean image,
     adversarial ones on the clean image and on the image they were sampled on."""
     clean, adv = step["sample"]
-    (update,) = step["ppo_update"]
+    (update,) = step["update"]
     policy, tok = update["pi_old"], clean["args"]["tok"]
     nc, na = clean["args"]["n"], adv["args"]["n"]
     ids = update["args"]["rollouts"]["response_ids"]
@@ -2338,7 +2339,7 @@ def test_train_advantages_standardise_each_prompts_whole_group(saei_step):
                         grpo.group_advantages(groups[:, nc:].flatten(), na).view(-1, na)], 1).flatten()
     joint = grpo.group_advantages(reward, nc + na)
     assert (joint - halves).abs().max() > 0.1  # the rewards tell the two apart
-    (update,) = saei_step["ppo_update"]
+    (update,) = saei_step["update"]
     assert torch.allclose(update["args"]["advantages"], joint, atol=1e-6)
     assert saei_step["log"]["loss"] == pytest.approx(loss(joint), rel=1e-5, abs=1e-7)
     dead = (groups.std(1) == 0).float().mean().item()
