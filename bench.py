@@ -125,11 +125,10 @@ def step_times(model, dataset, folder, cfg):
 
 # ----------------------------------------------------------------------------- (b): attack memory
 
-def full_logits_objective(model, x, sequences, attention_mask, response_mask, prompt_len, band=(1 / 3, 2 / 3),
-                          scope="group", temperature=1.0):
+def full_logits_objective(model, x, sequences, attention_mask, response_mask, prompt_len, selected, temperature=1.0):
     """The straightforward TsEC objective, for comparison: the (n, P + L, V) logits of every row, with gradient.
 
-    Same inputs and value as egas.tsec_objective(...)(x)[0]; x: (3, H, W) in [0, 1]. Returns the scalar J.
+    Same inputs and value as egas.tsec_objective(..., selected)(x)[0]; x: (3, H, W) in [0, 1]. Returns the scalar J.
     """
     import tsec
     from data import image_to_pixels
@@ -140,7 +139,6 @@ def full_logits_objective(model, x, sequences, attention_mask, response_mask, pr
                    image_grid_thw=grid.repeat(n, 1), mm_token_type_ids=(sequences == model.config.image_token_id).int(),
                    use_cache=False).logits
     entropy = entropy_from_logp(torch.log_softmax(logits[:, prompt_len - 1:-1].float() / temperature, -1)) * response_mask
-    selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
     return tsec.selective_entropy(entropy, selected)
 
 
@@ -156,6 +154,7 @@ def attack_memory(method, length, rows, repeats, image):
     earlier work can be reused without raising the resident set.
     """
     import egas
+    import tsec
     import train
     from data import build_prompt, n_image_tokens
     torch.manual_seed(0)
@@ -168,11 +167,14 @@ def attack_memory(method, length, rows, repeats, image):
         response = torch.randint(10, QWEN_VOCAB, (rows, L))  # any non-special ids: the cost does not depend on them
         seqs = torch.cat([prompt.expand(rows, -1), response], 1)
         attn, mask = torch.ones_like(seqs), torch.ones_like(response)
+        ranking = torch.rand(rows, L)  # the entropies sampling recorded: any values rank the band alike
         if method == "ours":
-            egas.attack(policy, x, seqs, attn, mask, len(prompt), steps=1, alpha=2 / 255, eps=2 / 255, chunk_size=chunk)
+            egas.attack(policy, x, seqs, attn, mask, len(prompt), ranking, steps=1, alpha=2 / 255, eps=2 / 255,
+                        chunk_size=chunk)
         else:
             img = x.clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(full_logits_objective(policy, img, seqs, attn, mask, len(prompt)), img)
+            selected = tsec.select_band(ranking, mask, group_size=rows)
+            (grad,) = torch.autograd.grad(full_logits_objective(policy, img, seqs, attn, mask, len(prompt), selected), img)
             (x + 2 / 255 * grad.sign()).clamp(0, 1)
 
     call(8)  # warm-up: lazy initializations and thread pools are not the method's memory

@@ -66,36 +66,35 @@ def add_noise(x, k):
     return torch.round(x_k.clamp(0.0, 1.0) * 255) / 255
 
 
-def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, band=(1 / 3, 2 / 3), scope="group",
-                   temperature=1.0, chunk_size=1024):
+def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, selected, temperature=1.0,
+                   chunk_size=1024):
     """The TsEC objective J(image) on one prompt's n clean responses, and its gradient, in the memory of one response.
 
-    sequences, attention_mask: (n, P + L) the prompt + its n clean responses, right-padded; response_mask: (n, L).
-    On the first call the tokens are ranked by entropy without gradient, within the group of n responses (scope
-    "group") or per response ("response"), and the band is kept fixed for later calls. J is the mean over responses
-    of each response's mean entropy on its band, so each response's weight is known before its forward pass: the
-    prompt and image are encoded once, then each response, trimmed to its own length, runs its forward and backward
-    alone, its share of the gradient accumulated into the prompt's keys/values; one backward through the prompt
-    then reaches the pixels. The LM head runs on the selected positions only, chunk by chunk (DESIGN §6).
-    Returns (objective, state): objective(img (3, H, W), grad=False) -> (J as a float, dJ/dimg (3, H, W) or None);
-    state["selected"] the (n, L) bool band and state["fallback"] = 1 when the band selected nothing and all tokens
-    were used instead.
+    sequences, attention_mask: (n, P + L) the prompt + its n clean responses, right-padded; response_mask: (n, L);
+    selected: (n, L) bool, the band's tokens (tsec.select_band, ranked once on the clean image). J is the mean over
+    responses of each response's mean entropy on its band, so each response's weight is known before its forward
+    pass: the prompt and image are encoded once, then each response, trimmed to its own length, runs its forward
+    and backward alone, its share of the gradient accumulated into the prompt's keys/values; one backward through
+    the prompt then reaches the pixels. The LM head runs on the selected positions only, chunk by chunk (DESIGN §6).
+    Returns objective(img (3, H, W), grad=False) -> (J as a float, dJ/dimg (3, H, W) or None).
     """
     n = sequences.shape[0]
     if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
         raise ValueError("tsec_objective: all rows must share one prompt")
     lengths = response_mask.sum(1).tolist()  # right-padded: response j is its first lengths[j] tokens
     targets = sequences[:, prompt_len:]
-    state = {"selected": None, "fallback": 0, "positions": None}
+    counts = selected.sum(1)
+    weights = 1.0 / (counts.clamp(min=1) * (counts > 0).sum())  # mean per response, then over responses
+    positions = []  # Qwen2.5-VL's 3D positions of the whole rows, computed once: the image size never changes
 
     def encode_prompt(img):
         """img -> the state predicting response token 0 (1, 1, D) and the prompt's keys/values, one pair per layer."""
         pixel_values, grid = image_to_pixels(img)
-        if state["positions"] is None:  # Qwen2.5-VL's 3D positions of the whole rows; the image size never changes
-            state["positions"] = multimodal_positions(model, sequences, attention_mask, grid.repeat(n, 1))
+        if not positions:
+            positions.append(multimodal_positions(model, sequences, attention_mask, grid.repeat(n, 1)))
         out, states = _forward(model, input_ids=sequences[:1, :prompt_len], attention_mask=attention_mask[:1, :prompt_len],
                                pixel_values=pixel_values, image_grid_thw=grid,
-                               position_ids=state["positions"][:, :1, :prompt_len])
+                               position_ids=positions[0][:, :1, :prompt_len])
         return states[:, -1:], [(layer.keys, layer.values) for layer in out.cache.layers]
 
     def response_states(j, last, prompt_kv):
@@ -103,7 +102,7 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
         end = prompt_len + lengths[j]
         _, states = _forward(model, input_ids=sequences[j:j + 1, prompt_len:end],
                              attention_mask=attention_mask[j:j + 1, :end], cache=DynamicCache(prompt_kv),
-                             position_ids=state["positions"][:, j:j + 1, prompt_len:end])
+                             position_ids=positions[0][:, j:j + 1, prompt_len:end])
         return torch.cat([last, states[:, :-1]], 1)
 
     def objective(img, grad=False):
@@ -116,20 +115,6 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
         # weights are constants here, so no weight gradient is computed; read after a forward, which under
         # FSDP2 is when the LM head holds its gathered (unsharded) weight
         head = model.lm_head.weight.detach()
-        if state["selected"] is None:  # rank on the first (clean) image, without gradient
-            entropy = torch.zeros(response_mask.shape, device=sequences.device)
-            with torch.no_grad():
-                for j in range(n):
-                    _, entropy[j:j + 1, :lengths[j]] = token_logprobs(
-                        response_states(j, leaves[0], leaf_kv), head, targets[j:j + 1, :lengths[j]],
-                        response_mask[j:j + 1, :lengths[j]], temperature, chunk_size)
-            selected = tsec.select_band(entropy, response_mask, band, group_size=n if scope == "group" else 1)
-            if not selected.any():  # too few tokens for the band (very short responses): use them all
-                selected, state["fallback"] = response_mask.bool(), 1
-            state["selected"] = selected
-        selected = state["selected"]
-        counts = selected.sum(1)
-        weights = 1.0 / (counts.clamp(min=1) * (counts > 0).sum())  # mean per response, then over responses
         total = 0.0
         for j in range(n):
             if counts[j] == 0:  # a response with no selected token does not count
@@ -148,7 +133,7 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
                                 inputs=[img])
         return total, img.grad
 
-    return objective, state
+    return objective
 
 
 def _forward(model, **inputs):
@@ -163,17 +148,24 @@ def _forward(model, **inputs):
     return out, captured[-1]
 
 
-def attack(model, x, sequences, attention_mask, response_mask, prompt_len, steps, alpha, eps,
+def attack(model, x, sequences, attention_mask, response_mask, prompt_len, entropy, steps, alpha, eps,
            band=(1 / 3, 2 / 3), scope="group", temperature=1.0, chunk_size=1024):
     """EgAS on one prompt: perturb its image to raise the TsEC entropy of its clean responses.
 
     x: (3, H, W) the clean image in [0, 1]; sequences, attention_mask: (n, P + L) the prompt + its n clean
-    responses; response_mask: (n, L). PGD ascends `tsec_objective`, whose tokens are ranked on the clean image.
-    Returns x_adv and stats: objective on x and on x_adv (same tokens), their difference `gain`, and
-    `fallback` = 1 when the band selected nothing and all tokens were used instead.
+    responses; response_mask: (n, L); entropy: (n, L) the entropy of each token's distribution on the clean image,
+    as sampling recorded it (model.sample's response_entropy). Returns x_adv and stats: the objective on x and on
+    x_adv (same tokens), their difference `gain`, and `fallback` = 1 when the band selected nothing and all
+    tokens were used instead.
     """
-    objective, state = tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, band, scope,
-                                      temperature, chunk_size)
+    # 1. TsEC: rank the tokens once, on the clean image, without gradient, and keep the band fixed
+    selected = tsec.select_band(entropy, response_mask, band, group_size=sequences.shape[0] if scope == "group" else 1)
+    fallback = int(not selected.any())
+    if fallback:  # too few tokens for the band (very short responses): use them all
+        selected = response_mask.bool()
+    # 2. EgAS: PGD on the pixels, ascending the band's mean entropy
+    objective = tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, selected, temperature,
+                               chunk_size)
     stats = {}
 
     def logged(img):  # PGD's first call is on the clean image: record J there for free
@@ -190,5 +182,5 @@ def attack(model, x, sequences, attention_mask, response_mask, prompt_len, steps
     finally:
         release_weights(sharded)
     stats["gain"] = stats["objective_adv"] - stats["objective_clean"]
-    stats["fallback"] = state["fallback"]
+    stats["fallback"] = fallback
     return x_adv, stats

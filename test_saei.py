@@ -389,8 +389,9 @@ UPDATE_SCRIPT = textwrap.dedent("""
     def attack(model):  # EgAS on this rank's first prompt, its first 2 responses standing in for clean rollouts
         seqs = torch.cat([rollouts["prompt_ids"][:2], rollouts["response_ids"][:2]], 1)
         attn = torch.cat([rollouts["prompt_mask"][:2], rollouts["response_mask"][:2]], 1)
-        return egas.attack(model.eval(), images[rows][0], seqs, attn, rollouts["response_mask"][:2], P, steps=1,
-                           alpha=2 / 255, eps=2 / 255)[1]
+        ranking = torch.arange(L, dtype=torch.float32).expand(2, L)  # any fixed ranking: rank by position
+        return egas.attack(model.eval(), images[rows][0], seqs, attn, rollouts["response_mask"][:2], P, ranking,
+                           steps=1, alpha=2 / 255, eps=2 / 255)[1]
     grads = full_grads(policy)
     bf16 = None
     if world == 1:
@@ -1220,10 +1221,13 @@ def test_egas_attack_raises_selected_entropy_on_tiny_model(tiny, geo3k):
         rows = slice(i * n, (i + 1) * n)
         ids = torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1)
         attn = torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1)
-        x_adv, st = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, steps=1, alpha=2 / 255, eps=2 / 255)
+        entropy = out["response_entropy"][rows]  # what sampling recorded: the band is ranked on it
+        x_adv, st = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, entropy, steps=1, alpha=2 / 255,
+                                eps=2 / 255)
         assert (x_adv - x).abs().max() <= 2 / 255 + 1e-6 and not torch.equal(x_adv, x)
         gains.append(st["gain"])
-        _, st_down = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, steps=1, alpha=-2 / 255, eps=2 / 255)
+        _, st_down = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, entropy, steps=1, alpha=-2 / 255,
+                                 eps=2 / 255)
         descents.append(st_down["gain"])
         assert st["objective_clean"] == pytest.approx(st_down["objective_clean"], abs=1e-5)  # same tokens, same image
     assert all(p.grad is None for p in policy.parameters())  # the attack never creates parameter gradients
@@ -1239,13 +1243,15 @@ def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
     P = out["prompt_ids"].shape[1]
     ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
     attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-    _, st = egas.attack(policy, x, ids, attn, out["response_mask"], P, steps=0, alpha=0.0, eps=0.0)
+    _, st = egas.attack(policy, x, ids, attn, out["response_mask"], P, out["response_entropy"], steps=0, alpha=0.0,
+                        eps=0.0)
     pv, grid = data.image_to_pixels(x)
     with torch.no_grad():  # straightforward recomputation with full logits
         logits = policy(input_ids=ids, attention_mask=attn, pixel_values=pv.repeat(n, 1), image_grid_thw=grid.repeat(n, 1),
                         mm_token_type_ids=model_lib.mm_token_types(policy, ids)).logits
     entropy = _reference_entropy(logits[:, P - 1:-1]) * out["response_mask"]
-    selected = tsec.select_band(entropy, out["response_mask"], group_size=n)
+    # the band: ranked on the entropies sampling recorded, within the group; J: the band's mean entropy
+    selected = tsec.select_band(out["response_entropy"], out["response_mask"], group_size=n)
     assert st["objective_clean"] == pytest.approx(tsec.selective_entropy(entropy, selected).item(), abs=1e-5)
     assert st["gain"] == pytest.approx(0.0, abs=1e-6)
 
@@ -1257,7 +1263,8 @@ def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
     response = tok("7<|im_end|>").input_ids  # 2 tokens: round(2/3) == round(4/3), so the middle band is empty
     ids = torch.tensor([prompt + response])
     mask = torch.ones(1, len(response), dtype=torch.long)
-    _, st = egas.attack(policy, x, ids, torch.ones_like(ids), mask, len(prompt), steps=1, alpha=2 / 255, eps=2 / 255)
+    _, st = egas.attack(policy, x, ids, torch.ones_like(ids), mask, len(prompt), torch.ones(1, len(response)), steps=1,
+                        alpha=2 / 255, eps=2 / 255)
     assert st["fallback"] == 1
     pv, grid = data.image_to_pixels(x)
     with torch.no_grad():
@@ -1373,15 +1380,16 @@ def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(roll
     P = out["prompt_ids"].shape[1]
     for i, x in enumerate(images):
         ids, attn, mask = _rows(out, i)
-        objective, state = egas.tsec_objective(policy, ids, attn, mask, P, scope=scope, temperature=temperature,
-                                               chunk_size=chunk_size)
+        rows = slice(i * 3, (i + 1) * 3)
+        selected = tsec.select_band(out["response_entropy"][rows], mask, group_size=3 if scope == "group" else 1)
+        objective = egas.tsec_objective(policy, ids, attn, mask, P, selected, temperature=temperature,
+                                        chunk_size=chunk_size)
         value, grad = objective(x, grad=True)
         assert objective(x)[0] == pytest.approx(value, abs=1e-6)
         img_ref = x.clone().requires_grad_(True)
-        value_ref = bench.full_logits_objective(policy, img_ref, ids, attn, mask, P, scope=scope,
-                                                temperature=temperature)
+        value_ref = bench.full_logits_objective(policy, img_ref, ids, attn, mask, P, selected, temperature=temperature)
         (grad_ref,) = torch.autograd.grad(value_ref, img_ref)
-        assert state["fallback"] == 0 and 0 < state["selected"].sum() < mask.sum()
+        assert 0 < selected.sum() < mask.sum()
         assert abs(value - value_ref.item()) < 1e-5
         assert grad_ref.abs().max() > 1e-6 and grad.norm() > 0.5 * grad_ref.norm()  # not a vanishing gradient
         assert (grad - grad_ref).abs().max() < 1e-5

@@ -290,8 +290,9 @@ def perturb_images(policy, images, clean, step, cfg, compute, log):
             seqs, attn, resp_mask = sequences(clean, rows)
             with compute():
                 adv_images[i], stats = egas.attack(policy, x, seqs, attn, resp_mask, clean["prompt_ids"].shape[1],
-                                                   cfg.pgd_steps, cfg.pgd_alpha, cfg.pgd_eps, cfg.tsec_band,
-                                                   cfg.tsec_scope, cfg.temperature, cfg.logit_chunk)
+                                                   clean["response_entropy"][rows], cfg.pgd_steps, cfg.pgd_alpha,
+                                                   cfg.pgd_eps, cfg.tsec_band, cfg.tsec_scope, cfg.temperature,
+                                                   cfg.logit_chunk)
             attacks.append(stats)
     elif cfg.n_adv > 0 and cfg.perturb == "noise":  # NoisyRollout: random noise, strong early, ~0 at the end
         log["noise_k"] = egas.noise_level(step, cfg.max_steps)
