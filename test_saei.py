@@ -1284,13 +1284,15 @@ def _full_entropy(policy, ids, attn, mask, x, P):
 
 
 def test_egas_attack_ranks_the_band_once_on_the_clean_image(rollouts):
-    # J(x_adv) is the mean entropy on x_adv of the tokens ranked into the band on the clean x: re-ranking on the
-    # attacked image would let the attack choose which tokens it is scored on
+    # J(x_adv) is the mean entropy on x_adv of the tokens ranked into the band on the clean x (the entropies
+    # sampling recorded): re-ranking on the attacked image would let the attack choose which tokens it is scored on
     policy, images, out = rollouts
     P = out["prompt_ids"].shape[1]
     ids, attn, mask = _rows(out, 0)
-    x_adv, st = egas.attack(policy, images[0], ids, attn, mask, P, steps=1, alpha=32 / 255, eps=32 / 255)
-    clean_band = tsec.select_band(_full_entropy(policy, ids, attn, mask, images[0], P), mask, group_size=3)
+    clean_entropy = out["response_entropy"][:3]
+    x_adv, st = egas.attack(policy, images[0], ids, attn, mask, P, clean_entropy, steps=1, alpha=32 / 255,
+                            eps=32 / 255)
+    clean_band = tsec.select_band(clean_entropy, mask, group_size=3)
     entropy_adv = _full_entropy(policy, ids, attn, mask, x_adv, P)
     adv_band = tsec.select_band(entropy_adv, mask, group_size=3)
     expected = tsec.selective_entropy(entropy_adv, clean_band).item()
@@ -1303,8 +1305,8 @@ def test_egas_attacked_image_is_a_valid_8bit_image_for_any_step_size(rollouts):
     policy, images, out = rollouts
     ids, attn, mask = _rows(out, 1)
     x = images[1]
-    x_adv, _ = egas.attack(policy, x, ids, attn, mask, out["prompt_ids"].shape[1], steps=1, alpha=1.5 / 255,
-                           eps=2 / 255)
+    x_adv, _ = egas.attack(policy, x, ids, attn, mask, out["prompt_ids"].shape[1], out["response_entropy"][3:],
+                           steps=1, alpha=1.5 / 255, eps=2 / 255)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     x_lin = egas.pgd(lambda img: ((img * w).sum(), w), x, steps=3, alpha=0.7 / 255, eps=2 / 255)
     for y in (x_adv, x_lin):
@@ -2415,6 +2417,7 @@ def test_train_saei_attacks_each_prompt_on_its_clean_rows_and_samples_on_the_res
         assert torch.equal(a["sequences"], torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1))
         assert torch.equal(a["attention_mask"], torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1))
         assert torch.equal(a["response_mask"], out["response_mask"][rows])
+        assert torch.equal(a["entropy"], out["response_entropy"][rows])  # the band is ranked on this prompt's rows
         assert torch.equal(adv["args"]["images"][i], x_adv)  # the adversarial rollouts see the attacked image
         assert (x_adv - a["x"]).abs().max().item() == pytest.approx(16 / 255, abs=1e-6)  # pgd_eps reached it
         assert torch.equal(x_adv, torch.round(x_adv * 255) / 255)  # a valid 8-bit image
