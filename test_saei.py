@@ -1048,6 +1048,83 @@ def test_model_shared_prompt_hidden_under_gradient_checkpointing(rollouts):
     assert torch.allclose(hidden, expected, atol=1e-5) and hidden.requires_grad
 
 
+def test_model_chunked_logprobs_equal_full_logits_values_and_gradients():
+    torch.manual_seed(0)
+    B, L, D, V = 3, 7, 16, 50
+    lm_head = torch.nn.Linear(D, V, bias=False)
+    hidden = torch.randn(B, L, D, requires_grad=True)
+    targets = torch.randint(0, V, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 4:] = 0
+    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
+    logits = lm_head(hidden) / 0.8
+    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    ref_ent = _reference_entropy(logits) * mask
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    (g,) = torch.autograd.grad((logp * 1.3 + ent).sum(), hidden)
+    (g_ref,) = torch.autograd.grad((ref_logp * 1.3 + ref_ent).sum(), hidden)
+    assert torch.allclose(g, g_ref, atol=1e-5)
+    assert g[1, 4:].abs().sum() == 0  # padding receives no gradient
+
+
+def test_model_fused_logprobs_weight_gradient_and_detached_weight():
+    torch.manual_seed(0)
+    B, L, D, V = 2, 9, 8, 300
+    lm_head = torch.nn.Linear(D, V, bias=False)
+    hidden = torch.randn(B, L, D, requires_grad=True)
+    targets, mask = torch.randint(0, V, (B, L)), torch.ones(B, L, dtype=torch.long)
+    mask[0, 6:] = 0
+    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
+    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
+    logits = lm_head(hidden) / 0.9
+    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    ref_ent = _reference_entropy(logits) * mask
+    r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
+    assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
+    # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
+    _, ent2 = model_lib.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
+    (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
+    (r_h2,) = torch.autograd.grad(-_reference_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
+    assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
+
+
+def test_model_fused_logprobs_with_bf16_weights_and_autocast_off():
+    # FSDP2's compute weights are bf16 with autocast off (GPU runs): backward must not multiply its fp32 gradient
+    # by the bf16 weight, and the gradients come back in the inputs' dtypes, close to the fp32 ones
+    torch.manual_seed(0)
+    N, D, V = 6, 16, 300
+    h32, w32 = torch.randn(N, D), torch.randn(V, D) / 4
+    targets = torch.randint(0, V, (N,))
+    h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
+    logp, ent = model_lib._HeadLogpEntropy.apply(h, w, targets, 0.9)
+    assert logp.dtype == ent.dtype == torch.float32
+    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [h, w])
+    assert g_h.dtype == g_w.dtype == torch.bfloat16
+    h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    logits = h_ref @ w_ref.T / 0.9
+    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - _reference_entropy(logits)
+    r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
+    assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
+    assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
+
+
+def test_model_shared_prompt_hidden_equals_response_hidden(rollouts):
+    policy, images, out = rollouts
+    P = out["prompt_ids"].shape[1]
+    assert (out["prompt_mask"][3:] == 0).any()  # the second prompt is left-padded
+    for i, x in enumerate(images):
+        ids, attn, mask = _rows(out, i)
+        pv, grid = data.image_to_pixels(x)
+        with torch.no_grad():
+            ref = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
+            ours = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+        valid = mask.bool()
+        assert (ours - ref)[valid].abs().max() < 1e-5
+    two_prompts = torch.cat([_rows(out, 0)[0][:1], _rows(out, 1)[0][:1]])
+    with pytest.raises(ValueError, match="share one prompt"):
+        model_lib.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
+
+
 # ----------------------------------------------------------------------------- rewards.py
 
 def test_rewards_extract_nested_braces():
@@ -1359,23 +1436,6 @@ def test_egas_noise_image_matches_the_forward_process():
     assert (egas.add_noise(x, 0) - x).abs().mean() < (x_k - x).abs().mean() / 10  # k = 0: almost clean
 
 
-def test_egas_shared_prompt_hidden_equals_response_hidden(rollouts):
-    policy, images, out = rollouts
-    P = out["prompt_ids"].shape[1]
-    assert (out["prompt_mask"][3:] == 0).any()  # the second prompt is left-padded
-    for i, x in enumerate(images):
-        ids, attn, mask = _rows(out, i)
-        pv, grid = data.image_to_pixels(x)
-        with torch.no_grad():
-            ref = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
-            ours = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
-        valid = mask.bool()
-        assert (ours - ref)[valid].abs().max() < 1e-5
-    two_prompts = torch.cat([_rows(out, 0)[0][:1], _rows(out, 1)[0][:1]])
-    with pytest.raises(ValueError, match="share one prompt"):
-        model_lib.shared_prompt_hidden(policy, two_prompts, torch.ones_like(two_prompts), pv, grid, P)
-
-
 @pytest.mark.parametrize("scope,temperature,chunk_size", [("group", 1.0, 1024), ("response", 0.7, 5)])
 def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(rollouts, scope, temperature, chunk_size):
     policy, images, out = rollouts
@@ -1517,25 +1577,6 @@ def test_grpo_token_mean_is_unchanged_by_micro_batching():
     assert abs(means.item() - full.item()) > 1e-4
 
 
-def test_grpo_chunked_logprobs_equal_full_logits_values_and_gradients():
-    torch.manual_seed(0)
-    B, L, D, V = 3, 7, 16, 50
-    lm_head = torch.nn.Linear(D, V, bias=False)
-    hidden = torch.randn(B, L, D, requires_grad=True)
-    targets = torch.randint(0, V, (B, L))
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, 4:] = 0
-    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.8, chunk_size=4)
-    logits = lm_head(hidden) / 0.8
-    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    ref_ent = _reference_entropy(logits) * mask
-    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
-    (g,) = torch.autograd.grad((logp * 1.3 + ent).sum(), hidden)
-    (g_ref,) = torch.autograd.grad((ref_logp * 1.3 + ref_ent).sum(), hidden)
-    assert torch.allclose(g, g_ref, atol=1e-5)
-    assert g[1, 4:].abs().sum() == 0  # padding receives no gradient
-
-
 def test_grpo_kl_penalty():
     logp = torch.tensor([-1.0, -2.0, -0.5])
     assert grpo.kl_penalty(logp, logp).abs().max() == 0
@@ -1545,112 +1586,10 @@ def test_grpo_kl_penalty():
     assert (grpo.kl_penalty(logp, ref) >= 0).all()
 
 
-def test_grpo_fused_logprobs_weight_gradient_and_detached_weight():
-    torch.manual_seed(0)
-    B, L, D, V = 2, 9, 8, 300
-    lm_head = torch.nn.Linear(D, V, bias=False)
-    hidden = torch.randn(B, L, D, requires_grad=True)
-    targets, mask = torch.randint(0, V, (B, L)), torch.ones(B, L, dtype=torch.long)
-    mask[0, 6:] = 0
-    logp, ent = model_lib.token_logprobs(hidden, lm_head, targets, mask, temperature=0.9, chunk_size=4)
-    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [hidden, lm_head.weight])
-    logits = lm_head(hidden) / 0.9
-    ref_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    ref_ent = _reference_entropy(logits) * mask
-    r_h, r_w = torch.autograd.grad((ref_logp * 0.5 - ref_ent).sum(), [hidden, lm_head.weight])
-    assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
-    # the attack passes the weight detached: the hidden gradient is the same and no weight gradient exists
-    _, ent2 = model_lib.token_logprobs(hidden, lm_head.weight.detach(), targets, mask, temperature=0.9, chunk_size=4)
-    (g_h2,) = torch.autograd.grad(-ent2.sum(), hidden)
-    (r_h2,) = torch.autograd.grad(-_reference_entropy(lm_head(hidden) / 0.9).mul(mask).sum(), hidden)
-    assert torch.allclose(g_h2, r_h2, atol=1e-5) and lm_head.weight.grad is None
-
-
-def test_grpo_fused_logprobs_with_bf16_weights_and_autocast_off():
-    # FSDP2's compute weights are bf16 with autocast off (GPU runs): backward must not multiply its fp32 gradient
-    # by the bf16 weight, and the gradients come back in the inputs' dtypes, close to the fp32 ones
-    torch.manual_seed(0)
-    N, D, V = 6, 16, 300
-    h32, w32 = torch.randn(N, D), torch.randn(V, D) / 4
-    targets = torch.randint(0, V, (N,))
-    h, w = h32.bfloat16().requires_grad_(True), w32.bfloat16().requires_grad_(True)
-    logp, ent = model_lib._HeadLogpEntropy.apply(h, w, targets, 0.9)
-    assert logp.dtype == ent.dtype == torch.float32
-    g_h, g_w = torch.autograd.grad((logp * 0.5 - ent).sum(), [h, w])
-    assert g_h.dtype == g_w.dtype == torch.bfloat16
-    h_ref, w_ref = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
-    logits = h_ref @ w_ref.T / 0.9
-    ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1) * 0.5 - _reference_entropy(logits)
-    r_h, r_w = torch.autograd.grad(ref.sum(), [h_ref, w_ref])
-    assert (g_h.float() - r_h).abs().max() < 0.02 * r_h.abs().max()
-    assert (g_w.float() - r_w).abs().max() < 0.02 * r_w.abs().max()
-
-
-def test_grpo_bench_quick_configuration_runs():
-    rows = bench.main(quick=True)
-    measured = {(r[0], r[1].split(" (")[0].split(",")[0]) for r in rows}
-    assert {("tiny", "step time"), ("tiny", "rollout tokens/s"), ("tiny-152k", "attack peak memory"),
-            ("tiny-152k", "attack time")} <= measured
-    step = next(r for r in rows if r[1].startswith("step time"))
-    assert float(step[4]) > 0
-    memory = next(r for r in rows if r[1].startswith("attack peak memory"))
-    assert float(memory[2]) < float(memory[3])  # ours below the full-logits version even at 16 tokens
-
-
-def test_grpo_bench_memory_estimate_counts_the_real_parameters():
-    # the estimator's parameter count is the real model's, for the tiny config and its 152k-vocabulary version
-    policy, _ = model_lib.load_policy("tiny")
-    trainable = sum(p.numel() for n, p in policy.named_parameters() if not n.startswith("model.visual"))
-    assert bench.parameters(bench.ARCHS["tiny"]) == (sum(p.numel() for p in policy.parameters()), trainable)
-    big, _ = bench.build_model(bench.QWEN_VOCAB)
-    assert bench.parameters(bench.ARCHS["tiny-152k"])[0] == sum(p.numel() for p in big.parameters())
-    # the per-token activation formula gives the measured bf16 values (issue 13: 133 KiB at 3B, 231 KiB at 7B)
-    for name, kib in (("Qwen2.5-VL-3B", 133), ("Qwen2.5-VL-7B", 231)):
-        a = bench.ARCHS[name]
-        kvd = a["hidden"] // a["heads"] * a["kv_heads"]
-        assert bench.activation_bytes(a["hidden"], a["intermediate"], kvd, 2) / 1024 == pytest.approx(kib, rel=0.03)
-    e = bench.estimate("Qwen2.5-VL-7B", 8)
-    assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
-    assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
-
-
-# ----------------------------------------------------------------------------- configurator.py
-
-def test_configurator_parses_types_and_files(tmp_path):
-    from configurator import override
-    defaults = {"lr": 1e-6, "n_adv": 6, "tsec_band": (1 / 3, 2 / 3), "model": "tiny", "resume": False}
-    conf = tmp_path / "c.py"
-    conf.write_text("lr = 3e-4\nn_adv = 0\n")
-    cfg = override(defaults, [str(conf), "--tsec_band=(0.0, 1.0)", "--model", "Qwen2.5-VL-3B", "--resume=True", "--lr=1"])
-    assert cfg == {"lr": 1.0, "n_adv": 0, "tsec_band": (0.0, 1.0), "model": "Qwen2.5-VL-3B", "resume": True}
-    assert isinstance(cfg["lr"], float)
-    # a variant includes its base and states only what it changes; the command line still wins
-    (tmp_path / "variant.py").write_text('include("c.py")\nmodel = "Qwen2.5-VL-7B"\n')
-    cfg = override(defaults, [str(tmp_path / "variant.py"), "--n_adv=2"])
-    assert (cfg["lr"], cfg["n_adv"], cfg["model"]) == (3e-4, 2, "Qwen2.5-VL-7B")
-    (tmp_path / "broken.py").write_text('include("missing.py")\n')
-    with pytest.raises(SystemExit, match="includes 'missing.py'"):
-        override(defaults, [str(tmp_path / "broken.py")])
-
-
-@pytest.mark.parametrize("text, message", [
-    ("lr = 3e-4\nn_adv = (0\n", r"syntax.py:2: "),                      # a syntax error: the file and its line
-    ("lr = 3e-4\n\nn_adv = six\n", r"syntax.py:3: NameError: name 'six'"),  # an error while running it
-    ("lr = 3e-4\nn_clen = 6\n", r"syntax.py:2: unknown constant 'n_clen'"),
-])
-def test_configurator_file_errors_name_the_file_and_line(tmp_path, text, message):
-    from configurator import override
-    conf = tmp_path / "syntax.py"
-    conf.write_text(text)
-    with pytest.raises(SystemExit, match=message) as e:
-        override({"lr": 1e-6, "n_adv": 6}, [str(conf)])
-    assert "<string>" not in str(e.value) and "\n" not in str(e.value)
-
-
-# ----------------------------------------------------------------------------- train.py
+# ----------------------------------------------------------------------------- ppo.py
 
 @pytest.mark.parametrize("pg_tokens", ["vepo", "top_entropy"])
-def test_train_selected_tokens_loss_is_the_mean_over_the_top_20_percent(pg_tokens):
+def test_ppo_selected_tokens_loss_is_the_mean_over_the_top_20_percent(pg_tokens):
     # with pi_old = pi every ratio is 1, so the loss is -sum_r A_r k_r / sum_r k_r, k_r = ceil(0.2 * len_r)
     from model import load_policy
     policy, _ = load_policy("tiny", seed=0)
@@ -1677,7 +1616,7 @@ def test_train_selected_tokens_loss_is_the_mean_over_the_top_20_percent(pg_token
         assert totals["jsd"] > 0
 
 
-def test_train_update_sharing_each_prompt_equals_encoding_every_row():
+def test_ppo_update_sharing_each_prompt_equals_encoding_every_row():
     # the update encodes a prompt once per micro-batch (P + m L tokens) unless gradient checkpointing is on; both
     # ways must give the same loss and gradients, with micro-batches cut at prompt and image boundaries
     from model import load_policy
@@ -1725,6 +1664,108 @@ def test_train_update_sharing_each_prompt_equals_encoding_every_row():
     assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 10
     scale = max(v.abs().max().item() for v in full_grads.values())
     assert max((shared_grads[k] - full_grads[k]).abs().max().item() for k in full_grads) < 1e-5 * max(1.0, scale)
+
+
+def test_ppo_second_mini_batch_is_off_policy_with_ratios_from_pi_old(two_mini_batch_runs):
+    run = two_mini_batch_runs[3]
+    policy, _ = model_lib.load_policy(WARM[1])
+    first, second = run["calls"]
+    assert first["old_logp"] is not None and second["old_logp"] is not None
+    # pi_old's log-probs, passed to both mini-batches, are those of the weights that sampled (before any update)
+    policy.load_state_dict(first["weights"])
+    for call in (first, second):
+        expected = _logprobs_by_full_forward(policy, call["rollouts"], call["row_images"])
+        assert torch.allclose(call["old_logp"][:, :expected.shape[1]], expected, atol=1e-4)
+    # the second mini-batch is updated by weights one step later: its ratios are exp(logp_new - logp_old) != 1
+    pi_old = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
+    policy.load_state_dict(second["weights"])
+    pi_new = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
+    mask = second["rollouts"]["response_mask"].bool()
+    independent = torch.exp(pi_new - pi_old)[mask]
+    seen = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 1])
+    assert torch.allclose(seen, independent, atol=1e-4)
+    assert (independent - 1).abs().max() > 1e-3
+    first_ratios = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 0])
+    assert torch.allclose(first_ratios, torch.ones_like(first_ratios), atol=1e-4)  # the first is on-policy
+    log = run["log"]
+    assert log["ratio_min"] < 1 - 1e-3 or log["ratio_max"] > 1 + 1e-3
+    assert log["ratio_min"] <= log["ratio_mean"] <= log["ratio_max"] and log["approx_kl"] > 0
+
+
+def test_ppo_mini_batch_updates_do_not_depend_on_the_micro_batch_size(two_mini_batch_runs):
+    a, b = two_mini_batch_runs[1], two_mini_batch_runs[3]
+    assert a["log"]["loss"] == pytest.approx(b["log"]["loss"], abs=1e-6)
+    for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "clip_frac"):
+        assert a["log"][key] == pytest.approx(b["log"][key], abs=1e-5), key
+    assert max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"]) < 1e-5
+
+
+def test_ppo_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged():
+    from model import load_policy
+    grads = []
+    for checkpointing, micro in [(False, 4), (True, 4), (False, 1)]:
+        policy, _ = load_policy("tiny", seed=0)
+        policy.model.visual.requires_grad_(False)
+        if checkpointing:
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()
+        assert policy.is_activation_checkpointing == checkpointing
+        cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=micro))
+        rollouts, images, advantages = _fixed_rollouts(policy)
+        ppo.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 1e-4
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+
+
+def test_ppo_non_finite_update_is_skipped_not_applied():
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    norm, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    assert not applied and not math.isfinite(norm) and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    w.grad = torch.tensor([1.0, 1.0, 0.0])
+    _, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=float("inf"))
+    assert not applied and torch.equal(w.detach(), torch.ones(3))
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    norm, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=0.5)
+    assert applied and norm == pytest.approx(5.0) and not torch.equal(w.detach(), torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- configurator.py
+
+def test_configurator_parses_types_and_files(tmp_path):
+    from configurator import override
+    defaults = {"lr": 1e-6, "n_adv": 6, "tsec_band": (1 / 3, 2 / 3), "model": "tiny", "resume": False}
+    conf = tmp_path / "c.py"
+    conf.write_text("lr = 3e-4\nn_adv = 0\n")
+    cfg = override(defaults, [str(conf), "--tsec_band=(0.0, 1.0)", "--model", "Qwen2.5-VL-3B", "--resume=True", "--lr=1"])
+    assert cfg == {"lr": 1.0, "n_adv": 0, "tsec_band": (0.0, 1.0), "model": "Qwen2.5-VL-3B", "resume": True}
+    assert isinstance(cfg["lr"], float)
+    # a variant includes its base and states only what it changes; the command line still wins
+    (tmp_path / "variant.py").write_text('include("c.py")\nmodel = "Qwen2.5-VL-7B"\n')
+    cfg = override(defaults, [str(tmp_path / "variant.py"), "--n_adv=2"])
+    assert (cfg["lr"], cfg["n_adv"], cfg["model"]) == (3e-4, 2, "Qwen2.5-VL-7B")
+    (tmp_path / "broken.py").write_text('include("missing.py")\n')
+    with pytest.raises(SystemExit, match="includes 'missing.py'"):
+        override(defaults, [str(tmp_path / "broken.py")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr = 3e-4\nn_adv = (0\n", r"syntax.py:2: "),                      # a syntax error: the file and its line
+    ("lr = 3e-4\n\nn_adv = six\n", r"syntax.py:3: NameError: name 'six'"),  # an error while running it
+    ("lr = 3e-4\nn_clen = 6\n", r"syntax.py:2: unknown constant 'n_clen'"),
+])
+def test_configurator_file_errors_name_the_file_and_line(tmp_path, text, message):
+    from configurator import override
+    conf = tmp_path / "syntax.py"
+    conf.write_text(text)
+    with pytest.raises(SystemExit, match=message) as e:
+        override({"lr": 1e-6, "n_adv": 6}, [str(conf)])
+    assert "<string>" not in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- train.py
 
 
 def test_train_grpo_samples_only_clean_rollouts(tmp_path):
@@ -1887,40 +1928,6 @@ def two_mini_batch_runs(tmp_path_factory):
     return runs
 
 
-def test_train_second_mini_batch_is_off_policy_with_ratios_from_pi_old(two_mini_batch_runs):
-    run = two_mini_batch_runs[3]
-    policy, _ = model_lib.load_policy(WARM[1])
-    first, second = run["calls"]
-    assert first["old_logp"] is not None and second["old_logp"] is not None
-    # pi_old's log-probs, passed to both mini-batches, are those of the weights that sampled (before any update)
-    policy.load_state_dict(first["weights"])
-    for call in (first, second):
-        expected = _logprobs_by_full_forward(policy, call["rollouts"], call["row_images"])
-        assert torch.allclose(call["old_logp"][:, :expected.shape[1]], expected, atol=1e-4)
-    # the second mini-batch is updated by weights one step later: its ratios are exp(logp_new - logp_old) != 1
-    pi_old = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
-    policy.load_state_dict(second["weights"])
-    pi_new = _logprobs_by_full_forward(policy, second["rollouts"], second["row_images"])
-    mask = second["rollouts"]["response_mask"].bool()
-    independent = torch.exp(pi_new - pi_old)[mask]
-    seen = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 1])
-    assert torch.allclose(seen, independent, atol=1e-4)
-    assert (independent - 1).abs().max() > 1e-3
-    first_ratios = torch.cat([torch.exp(l["logp"] - l["old"])[l["mask"].bool()] for l in run["losses"] if l["call"] == 0])
-    assert torch.allclose(first_ratios, torch.ones_like(first_ratios), atol=1e-4)  # the first is on-policy
-    log = run["log"]
-    assert log["ratio_min"] < 1 - 1e-3 or log["ratio_max"] > 1 + 1e-3
-    assert log["ratio_min"] <= log["ratio_mean"] <= log["ratio_max"] and log["approx_kl"] > 0
-
-
-def test_train_mini_batch_updates_do_not_depend_on_the_micro_batch_size(two_mini_batch_runs):
-    a, b = two_mini_batch_runs[1], two_mini_batch_runs[3]
-    assert a["log"]["loss"] == pytest.approx(b["log"]["loss"], abs=1e-6)
-    for key in ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "clip_frac"):
-        assert a["log"][key] == pytest.approx(b["log"][key], abs=1e-5), key
-    assert max((a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"]) < 1e-5
-
-
 @pytest.mark.parametrize("args,message", [
     (["--n_clen=6"], "unknown constant 'n_clen'"),
     (["--n_clean=six"], "n_clean must be int"),
@@ -1958,35 +1965,6 @@ def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monk
     assert "\n" not in str(e.value)
 
 
-def test_train_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
-    script = tmp_path / "update.py"
-    script.write_text(UPDATE_SCRIPT.format(root=ROOT))
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun([str(script), str(tmp_path / "two.pt")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert a["tokens"] == b["tokens"]
-    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
-    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
-    assert not any(k.startswith("model.visual") for k in a["grads"])  # the frozen vision tower gets no gradient
-    worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
-    scale = max(a["grads"][k].abs().max().item() for k in a["grads"])
-    assert scale > 1e-4 and worst < 1e-5 * max(1.0, scale), (worst, scale)
-    # after the step every rank holds the same weights, and they match the single-process step
-    assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
-    assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
-    # with bf16 compute weights (autocast off) the update and the attack run, and land near their fp32 values
-    # (before the fix: "expected m1 and m2 to have the same dtype" in the LM head's backward)
-    c = b["bf16"]
-    assert c["grads"].keys() == a["grads"].keys() and all(g.dtype == torch.float32 for g in c["grads"].values())
-    worst = max(((c["grads"][k] - a["grads"][k]).norm() / a["grads"][k].norm()).item() for k in a["grads"])
-    assert worst < 0.05, worst  # bf16 rounding: ~1-2% per tensor here
-    assert c["attack"]["objective_clean"] == pytest.approx(a["attack"]["objective_clean"], rel=1e-2)
-    assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
-
-
 SEE_SCRIPT = textwrap.dedent("""
     # rank 0 resumes from argv[1]; rank 1 looks at argv[2], where that checkpoint is not (a node without the
     # shared filesystem): every rank must stop with one line, none may hang or train from scratch
@@ -2019,245 +1997,8 @@ def _worker_pid(port, rank):
     return None
 
 
-def test_train_torchrun_two_ranks_saves_sharded_and_resumes_exactly(tmp_path):
-    import signal
-    import socket
-    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
-    args = ["train.py"] + SMALL + ["--batch_size=4", "--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100"]
-    run = _torchrun(args + ["--max_steps=3", "--out_dir", str(tmp_path / "straight")])
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    logs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in logs] == [1, 2, 3]  # rank 0 alone writes the log
-    assert all("attack_gain" in l and l["response_len"] > 0 for l in logs)
-    from model import load_policy
-    policy, _ = load_policy(str(tmp_path / "straight" / "checkpoint"))
-    assert sum(p.numel() for p in policy.parameters()) > 1e6  # the whole model, gathered from both shards
-    # SIGTERM to rank 1 alone: both ranks stop after the step, save, exit non-zero; rank 0 names the signal
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={port}"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
-                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        time.sleep(0.2)
-    os.kill(_worker_pid(port, 1), signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode != 0 and re.search(r"stopped by SIGTERM after step \d; checkpoint saved", out), out[-3000:]
-    killed = tmp_path / "killed" / "checkpoint"
-    stopped_at = torch.load(killed / "trainer_state.pt", weights_only=False)["step"]
-    assert 1 <= stopped_at < 3
-    # the optimizer state is written shard by shard: each rank wrote about half of it, neither the whole
-    shards = sorted(glob.glob(str(killed / "optimizer" / "*.distcp")))
-    sizes = [os.path.getsize(f) for f in shards]
-    assert len(shards) == 2 and all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
-    # resuming on another number of ranks stops with one line, before the model loads
-    with pytest.raises(SystemExit, match=r"trained on 2 rank\(s\), this run has 1"):
-        train.main(args[1:] + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
-    # a rank that cannot see the checkpoint rank 0 resumes from: every rank stops with one line
-    script = tmp_path / "see.py"
-    script.write_text(SEE_SCRIPT.format(root=ROOT))
-    (tmp_path / "elsewhere").mkdir()
-    see = _torchrun([str(script), str(tmp_path / "killed"), str(tmp_path / "elsewhere")])
-    for rank in (0, 1):
-        assert f"rank {rank}: resume: rank(s) 1 cannot see" in see.stdout, (see.stdout + see.stderr)[-3000:]
-    # both ranks resume (each reads its own optimizer shards) and end where the uninterrupted run ended
-    run = _torchrun(args + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
-    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-
-
-def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
-    import signal
-    import time
-    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
-    args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100", "--max_steps=4"]
-    train.main(args + ["--out_dir", str(tmp_path / "straight")])
-    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits
-    # non-zero (so `train.py && eval.py` does not go on as if training had finished)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 1, out[-3000:]
-    assert "stopped by SIGTERM after step" in out.strip().splitlines()[-1]
-    stopped_at = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert 1 <= stopped_at < 4 and logged[-1] == stopped_at
-    train.main(args + ["--resume=True", "--out_dir", str(tmp_path / "killed")])
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert logged == [1, 2, 3, 4]  # no step repeated or skipped
-    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-
-
 def _steps(out_dir):
     return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_train_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_checkpoint, tmp_path):
-    import shutil
-    out = tmp_path / "run"
-    (out / "checkpoint").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(SystemExit, match="already holds a run .*--resume=True.*--overwrite=True"):
-        train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
-    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "LOCK").exists()
-    # --overwrite=True replaces the run; the base is a local folder whose image processor config is carried over
-    base = tmp_path / "base"
-    shutil.copytree(demo_checkpoint[0], base)
-    processor = json.load(open(base / "preprocessor_config.json"))
-    json.dump(dict(processor, note="the base's own"), open(base / "preprocessor_config.json", "w"))
-    train.main(SMALL_ONE_STEP + ["--model", str(base), "--overwrite=True", "--out_dir", str(out)])
-    assert _steps(out) == [1] and not (out / "LOCK").exists()
-    carried = json.load(open(out / "checkpoint" / "preprocessor_config.json"))
-    assert carried["note"] == "the base's own" and carried["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
-    assert f"base model: {base}" in (out / "checkpoint" / "README.md").read_text()
-
-
-def test_train_out_dir_lock_keeps_a_second_run_out_and_takes_over_a_stale_one(tmp_path):
-    import checkpoint
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        import socket
-        (tmp_path / "LOCK").write_text(f"{other.pid} {socket.gethostname()}")
-        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid} on"):
-            train.main(SMALL_ONE_STEP + ["--out_dir", str(tmp_path)])
-    finally:
-        other.kill()
-        other.wait()
-    assert (tmp_path / "LOCK").read_text().startswith(str(other.pid))  # not ours to remove while it ran
-    checkpoint.lock(str(tmp_path))  # its process is gone: a stale lock, taken over
-    assert (tmp_path / "LOCK").read_text().split()[0] == str(os.getpid())
-    checkpoint.unlock()
-    assert not (tmp_path / "LOCK").exists()
-
-
-def test_train_resume_finds_the_newest_complete_checkpoint_in_every_state_a_kill_leaves(tmp_path):
-    import checkpoint
-    # what a kill can leave: checkpoint.tmp half-written or complete before its rename, checkpoint.old between the
-    # two renames or half-deleted; complete = has trainer_state.pt (written last)
-    cases = [({"checkpoint": 1}, "checkpoint", 1), ({"checkpoint": 1, "checkpoint.tmp": None}, "checkpoint", 1),
-             ({"checkpoint": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
-             ({"checkpoint.old": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
-             ({"checkpoint.old": 1, "checkpoint": 2}, "checkpoint", 2),
-             ({"checkpoint.old": None, "checkpoint": 2}, "checkpoint", 2),
-             ({"checkpoint.old": 1, "checkpoint.tmp": None}, "checkpoint.old", 1),
-             ({"checkpoint.tmp": None}, None, None)]
-    for i, (folders, newest, step) in enumerate(cases):
-        out = tmp_path / str(i)
-        for name, saved_step in folders.items():
-            (out / name).mkdir(parents=True)
-            (out / name / "model.safetensors").write_text(name)
-            if saved_step is not None:
-                torch.save({"step": saved_step}, out / name / "trainer_state.pt")
-        found = checkpoint.newest(str(out))
-        assert found == (str(out / newest) if newest else None), folders
-        if found:  # made the live checkpoint; nothing else left for a later save to trip over
-            checkpoint.promote(str(out), found)
-            assert sorted(os.listdir(out)) == ["checkpoint"]
-            assert (out / "checkpoint" / "model.safetensors").read_text() == newest
-            assert torch.load(out / "checkpoint" / "trainer_state.pt")["step"] == step
-
-
-def test_train_resume_continues_the_same_run_or_stops_with_one_line(tmp_path):
-    import resource
-    import shutil
-    import signal
-    out = tmp_path / "run"
-    args = SMALL + ["--max_steps=2", "--save_interval=1", "--out_dir", str(out)]
-    with pytest.raises(SystemExit, match="--resume=True but .* holds no complete checkpoint"):
-        train.main(args + ["--resume=True"])
-    train.main(args)
-    # killed between save's two renames (checkpoint.old = step 1, checkpoint.tmp = step 2) after logging step 3
-    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
-    os.rename(out / "checkpoint", out / "checkpoint.old")
-    state = torch.load(out / "checkpoint.old" / "trainer_state.pt", weights_only=False)
-    torch.save(dict(state, step=1), out / "checkpoint.old" / "trainer_state.pt")
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3}\n')
-    # a changed value that changes the run stops before the model loads, naming it; nothing is touched
-    for changed, name in [("--n_clean=3", "n_clean is 3 but the checkpoint was trained with 2"),
-                          ("--freeze_vision=False", "freeze_vision is False"), ("--lr=0.001", "lr is 0.001")]:
-        with pytest.raises(SystemExit, match=name):
-            train.main(args + ["--resume=True", "--max_steps=3", changed])
-    assert sorted(os.listdir(out)) == ["checkpoint.old", "checkpoint.tmp", "metrics.jsonl"]
-    train.main(args + ["--resume=True", "--max_steps=3"])
-    assert _steps(out) == [1, 2, 3]  # resumed at step 3 (not 1); the step-3 line of the killed run replaced
-    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
-    # a full disk at save time: one line, the previous checkpoint whole (files over 1 MB fail like a full disk)
-    before = _weights(out)
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
-    try:
-        with pytest.raises(SystemExit, match="cannot write the checkpoint .*File too large.*checkpoint \\(step 3\\) is intact"):
-            train.main(args + ["--resume=True", "--max_steps=4"])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, handler)
-    after = _weights(out)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
-    # an out_dir that cannot be written: one line before the model loads
-    with pytest.raises(SystemExit, match="cannot create out_dir"):
-        train.main(SMALL_ONE_STEP + ["--out_dir", str(out / "metrics.jsonl" / "sub")])
-
-
-def test_train_consecutive_skipped_updates_stop_and_keep_the_last_checkpoint(tmp_path, capsys):
-    # lr 1e3: step 1 wrecks the weights, the next updates are non-finite and skipped
-    with pytest.raises(SystemExit, match=r"2 updates in a row skipped as non-finite \(steps 2-3\)"):
-        train.main(SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--save_interval=1",
-                            "--max_skipped_updates=2", "--out_dir", str(tmp_path)])
-    printed = capsys.readouterr().out
-    assert "warning: step 2: update skipped" in printed and "warning: step 3: update skipped" in printed
-    assert _steps(tmp_path) == [1, 2, 3]
-    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
-    assert not (tmp_path / "LOCK").exists()
-
-
-def test_train_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged():
-    from model import load_policy
-    grads = []
-    for checkpointing, micro in [(False, 4), (True, 4), (False, 1)]:
-        policy, _ = load_policy("tiny", seed=0)
-        policy.model.visual.requires_grad_(False)
-        if checkpointing:
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        policy.train()
-        assert policy.is_activation_checkpointing == checkpointing
-        cfg = type("Config", (), dict(train.DEFAULTS, device="cpu", micro_batch_size=micro))
-        rollouts, images, advantages = _fixed_rollouts(policy)
-        ppo.policy_update(policy, None, rollouts, advantages, images, cfg, 1, lambda: torch.autocast("cpu", enabled=False))
-        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
-    assert grads[0].abs().max() > 1e-4
-    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
-
-
-def test_train_non_finite_update_is_skipped_not_applied():
-    w = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.AdamW([w], lr=0.1)
-    w.grad = torch.tensor([1.0, float("nan"), 0.0])
-    norm, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=0.5)
-    assert not applied and not math.isfinite(norm) and torch.equal(w.detach(), torch.ones(3)) and w.grad is None
-    w.grad = torch.tensor([1.0, 1.0, 0.0])
-    _, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=float("inf"))
-    assert not applied and torch.equal(w.detach(), torch.ones(3))
-    w.grad = torch.tensor([3.0, 4.0, 0.0])
-    norm, applied = ppo.optimizer_step(optimizer, [w], 1.0, loss=0.5)
-    assert applied and norm == pytest.approx(5.0) and not torch.equal(w.detach(), torch.ones(3))
 
 
 def test_train_hub_model_while_offline_is_one_clear_line():
@@ -2433,7 +2174,245 @@ def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path)
     assert all(torch.equal(a, c) for a, c in zip(adv["args"]["images"], clean["args"]["images"], strict=True))
 
 
-def test_train_checkpoint_is_a_model_folder_transformers_alone_can_use(demo_checkpoint, geo3k):
+# ----------------------------------------------------------------------------- distributed.py
+
+def test_distributed_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
+    script = tmp_path / "update.py"
+    script.write_text(UPDATE_SCRIPT.format(root=ROOT))
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun([str(script), str(tmp_path / "two.pt")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["tokens"] == b["tokens"]
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
+    assert not any(k.startswith("model.visual") for k in a["grads"])  # the frozen vision tower gets no gradient
+    worst = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
+    scale = max(a["grads"][k].abs().max().item() for k in a["grads"])
+    assert scale > 1e-4 and worst < 1e-5 * max(1.0, scale), (worst, scale)
+    # after the step every rank holds the same weights, and they match the single-process step
+    assert len(b["checksums"]) == 2 and b["checksums"][0] == b["checksums"][1]
+    assert b["checksums"][0] == pytest.approx(a["checksums"][0], rel=1e-6)
+    # with bf16 compute weights (autocast off) the update and the attack run, and land near their fp32 values
+    # (before the fix: "expected m1 and m2 to have the same dtype" in the LM head's backward)
+    c = b["bf16"]
+    assert c["grads"].keys() == a["grads"].keys() and all(g.dtype == torch.float32 for g in c["grads"].values())
+    worst = max(((c["grads"][k] - a["grads"][k]).norm() / a["grads"][k].norm()).item() for k in a["grads"])
+    assert worst < 0.05, worst  # bf16 rounding: ~1-2% per tensor here
+    assert c["attack"]["objective_clean"] == pytest.approx(a["attack"]["objective_clean"], rel=1e-2)
+    assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
+
+
+# ----------------------------------------------------------------------------- checkpoint.py
+
+def test_checkpoint_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_checkpoint, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match="already holds a run .*--resume=True.*--overwrite=True"):
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "LOCK").exists()
+    # --overwrite=True replaces the run; the base is a local folder whose image processor config is carried over
+    base = tmp_path / "base"
+    shutil.copytree(demo_checkpoint[0], base)
+    processor = json.load(open(base / "preprocessor_config.json"))
+    json.dump(dict(processor, note="the base's own"), open(base / "preprocessor_config.json", "w"))
+    train.main(SMALL_ONE_STEP + ["--model", str(base), "--overwrite=True", "--out_dir", str(out)])
+    assert _steps(out) == [1] and not (out / "LOCK").exists()
+    carried = json.load(open(out / "checkpoint" / "preprocessor_config.json"))
+    assert carried["note"] == "the base's own" and carried["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert f"base model: {base}" in (out / "checkpoint" / "README.md").read_text()
+
+
+def test_checkpoint_out_dir_lock_keeps_a_second_run_out_and_takes_over_a_stale_one(tmp_path):
+    import checkpoint
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        (tmp_path / "LOCK").write_text(f"{other.pid} {socket.gethostname()}")
+        with pytest.raises(SystemExit, match=f"in use by another run \\(process {other.pid} on"):
+            train.main(SMALL_ONE_STEP + ["--out_dir", str(tmp_path)])
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / "LOCK").read_text().startswith(str(other.pid))  # not ours to remove while it ran
+    checkpoint.lock(str(tmp_path))  # its process is gone: a stale lock, taken over
+    assert (tmp_path / "LOCK").read_text().split()[0] == str(os.getpid())
+    checkpoint.unlock()
+    assert not (tmp_path / "LOCK").exists()
+
+
+def test_checkpoint_resume_finds_the_newest_complete_checkpoint_in_every_state_a_kill_leaves(tmp_path):
+    import checkpoint
+    # what a kill can leave: checkpoint.tmp half-written or complete before its rename, checkpoint.old between the
+    # two renames or half-deleted; complete = has trainer_state.pt (written last)
+    cases = [({"checkpoint": 1}, "checkpoint", 1), ({"checkpoint": 1, "checkpoint.tmp": None}, "checkpoint", 1),
+             ({"checkpoint": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
+             ({"checkpoint.old": 1, "checkpoint.tmp": 2}, "checkpoint.tmp", 2),
+             ({"checkpoint.old": 1, "checkpoint": 2}, "checkpoint", 2),
+             ({"checkpoint.old": None, "checkpoint": 2}, "checkpoint", 2),
+             ({"checkpoint.old": 1, "checkpoint.tmp": None}, "checkpoint.old", 1),
+             ({"checkpoint.tmp": None}, None, None)]
+    for i, (folders, newest, step) in enumerate(cases):
+        out = tmp_path / str(i)
+        for name, saved_step in folders.items():
+            (out / name).mkdir(parents=True)
+            (out / name / "model.safetensors").write_text(name)
+            if saved_step is not None:
+                torch.save({"step": saved_step}, out / name / "trainer_state.pt")
+        found = checkpoint.newest(str(out))
+        assert found == (str(out / newest) if newest else None), folders
+        if found:  # made the live checkpoint; nothing else left for a later save to trip over
+            checkpoint.promote(str(out), found)
+            assert sorted(os.listdir(out)) == ["checkpoint"]
+            assert (out / "checkpoint" / "model.safetensors").read_text() == newest
+            assert torch.load(out / "checkpoint" / "trainer_state.pt")["step"] == step
+
+
+def test_checkpoint_resume_continues_the_same_run_or_stops_with_one_line(tmp_path):
+    import resource
+    import shutil
+    import signal
+    out = tmp_path / "run"
+    args = SMALL + ["--max_steps=2", "--save_interval=1", "--out_dir", str(out)]
+    with pytest.raises(SystemExit, match="--resume=True but .* holds no complete checkpoint"):
+        train.main(args + ["--resume=True"])
+    train.main(args)
+    # killed between save's two renames (checkpoint.old = step 1, checkpoint.tmp = step 2) after logging step 3
+    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
+    os.rename(out / "checkpoint", out / "checkpoint.old")
+    state = torch.load(out / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    torch.save(dict(state, step=1), out / "checkpoint.old" / "trainer_state.pt")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3}\n')
+    # a changed value that changes the run stops before the model loads, naming it; nothing is touched
+    for changed, name in [("--n_clean=3", "n_clean is 3 but the checkpoint was trained with 2"),
+                          ("--freeze_vision=False", "freeze_vision is False"), ("--lr=0.001", "lr is 0.001")]:
+        with pytest.raises(SystemExit, match=name):
+            train.main(args + ["--resume=True", "--max_steps=3", changed])
+    assert sorted(os.listdir(out)) == ["checkpoint.old", "checkpoint.tmp", "metrics.jsonl"]
+    train.main(args + ["--resume=True", "--max_steps=3"])
+    assert _steps(out) == [1, 2, 3]  # resumed at step 3 (not 1); the step-3 line of the killed run replaced
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    # a full disk at save time: one line, the previous checkpoint whole (files over 1 MB fail like a full disk)
+    before = _weights(out)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match="cannot write the checkpoint .*File too large.*checkpoint \\(step 3\\) is intact"):
+            train.main(args + ["--resume=True", "--max_steps=4"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    after = _weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    # an out_dir that cannot be written: one line before the model loads
+    with pytest.raises(SystemExit, match="cannot create out_dir"):
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(out / "metrics.jsonl" / "sub")])
+
+
+def test_checkpoint_consecutive_skipped_updates_stop_and_keep_the_last_checkpoint(tmp_path, capsys):
+    # lr 1e3: step 1 wrecks the weights, the next updates are non-finite and skipped
+    with pytest.raises(SystemExit, match=r"2 updates in a row skipped as non-finite \(steps 2-3\)"):
+        train.main(SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--save_interval=1",
+                            "--max_skipped_updates=2", "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "warning: step 2: update skipped" in printed and "warning: step 3: update skipped" in printed
+    assert _steps(tmp_path) == [1, 2, 3]
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert not (tmp_path / "LOCK").exists()
+
+
+def test_checkpoint_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    import signal
+    import time
+    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
+    args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100", "--max_steps=4"]
+    train.main(args + ["--out_dir", str(tmp_path / "straight")])
+    # a real SIGTERM in the middle of the run: the step finishes, a checkpoint is written, the process exits
+    # non-zero (so `train.py && eval.py` does not go on as if training had finished)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, out[-3000:]
+    assert "stopped by SIGTERM after step" in out.strip().splitlines()[-1]
+    stopped_at = torch.load(tmp_path / "killed" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 1 <= stopped_at < 4 and logged[-1] == stopped_at
+    train.main(args + ["--resume=True", "--out_dir", str(tmp_path / "killed")])
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # no step repeated or skipped
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_checkpoint_torchrun_two_ranks_saves_sharded_and_resumes_exactly(tmp_path):
+    import signal
+    import socket
+    # entropy_coef gives every step a gradient even when all rewards tie, so Adam's moments matter
+    args = ["train.py"] + SMALL + ["--batch_size=4", "--entropy_coef=0.05", "--lr=1e-3", "--save_interval=100"]
+    run = _torchrun(args + ["--max_steps=3", "--out_dir", str(tmp_path / "straight")])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2, 3]  # rank 0 alone writes the log
+    assert all("attack_gain" in l and l["response_len"] > 0 for l in logs)
+    from model import load_policy
+    policy, _ = load_policy(str(tmp_path / "straight" / "checkpoint"))
+    assert sum(p.numel() for p in policy.parameters()) > 1e6  # the whole model, gathered from both shards
+    # SIGTERM to rank 1 alone: both ranks stop after the step, save, exit non-zero; rank 0 names the signal
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}"] + args + ["--max_steps=100", "--out_dir", str(tmp_path / "killed")],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.kill(_worker_pid(port, 1), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and re.search(r"stopped by SIGTERM after step \d; checkpoint saved", out), out[-3000:]
+    killed = tmp_path / "killed" / "checkpoint"
+    stopped_at = torch.load(killed / "trainer_state.pt", weights_only=False)["step"]
+    assert 1 <= stopped_at < 3
+    # the optimizer state is written shard by shard: each rank wrote about half of it, neither the whole
+    shards = sorted(glob.glob(str(killed / "optimizer" / "*.distcp")))
+    sizes = [os.path.getsize(f) for f in shards]
+    assert len(shards) == 2 and all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
+    # resuming on another number of ranks stops with one line, before the model loads
+    with pytest.raises(SystemExit, match=r"trained on 2 rank\(s\), this run has 1"):
+        train.main(args[1:] + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
+    # a rank that cannot see the checkpoint rank 0 resumes from: every rank stops with one line
+    script = tmp_path / "see.py"
+    script.write_text(SEE_SCRIPT.format(root=ROOT))
+    (tmp_path / "elsewhere").mkdir()
+    see = _torchrun([str(script), str(tmp_path / "killed"), str(tmp_path / "elsewhere")])
+    for rank in (0, 1):
+        assert f"rank {rank}: resume: rank(s) 1 cannot see" in see.stdout, (see.stdout + see.stderr)[-3000:]
+    # both ranks resume (each reads its own optimizer shards) and end where the uninterrupted run ended
+    run = _torchrun(args + ["--resume=True", "--max_steps=3", "--out_dir", str(tmp_path / "killed")])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_checkpoint_is_a_model_folder_transformers_alone_can_use(demo_checkpoint, geo3k):
     import eval as evaluation
     from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
     path, end = demo_checkpoint
@@ -2687,3 +2666,33 @@ def test_warmstart_runs_end_to_end_and_checkpoint_loads(tmp_path):
     x = data.load_image(r["images"][0], 112 * 112, 112 * 112)
     got = sample(policy, tok, [data.build_prompt(tok, r["problem"], 16)], [x], 2, 8)
     assert got["response_ids"].shape[0] == 2
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_quick_configuration_runs():
+    rows = bench.main(quick=True)
+    measured = {(r[0], r[1].split(" (")[0].split(",")[0]) for r in rows}
+    assert {("tiny", "step time"), ("tiny", "rollout tokens/s"), ("tiny-152k", "attack peak memory"),
+            ("tiny-152k", "attack time")} <= measured
+    step = next(r for r in rows if r[1].startswith("step time"))
+    assert float(step[4]) > 0
+    memory = next(r for r in rows if r[1].startswith("attack peak memory"))
+    assert float(memory[2]) < float(memory[3])  # ours below the full-logits version even at 16 tokens
+
+
+def test_bench_memory_estimate_counts_the_real_parameters():
+    # the estimator's parameter count is the real model's, for the tiny config and its 152k-vocabulary version
+    policy, _ = model_lib.load_policy("tiny")
+    trainable = sum(p.numel() for n, p in policy.named_parameters() if not n.startswith("model.visual"))
+    assert bench.parameters(bench.ARCHS["tiny"]) == (sum(p.numel() for p in policy.parameters()), trainable)
+    big, _ = bench.build_model(bench.QWEN_VOCAB)
+    assert bench.parameters(bench.ARCHS["tiny-152k"])[0] == sum(p.numel() for p in big.parameters())
+    # the per-token activation formula gives the measured bf16 values (issue 13: 133 KiB at 3B, 231 KiB at 7B)
+    for name, kib in (("Qwen2.5-VL-3B", 133), ("Qwen2.5-VL-7B", 231)):
+        a = bench.ARCHS[name]
+        kvd = a["hidden"] // a["heads"] * a["kv_heads"]
+        assert bench.activation_bytes(a["hidden"], a["intermediate"], kvd, 2) / 1024 == pytest.approx(kib, rel=0.03)
+    e = bench.estimate("Qwen2.5-VL-7B", 8)
+    assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
+    assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
