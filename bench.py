@@ -6,6 +6,7 @@
     python bench.py --attack-responses  # (d) alone: attack peak memory against the number of clean responses
     python bench.py --sampling-chunks   # (f) alone: sampling peak memory against rollout_chunk
     python bench.py --estimate          # (e): per-GPU peak memory of the recipe on 8 x 80 GB, from the configs
+    python bench.py --attack-strength   # (g): band entropy gain and fresh rollouts' entropy against alpha (warm start)
 
 Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
 Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
@@ -250,6 +251,41 @@ def sampling_table(threads=1, rows=48, chunks=(48, 24, 12, 6)):
     return lines
 
 
+def attack_strength_table(alphas=(0, 2, 8, 32, 64), prompts=8, n=6, threads=2):
+    """(g): what one PGD step of alpha/255 (T = 1, eps = alpha) does on the shipped warm start: the TsEC band's
+    entropy gain, and the entropy of n fresh rollouts per prompt sampled on the attacked image (one seed)."""
+    import data
+    import egas
+    from model import load_policy, sample, sequences
+    torch.set_num_threads(threads)
+    policy, tok = load_policy(os.path.join(ROOT, "assets", "tiny-synthetic"))
+    policy.eval()
+    images, texts = zip(*[data.prepare(r, tok, 112 * 112, 112 * 112) for r in data.synthetic_split("train", n=prompts)])
+    torch.manual_seed(0)
+    clean = sample(policy, tok, texts, images, n, 96)
+
+    def entropy(out):  # mean over responses of each response's mean token entropy
+        mask = out["response_mask"].float()
+        return ((out["response_entropy"] * mask).sum(1) / mask.sum(1)).mean().item()
+    lines = [f"| alpha = eps, T = 1 (/255) | band entropy gain (nats, %) | fresh rollouts' entropy (clean {entropy(clean):.4f}) |",
+             "|---|---|---|"]
+    for alpha in alphas:
+        attacked, gains, rel = [], [], []
+        for i, x in enumerate(images):
+            rows = slice(i * n, (i + 1) * n)
+            seqs, attn, mask = sequences(clean, rows)
+            x_adv, st = egas.attack(policy, x, seqs, attn, mask, clean["prompt_ids"].shape[1],
+                                    clean["response_entropy"][rows], 1, alpha / 255, alpha / 255)
+            attacked.append(x_adv)
+            gains.append(st["gain"])
+            rel.append(st["gain"] / st["objective_clean"])
+        torch.manual_seed(1)  # the same seed for every alpha: alpha 0 is the control
+        fresh = sample(policy, tok, texts, attacked, n, 96)
+        lines.append(f"| {alpha} | {statistics.mean(gains):+.4f} ({100 * statistics.mean(rel):.1f}%) | {entropy(fresh):.4f} |")
+    print("\n".join(lines))
+    return lines
+
+
 # ----------------------------------------------------------------------------- (e): per-GPU memory estimate
 
 # Published config.json values (DESIGN §10; 32B: the Qwen2.5-32B text model, 64 layers, 40 heads, 8 kv heads).
@@ -415,5 +451,7 @@ if __name__ == "__main__":
             attack_responses_table(threads[0] if threads else 1)
         elif "--sampling-chunks" in sys.argv[1:]:
             sampling_table(threads[0] if threads else 1)
+        elif "--attack-strength" in sys.argv[1:]:
+            attack_strength_table(threads=threads[0] if threads else 2)
         else:
             main(quick="--quick" in sys.argv[1:], threads=threads[0] if threads else 1)
