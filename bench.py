@@ -94,7 +94,7 @@ def run_train(model, dataset, out_dir, n_clean, n_adv, cfg):
             f"--max_steps={cfg['steps']}", f"--batch_size={cfg['batch_size']}",
             f"--max_response_len={cfg['response_len']}", f"--min_pixels={pixels}", f"--max_pixels={pixels}",
             "--eval_limit=0", "--eval_interval=0", "--save_interval=1000000", "--micro_batch_size=8",
-            "--updates_per_rollout=1",
+            "--updates_per_rollout=1", "--attack_rows=6",  # the CPU demo's attack: the 6 clean responses in one pass
             "--gradient_checkpointing=False"]  # the CPU demo's update: micro-batches share their prompt's encoding
     if cfg["fresh_processes"]:
         run = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,

@@ -67,15 +67,17 @@ def add_noise(x, k):
 
 
 def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, selected, temperature=1.0,
-                   chunk_size=1024):
-    """The TsEC objective J(image) on one prompt's n clean responses, and its gradient, in the memory of one response.
+                   chunk_size=1024, rows_per_pass=1):
+    """The TsEC objective J(image) on one prompt's n clean responses, and its gradient, in the memory of
+    `rows_per_pass` responses.
 
     sequences, attention_mask: (n, P + L) the prompt + its n clean responses, right-padded; response_mask: (n, L);
     selected: (n, L) bool, the band's tokens (tsec.select_band, ranked once on the clean image). J is the mean over
     responses of each response's mean entropy on its band, so each response's weight is known before its forward
-    pass: the prompt and image are encoded once, then each response, trimmed to its own length, runs its forward
-    and backward alone, its share of the gradient accumulated into the prompt's keys/values; one backward through
-    the prompt then reaches the pixels. The LM head runs on the selected positions only, chunk by chunk (DESIGN §6).
+    pass: the prompt and image are encoded once, then the responses, `rows_per_pass` at a time (1: each alone,
+    trimmed to its own length), run their forward and backward, their share of the gradient accumulated into the
+    prompt's keys/values; one backward through the prompt then reaches the pixels. More rows per pass: the same
+    value and gradient, more memory, fewer passes (on a small model, much less time). The LM head runs on the selected positions only, chunk by chunk (DESIGN §6).
     Returns objective(img (3, H, W), grad=False) -> (J as a float, dJ/dimg (3, H, W) or None).
     """
     n = sequences.shape[0]
@@ -97,13 +99,14 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
                                position_ids=positions[0][:, :1, :prompt_len])
         return states[:, -1:], [(layer.keys, layer.values) for layer in out.cache.layers]
 
-    def response_states(j, last, prompt_kv):
-        """(1, L_j, D): the states predicting response j's tokens, given the encoded prompt."""
-        end = prompt_len + lengths[j]
-        _, states = _forward(model, input_ids=sequences[j:j + 1, prompt_len:end],
-                             attention_mask=attention_mask[j:j + 1, :end], cache=DynamicCache(prompt_kv),
-                             position_ids=positions[0][:, j:j + 1, prompt_len:end])
-        return torch.cat([last, states[:, :-1]], 1)
+    def response_states(rows, last, prompt_kv):
+        """(m, L, D): the states predicting the tokens of responses `rows` (right-padded to their longest, L),
+        given the encoded prompt, whose keys/values the m rows share."""
+        m, end = len(rows), prompt_len + max(lengths[j] for j in rows)
+        cache = DynamicCache([(k.expand(m, -1, -1, -1), v.expand(m, -1, -1, -1)) for k, v in prompt_kv])
+        _, states = _forward(model, input_ids=sequences[rows, prompt_len:end], attention_mask=attention_mask[rows, :end],
+                             cache=cache, position_ids=positions[0][:, rows, prompt_len:end])
+        return torch.cat([last.expand(m, -1, -1), states[:, :-1]], 1)
 
     def objective(img, grad=False):
         img = img.detach().requires_grad_(grad)
@@ -116,16 +119,16 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
         # FSDP2 is when the LM head holds its gathered (unsharded) weight
         head = model.lm_head.weight.detach()
         total = 0.0
-        for j in range(n):
-            if counts[j] == 0:  # a response with no selected token does not count
-                continue
+        counted = [j for j in range(n) if counts[j] > 0]  # a response with no selected token does not count
+        for first in range(0, len(counted), rows_per_pass):
+            rows = counted[first:first + rows_per_pass]
+            width = max(lengths[j] for j in rows)
             with torch.set_grad_enabled(grad):
-                _, entropy = token_logprobs(response_states(j, leaves[0], leaf_kv), head,
-                                            targets[j:j + 1, :lengths[j]], selected[j:j + 1, :lengths[j]],
-                                            temperature, chunk_size)
-                part = entropy.sum() * weights[j]
+                _, entropy = token_logprobs(response_states(rows, leaves[0], leaf_kv), head,
+                                            targets[rows, :width], selected[rows, :width], temperature, chunk_size)
+                part = (entropy.sum(1) * weights[rows]).sum()
             if grad:
-                torch.autograd.backward(part, inputs=leaves)  # frees this response's graph
+                torch.autograd.backward(part, inputs=leaves)  # frees these responses' graph
             total += part.item()
         if not grad:
             return total, None
@@ -149,14 +152,14 @@ def _forward(model, **inputs):
 
 
 def attack(model, x, sequences, attention_mask, response_mask, prompt_len, entropy, steps, alpha, eps,
-           band=(1 / 3, 2 / 3), scope="group", temperature=1.0, chunk_size=1024):
+           band=(1 / 3, 2 / 3), scope="group", temperature=1.0, chunk_size=1024, rows_per_pass=1):
     """EgAS on one prompt: perturb its image to raise the TsEC entropy of its clean responses.
 
     x: (3, H, W) the clean image in [0, 1]; sequences, attention_mask: (n, P + L) the prompt + its n clean
     responses; response_mask: (n, L); entropy: (n, L) the entropy of each token's distribution on the clean image,
     as sampling recorded it (model.sample's response_entropy). Returns x_adv and stats: the objective on x and on
     x_adv (same tokens), their difference `gain`, and `fallback` = 1 when the band selected nothing and all
-    tokens were used instead.
+    tokens were used instead. rows_per_pass: clean responses per forward/backward (memory against speed).
     """
     # 1. TsEC: rank the tokens once, on the clean image, without gradient, and keep the band fixed
     selected = tsec.select_band(entropy, response_mask, band, group_size=sequences.shape[0] if scope == "group" else 1)
@@ -165,7 +168,7 @@ def attack(model, x, sequences, attention_mask, response_mask, prompt_len, entro
         selected = response_mask.bool()
     # 2. EgAS: PGD on the pixels, ascending the band's mean entropy
     objective = tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, selected, temperature,
-                               chunk_size)
+                               chunk_size, rows_per_pass)
     stats = {}
 
     def logged(img):  # PGD's first call is on the clean image: record J there for free

@@ -1436,8 +1436,10 @@ def test_egas_noise_image_matches_the_forward_process():
     assert (egas.add_noise(x, 0) - x).abs().mean() < (x_k - x).abs().mean() / 10  # k = 0: almost clean
 
 
-@pytest.mark.parametrize("scope,temperature,chunk_size", [("group", 1.0, 1024), ("response", 0.7, 5)])
-def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(rollouts, scope, temperature, chunk_size):
+@pytest.mark.parametrize("scope,temperature,chunk_size,rows_per_pass", [("group", 1.0, 1024, 1), ("response", 0.7, 5, 2),
+                                                                      ("group", 1.0, 1024, 3)])
+def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(rollouts, scope, temperature, chunk_size,
+                                                                            rows_per_pass):
     policy, images, out = rollouts
     P = out["prompt_ids"].shape[1]
     for i, x in enumerate(images):
@@ -1445,7 +1447,7 @@ def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(roll
         rows = slice(i * 3, (i + 1) * 3)
         selected = tsec.select_band(out["response_entropy"][rows], mask, group_size=3 if scope == "group" else 1)
         objective = egas.tsec_objective(policy, ids, attn, mask, P, selected, temperature=temperature,
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, rows_per_pass=rows_per_pass)
         value, grad = objective(x, grad=True)
         assert objective(x)[0] == pytest.approx(value, abs=1e-6)
         img_ref = x.clone().requires_grad_(True)

@@ -77,7 +77,8 @@ grad_clip = 1.0
 updates_per_rollout = 4      # optimizer steps per rollout batch, each on an equal share of its groups (PPO mini-
                              # batches): from the second on the policy is off-policy and the clip does its work
 ppo_epochs = 1               # passes over the rollout batch
-micro_batch_size = 4         # responses per forward/backward in the update (the attack takes one prompt's n_clean);
+attack_rows = 1              # clean responses per forward/backward in the attack: its memory is that of this many
+micro_batch_size = 4         # responses per forward/backward in the update;
                              # 4 and gradient checkpointing are our memory choice for 8 x 80 GB, not the papers'
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
 freeze_vision = True         # the paper family freezes the vision tower (gradients still reach the image)
@@ -292,7 +293,7 @@ def perturb_images(policy, images, clean, step, cfg, compute, log):
                 adv_images[i], stats = egas.attack(policy, x, seqs, attn, resp_mask, clean["prompt_ids"].shape[1],
                                                    clean["response_entropy"][rows], cfg.pgd_steps, cfg.pgd_alpha,
                                                    cfg.pgd_eps, cfg.tsec_band, cfg.tsec_scope, cfg.temperature,
-                                                   cfg.logit_chunk)
+                                                   cfg.logit_chunk, cfg.attack_rows)
             attacks.append(stats)
     elif cfg.n_adv > 0 and cfg.perturb == "noise":  # NoisyRollout: random noise, strong early, ~0 at the end
         log["noise_k"] = egas.noise_level(step, cfg.max_steps)
@@ -382,7 +383,7 @@ def check_config(cfg):
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
     at_least = {"max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
                 "updates_per_rollout": 1, "ppo_epochs": 1, "rollout_chunk": 0, "eval_samples": 0,
-                "max_skipped_updates": 1,
+                "max_skipped_updates": 1, "attack_rows": 1,
                 "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
                 "logit_chunk": 1}
     for key, low in at_least.items():
