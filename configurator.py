@@ -67,6 +67,13 @@ def _line_of(path, key):
     return "?"
 
 
+def check_at_least(cfg, bounds):
+    """Stop with one line at the first value below its lower bound; bounds: {name: lowest allowed value}."""
+    for key, low in bounds.items():
+        if not getattr(cfg, key) >= low:  # also catches nan
+            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
+
+
 def get_config(defaults, argv):
     """The config object every script uses: cfg.n_clean rather than cfg["n_clean"]."""
     return types.SimpleNamespace(**override(defaults, argv))

@@ -38,6 +38,14 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28
     return h, w
 
 
+def check_pixel_bounds(min_pixels, max_pixels):
+    """Stop with one line unless smart_resize's area bounds make sense."""
+    if not min_pixels >= 1:
+        raise SystemExit(f"config error: min_pixels must be >= 1, got {min_pixels}")
+    if not max_pixels >= min_pixels:
+        raise SystemExit(f"config error: max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
+
+
 def to_rgb(image):
     """PIL image of any mode -> RGB, transparency composited onto white (as transformers does), 16-bit images
     scaled to 8 bits (PIL's own conversion clips them: a mid-grey 16-bit PNG would come out white)."""

@@ -125,6 +125,7 @@ def settings(argv):
 
 def main(argv):
     """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
+    import configurator
     import data
     from model import load_policy
     cfg = settings(argv)
@@ -132,11 +133,9 @@ def main(argv):
         data.check_dataset(spec)
     if not cfg.temperature > 0:
         raise SystemExit(f"config error: temperature must be > 0, got {cfg.temperature}")
-    for key, low in {"limit": 0, "n_samples": 0, "batch_size": 1, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1}.items():
-        if getattr(cfg, key) < low:
-            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
-    if cfg.max_pixels < cfg.min_pixels:
-        raise SystemExit(f"config error: max_pixels ({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})")
+    configurator.check_at_least(cfg, {"limit": 0, "n_samples": 0, "rollout_chunk": 0, "batch_size": 1,
+                                      "max_response_len": 1, "max_prompt_len": 1})
+    data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)

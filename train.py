@@ -381,25 +381,18 @@ def check_config(cfg):
             raise SystemExit(f"config error: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
     if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
-    at_least = {"max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
-                "updates_per_rollout": 1, "ppo_epochs": 1, "rollout_chunk": 0, "eval_samples": 0,
-                "max_skipped_updates": 1, "attack_rows": 1,
-                "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "min_pixels": 1, "pgd_steps": 0,
-                "logit_chunk": 1}
-    for key, low in at_least.items():
-        if getattr(cfg, key) < low:
-            raise SystemExit(f"config error: {key} must be >= {low}, got {getattr(cfg, key)}")
-    positive = ("lr", "temperature", "grad_clip")
-    for key in positive:
+    configurator.check_at_least(cfg, {
+        "max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
+        "updates_per_rollout": 1, "ppo_epochs": 1, "rollout_chunk": 0, "eval_samples": 0, "max_skipped_updates": 1,
+        "attack_rows": 1, "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "pgd_steps": 0,
+        "logit_chunk": 1, "weight_decay": 0, "clip_low": 0, "clip_high": 0, "kl_coef": 0, "entropy_coef": 0,
+        "pgd_eps": 0})
+    for key in ("lr", "temperature", "grad_clip"):
         if not getattr(cfg, key) > 0:  # also catches nan
             raise SystemExit(f"config error: {key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("weight_decay", "clip_low", "clip_high", "kl_coef", "entropy_coef", "pgd_eps"):
-        if not getattr(cfg, key) >= 0:
-            raise SystemExit(f"config error: {key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.clip_low >= 1:
         raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
-    if cfg.max_pixels < cfg.min_pixels:
-        raise SystemExit(f"config error: max_pixels ({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})")
+    data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
     if len(cfg.tsec_band) != 2 or not 0.0 <= cfg.tsec_band[0] <= cfg.tsec_band[1] <= 1.0:
         raise SystemExit(f"config error: tsec_band must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.tsec_band}")
     data.check_dataset(cfg.dataset)
