@@ -1,15 +1,23 @@
-"""SaEI against its rivals on one task: every method x every seed, one table, three curves.
+"""SaEI against its rivals on one task: every method x every seed, tables with seed spreads and paired intervals.
 
 `python compare.py` trains each method with each seed (train.py in a subprocess: the base config, then the
-method's overrides), then writes to out_dir:
-  results.md, results.csv  per method: final held-out greedy accuracy (mean ± std over seeds), mean rollout
-                           entropy and mean answer diversity (distinct answers per group) over training
-  runs.csv                 the same per run;  curves.csv  the per-step means behind the plots
-  curves.png               accuracy, rollout entropy and answer diversity against step (needs matplotlib)
-A finished run (its train.log ends with the final accuracy) is never redone: an interrupted comparison continues
-where it stopped, and calling it again only rewrites the table. Quick look:
-`python compare.py --steps=20 --seeds=1 --methods=grpo,saei`; another task: `--dataset=geometry3k`; on a 2-core
-laptop `--parallel=2` runs two single-threaded runs at once.
+method's overrides), measures pass@k of each final checkpoint (eval.py), then writes to out_dir:
+  results.md, results.csv  per method: mean ± std over seeds of the final held-out greedy accuracy, pass@1 and
+                           pass@k, rollout entropy (clean half; adversarial half on its own image), attack gain,
+                           answer diversity; and each method's difference from `reference`, paired by seed, with
+                           its 95% t-interval (a difference whose interval holds 0 is "no difference measured")
+  runs.csv                 the same numbers per run: every number in the tables traces back to its runs
+  curves.csv               the per-step seed means behind the plots
+and its figures as PNGs to figures_dir (assets/): <study>_curves.png (and <study>_alpha.png when SaEI ran at several strengths),
+study = the last folder of out_dir. The studies in README are config files: `python compare.py config/study_alpha.py`.
+
+Methods: the names in METHODS, and `saei_a<N>` = SaEI at pgd_alpha = N/255 (budget N/255 at one PGD step),
+`saei_a<N>_<band>` the same with the TsEC band bottom, top or all (the default band is the middle third).
+Runs live in runs_dir/<method>/<steps>steps-seed<seed>, shared by every study: a finished run (its train.log ends
+with the final accuracy, its pass@k measured) is never redone, so an interrupted study continues where it stopped
+and a second study reuses the first one's runs. Quick look: `python compare.py --steps=20 --seeds=1
+--methods=grpo,saei --runs_dir=out/quick --out_dir=out/quick`; on a 2-core laptop `--parallel=2` runs two
+single-threaded runs at once.
 """
 import csv
 import json
@@ -23,14 +31,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # ----------------------------------------------------------------------------- constants
-config = "config/demo.py"    # base train.py config every method starts from
-dataset = ""                 # "" keeps the config's dataset; else any train.py dataset (name or path)
+train_config = "config/demo.py"  # base train.py config every method starts from
+dataset = ""                 # "" keeps the config's dataset; else any train.py dataset (use another runs_dir)
 steps = 100                  # training steps per run
 seeds = 3                    # runs per method: seeds 0 .. seeds - 1
-methods = "grpo,noisyrollout,saei,saei_no_tsec,vepo,saei_vepo"  # which of METHODS, comma-separated
-eval_interval = 20           # held-out accuracy every this many steps: the accuracy curve's points
-smooth = 10                  # moving-average window (steps) of the entropy and diversity curves
-out_dir = "out/compare"
+methods = "grpo,noisyrollout,saei,saei_no_tsec,vepo,saei_vepo"  # comma-separated, see above
+reference = "grpo"           # differences are measured against this method (when it is among `methods`)
+pass_k = 12                  # eval.py samples this many answers per problem on each final checkpoint: pass@1..pass@k
+pass_k_problems = 200        # ... on this many held-out problems (0: no pass@k)
+smooth = 10                  # moving-average window (steps) of the curves: one rollout batch is noisy
+runs_dir = "out/compare"     # every run of every study
+out_dir = "results/methods"  # this study's tables
+figures_dir = "assets"       # its figures, <study>_*.png (README shows them from here)
 parallel = 1                 # runs at once; each gets cpu_count // parallel torch threads (2 on a 2-core laptop)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
@@ -46,150 +58,267 @@ METHODS = {
     "vepo": GRPO + ["--pg_tokens=vepo"],
     "saei_vepo": SAEI + ["--pg_tokens=vepo"],
 }
+BANDS = {"bottom": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "top": (2 / 3, 1.0), "all": (0.0, 1.0)}
+STRENGTH = re.compile(r"saei_a(\d+)(?:_(bottom|middle|top|all))?$")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FINAL = re.compile(r"held-out greedy accuracy: ([\d.]+) before -> ([\d.]+) after")
+# two-sided 95% quantiles of Student's t with df = 1 .. 10 degrees of freedom (beyond: the normal 1.96)
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def overrides(method):
+    """A method's name -> its train.py arguments (SystemExit naming the choices for an unknown one)."""
+    if method in METHODS:
+        return METHODS[method]
+    match = STRENGTH.match(method)
+    if not match:
+        raise SystemExit(f"unknown method {method!r}: use one of {','.join(METHODS)}, saei_a<N> (pgd_alpha = N/255) "
+                         f"or saei_a<N>_<band> (band: {', '.join(BANDS)})")
+    alpha, band = match.groups()
+    return SAEI + [f"--pgd_alpha={int(alpha) / 255!r}", f"--tsec_band={BANDS[band or 'middle']!r}"]
+
+
+def alpha_of(method):
+    """255 * pgd_alpha of a saei_a<N> method on the default band, else None (the x axis of the strength plot)."""
+    match = STRENGTH.match(method)
+    return int(match.group(1)) if match and match.group(2) in (None, "middle") else None
 
 
 def run(cfg, method, seed):
-    """Train one method with one seed into out_dir/method/seedN (unless already done). Returns that folder."""
-    path = os.path.join(cfg.out_dir, method, f"seed{seed}")
-    log_path = os.path.join(path, "train.log")
-    if os.path.exists(log_path) and FINAL.search(open(log_path).read()):
+    """Train one method with one seed (unless already done), then measure its pass@k. Returns the run's folder."""
+    path = os.path.join(cfg.runs_dir, method, f"{cfg.steps}steps-seed{seed}")
+    log_path, ckpt = os.path.join(path, "train.log"), os.path.join(path, "checkpoint")
+    trained = os.path.exists(log_path) and FINAL.search(open(log_path).read())
+    if trained and (not cfg.pass_k_problems or os.path.exists(os.path.join(path, "pass_k", "results.json"))):
         return path
-    shutil.rmtree(path, ignore_errors=True)  # a half-finished run: metrics.jsonl appends, so start clean
-    os.makedirs(path)
-    args = [sys.executable, "train.py", cfg.config, *METHODS[method], f"--seed={seed}", f"--max_steps={cfg.steps}",
-            f"--eval_interval={cfg.eval_interval}", f"--save_interval={cfg.steps}", f"--out_dir={path}"]
-    args += [f"--dataset={cfg.dataset}"] if cfg.dataset else []
-    with open(log_path, "w") as log:
-        log.write(" ".join(args) + "\n")
-        log.flush()
-        # parallel runs must not oversubscribe the cores (an OMP_NUM_THREADS already set wins)
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.parallel))
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
-        code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0 or not FINAL.search(open(log_path).read()):
-        raise SystemExit(f"{method} seed {seed} failed or stopped early (exit {code}); see {log_path}")
-    shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)  # only the metrics are compared
+    # parallel runs must not oversubscribe the cores (an OMP_NUM_THREADS already set wins)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.parallel))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    if not (trained and os.path.isdir(ckpt)):  # not trained, or pass@k missing and its checkpoint gone: train anew
+        shutil.rmtree(path, ignore_errors=True)  # a half-finished run: metrics.jsonl appends, so start clean
+        os.makedirs(path)
+        args = [sys.executable, "train.py", cfg.train_config, *overrides(method), f"--seed={seed}",
+                f"--max_steps={cfg.steps}", f"--save_interval={cfg.steps}", f"--out_dir={path}"]
+        args += [f"--dataset={cfg.dataset}"] if cfg.dataset else []
+        with open(log_path, "w") as log:
+            log.write(" ".join(args) + "\n")
+            log.flush()
+            code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0 or not FINAL.search(open(log_path).read()):
+            raise SystemExit(f"{method} seed {seed} failed or stopped early (exit {code}); see {log_path}")
+    if cfg.pass_k_problems:  # the final checkpoint, evaluated as it was trained, k samples per problem
+        args = [sys.executable, "eval.py", f"--model={ckpt}", f"--limit={cfg.pass_k_problems}",
+                f"--n_samples={cfg.pass_k}", f"--out_dir={os.path.join(path, 'pass_k')}"]
+        with open(os.path.join(path, "eval.log"), "w") as log:
+            code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise SystemExit(f"pass@k of {method} seed {seed} failed (exit {code}); see {path}/eval.log")
+    shutil.rmtree(ckpt, ignore_errors=True)  # only the metrics are compared
     return path
 
 
+# per-step metrics.jsonl keys averaged over the run: name in the tables <- key
+MEANS = {"entropy_clean": "entropy_clean", "entropy_adv": "entropy_adv", "attack_gain": "attack_gain",
+         "attack_gain_rel": "attack_gain_rel", "attack_linf": "attack_linf", "diversity_clean": "answer_diversity_clean",
+         "diversity_adv": "answer_diversity_adv", "diversity": "answer_diversity", "train_accuracy": "accuracy_clean"}
+CURVES = {"train_accuracy": "accuracy_clean", "entropy_clean": "entropy_clean", "entropy_adv": "entropy_adv",
+          "diversity": "answer_diversity"}
+
+
 def read_run(path):
-    """A run's folder -> {start, final, entropy, diversity, curve}: accuracies from train.log, per-step metrics
-    (rollout entropy, answer diversity, held-out accuracy at eval steps) from metrics.jsonl."""
+    """A run's folder -> {metric: value} (accuracies from train.log, pass@k from eval.py, per-step means from
+    metrics.jsonl; a metric the method does not log is absent) and its per-step curves."""
     start, final = map(float, FINAL.search(open(os.path.join(path, "train.log")).read()).groups())
     logs = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-    accuracy = {0: start, **{l["step"]: l["eval_accuracy"] for l in logs if "eval_accuracy" in l}}
-    accuracy[logs[-1]["step"]] = final
-    return {"start": start, "final": final,
-            "entropy": statistics.mean(l["entropy"] for l in logs),
-            "diversity": statistics.mean(l["answer_diversity"] for l in logs),
-            "curve": {"step": [l["step"] for l in logs], "entropy": [l["entropy"] for l in logs],
-                      "diversity": [l["answer_diversity"] for l in logs], "accuracy": accuracy}}
+    r = {"start_accuracy": start, "final_accuracy": final}
+    results = os.path.join(path, "pass_k", "results.json")
+    if os.path.exists(results):
+        r.update({k: v for k, v in json.load(open(results))["benchmarks"][0].items() if k.startswith("pass@")})
+    for name, key in MEANS.items():
+        if key in logs[0]:
+            r[name] = statistics.mean(l[key] for l in logs)
+    window = logs[-10:]  # where the entropy ended up: collapse shows here, not in the mean over the run
+    r["entropy_clean_last10"] = statistics.mean(l["entropy_clean"] for l in window)
+    r["curve"] = {"step": [l["step"] for l in logs],
+                  **{name: [l[key] for l in logs] for name, key in CURVES.items() if key in logs[0]}}
+    return r
 
 
-def summarize(runs):
-    """{method: [run dicts]} -> table rows, one per method: mean and seed-to-seed std of the final accuracy."""
-    rows = []
+def mean_std(values):
+    """'mean ± std' over seeds (sample std; one seed: the mean alone)."""
+    return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1
+            else f"{values[0]:.3f}")
+
+
+def paired_difference(a, b):
+    """Seed-paired difference of two methods' values (a[i] - b[i], same seed: same prompts in the same order)
+    -> (mean, low, high): the mean and its 95% t-interval; (mean, None, None) for fewer than 2 pairs."""
+    d = [x - y for x, y in zip(a, b)]
+    if len(d) < 2:
+        return statistics.mean(d), None, None
+    half = (T95[len(d) - 2] if len(d) - 1 <= len(T95) else 1.96) * statistics.stdev(d) / len(d) ** 0.5
+    return statistics.mean(d), statistics.mean(d) - half, statistics.mean(d) + half
+
+
+def verdict(mean, low, high):
+    if low is None:
+        return f"{mean:+.3f} (one seed: no interval)"
+    word = "no difference measured" if low <= 0 <= high else ("higher" if low > 0 else "lower")
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]: {word}"
+
+
+def tables(runs, cfg):
+    """{method: [run dicts by seed]} -> (per-method rows for results.csv, results.md text)."""
+    metrics = [k for k in ["start_accuracy", "final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
+                           "entropy_adv", "entropy_clean_last10", "attack_gain", "attack_gain_rel", "attack_linf",
+                           "diversity_clean", "diversity_adv", "train_accuracy"]
+               if any(k in r for rs in runs.values() for r in rs)]
+    rows, lines = [], []
     for method, rs in runs.items():
-        finals = [r["final"] for r in rs]
-        rows.append({"method": method, "runs": len(rs), "start_accuracy": statistics.mean(r["start"] for r in rs),
-                     "final_accuracy": statistics.mean(finals),
-                     "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else None,  # undefined
-                     "rollout_entropy": statistics.mean(r["entropy"] for r in rs),
-                     "answer_diversity": statistics.mean(r["diversity"] for r in rs),
-                     "overrides": " ".join(METHODS[method])})
-    return rows
-
-
-def write_table(rows, cfg):
-    with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"`python compare.py --config={cfg.config} --steps={cfg.steps} --seeds={cfg.seeds}"
-             + (f" --dataset={cfg.dataset}" if cfg.dataset else "") + "`", "",
-             "| method | runs | accuracy before | final accuracy (mean ± std) | rollout entropy | answer diversity "
-             "| overrides |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        spread = f" ± {r['final_accuracy_std']:.3f}" if r["final_accuracy_std"] is not None else ""
-        lines.append(f"| {r['method']} | {r['runs']} | {r['start_accuracy']:.3f} | {r['final_accuracy']:.3f}{spread} "
-                     f"| {r['rollout_entropy']:.3f} | {r['answer_diversity']:.2f} | `{r['overrides']}` |")
-    text = "\n".join(lines) + "\n"
-    open(os.path.join(cfg.out_dir, "results.md"), "w").write(text)
-    return text
+        row = {"method": method, "runs": len(rs)}
+        for k in metrics:
+            values = [r[k] for r in rs if k in r]
+            if values:
+                row[k] = statistics.mean(values)
+                row[k + "_std"] = statistics.stdev(values) if len(values) > 1 else ""
+        rows.append(row)
+    head = [k for k in metrics if k != "start_accuracy"]
+    lines += [f"`python compare.py` with methods={cfg.methods} steps={cfg.steps} seeds={cfg.seeds} "
+              f"train_config={cfg.train_config}" + (f" dataset={cfg.dataset}" if cfg.dataset else ""), "",
+              f"Mean ± std over seeds. Accuracy before training: {mean_std([r['start_accuracy'] for rs in runs.values() for r in rs])}.",
+              "", "| method | runs | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for method, rs in runs.items():
+        cells = [mean_std([r[k] for r in rs]) if all(k in r for r in rs) else "" for k in head]
+        lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
+    if cfg.reference in runs and len(runs) > 1:
+        compared = [k for k in ("final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
+                                "entropy_clean_last10") if k in metrics]
+        lines += ["", f"Difference from {cfg.reference}, paired by seed: mean [95% t-interval]", "",
+                  "| method | " + " | ".join(compared) + " |", "|---|" + "---|" * len(compared)]
+        ref = runs[cfg.reference]
+        for method, rs in runs.items():
+            if method == cfg.reference:
+                continue
+            n = min(len(rs), len(ref))
+            cells = [verdict(*paired_difference([r[k] for r in rs[:n]], [r[k] for r in ref[:n]])) for k in compared]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return rows, "\n".join(lines) + "\n"
 
 
 def mean_curves(runs, window):
-    """{method: [run dicts]} -> {method: {metric: (steps, seed-mean values)}}; entropy and diversity smoothed
-    by a trailing moving average of `window` steps (one rollout batch is noisy)."""
+    """{method: [run dicts]} -> {method: {metric: (steps, seed means smoothed by a trailing window)}}."""
     curves = {}
     for method, rs in runs.items():
         steps_ = rs[0]["curve"]["step"]
-        out = {}
-        for key in ("entropy", "diversity"):
-            mean = [statistics.mean(r["curve"][key][i] for r in rs) for i in range(len(steps_))]
-            out[key] = (steps_, [statistics.mean(mean[max(0, i - window + 1):i + 1]) for i in range(len(mean))])
-        points = sorted(rs[0]["curve"]["accuracy"])
-        out["accuracy"] = (points, [statistics.mean(r["curve"]["accuracy"][s] for r in rs) for s in points])
-        curves[method] = out
+        curves[method] = {}
+        for key in rs[0]["curve"]:
+            if key != "step":
+                mean = [statistics.mean(r["curve"][key][i] for r in rs) for i in range(len(steps_))]
+                curves[method][key] = (steps_, [statistics.mean(mean[max(0, i - window + 1):i + 1])
+                                                for i in range(len(mean))])
     return curves
 
 
-def write_curves(curves, cfg):
-    with open(os.path.join(cfg.out_dir, "curves.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "metric", "step", "value"])
-        for method, metrics in curves.items():
-            for metric, (xs, ys) in metrics.items():
-                writer.writerows([method, metric, x, y] for x, y in zip(xs, ys))
+def write_figures(runs, curves, cfg):
+    """assets/<study>_curves.png: the curves against step; assets/<study>_alpha.png: final accuracy, pass@k and
+    rollout entropy against the attack strength, the other methods as horizontal bands (mean ± std)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: curves.png skipped (pip install matplotlib); curves.csv has the data")
-        return
-    titles = {"accuracy": "held-out greedy accuracy", "entropy": "rollout entropy (nats/token)",
-              "diversity": "distinct answers per group"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        print("matplotlib is not installed: figures skipped (pip install matplotlib); the CSVs have the data")
+        return []
+    study = os.path.basename(os.path.normpath(cfg.out_dir))
+    titles = {"train_accuracy": "accuracy of the clean rollouts", "entropy_clean": "entropy, clean rollouts (nats)",
+              "entropy_adv": "entropy, adversarial rollouts on their image", "diversity": "distinct answers per group"}
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.5 * len(titles), 4))
     for ax, (metric, title) in zip(axes, titles.items()):
-        for method, metrics in curves.items():
-            ax.plot(*metrics[metric], label=method, marker="o" if metric == "accuracy" else None, markersize=3)
-        ax.set_title(title)
+        for method, c in curves.items():
+            if metric in c:
+                ax.plot(*c[metric], label=method)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"seed means, {cfg.smooth}-step moving average", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "curves.png"), dpi=120)
+    paths = [os.path.join(cfg.figures_dir, f"{study}_curves.png")]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    swept = sorted((alpha_of(m), m) for m in runs if alpha_of(m) is not None)
+    if len(swept) < 2:
+        return paths
+    panels = {"final_accuracy": "held-out greedy accuracy", "pass@1": "pass@1",
+              f"pass@{cfg.pass_k}": f"pass@{cfg.pass_k}", "entropy_adv": "entropy of the adversarial rollouts"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
+    for ax, (metric, title) in zip(axes, panels.items()):
+        xs = [a for a, m in swept if all(metric in r for r in runs[m])]
+        values = [[r[metric] for r in runs[m]] for a, m in swept if all(metric in r for r in runs[m])]
+        if values:
+            ax.errorbar(xs, [statistics.mean(v) for v in values],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], marker="o", capsize=3,
+                        label="SaEI")
+            for x, v in zip(xs, values):
+                ax.scatter([x] * len(v), v, s=8, color="grey", zorder=3)
+        for i, other in enumerate(m for m in runs if alpha_of(m) is None):
+            v = [r.get("entropy_clean" if metric == "entropy_adv" else metric) for r in runs[other]]
+            if None in v:
+                continue
+            mean, std = statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+            color = f"C{i + 1}"
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.2)
+            ax.axhline(mean, color=color, label=other + (" (clean rollouts)" if metric == "entropy_adv" else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("PGD step size alpha (/255), T = 1")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("mean ± std over seeds (dots: seeds); bands: mean ± std of the other methods", fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(cfg.figures_dir, f"{study}_alpha.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def main(argv):
     from configurator import get_config
     cfg = get_config(DEFAULTS, argv)
     names = cfg.methods.split(",")
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}: use some of {','.join(METHODS)}")
+    for m in names:
+        overrides(m)  # every name checked before hours of training
     os.makedirs(cfg.out_dir, exist_ok=True)
-    jobs = [(m, s) for m in names for s in range(cfg.seeds)]
+    jobs = [(m, s) for s in range(cfg.seeds) for m in names]  # every method's seed 0 first
     t0 = time.time()
 
     def one(job):
-        path = run(cfg, *job)
-        r = read_run(path)
-        print(f"{job[0]} seed {job[1]}: accuracy {r['start']:.3f} -> {r['final']:.3f} "
+        r = read_run(run(cfg, *job))
+        print(f"{job[0]} seed {job[1]}: accuracy {r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f} "
               f"({time.time() - t0:.0f} s since start)", flush=True)
         return r
     with ThreadPoolExecutor(cfg.parallel) as pool:  # threads only wait on train.py subprocesses
         done = list(pool.map(one, jobs))
     runs = {m: [r for (method, _), r in zip(jobs, done) if method == m] for m in names}
-    with open(os.path.join(cfg.out_dir, "runs.csv"), "w", newline="") as f:
+    per_run = [{"method": m, "seed": s, **{k: v for k, v in r.items() if k != "curve"}}
+               for m in names for s, r in enumerate(runs[m])]
+    rows, text = tables(runs, cfg)
+    for name, records in (("runs.csv", per_run), ("results.csv", rows)):
+        with open(os.path.join(cfg.out_dir, name), "w", newline="") as f:
+            fields = list(dict.fromkeys(k for r in records for k in r))  # every column any record has
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(records)
+    open(os.path.join(cfg.out_dir, "results.md"), "w").write(text)
+    curves = mean_curves(runs, cfg.smooth)
+    with open(os.path.join(cfg.out_dir, "curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "start_accuracy", "final_accuracy", "rollout_entropy", "answer_diversity"])
-        writer.writerows([m, s, r["start"], r["final"], r["entropy"], r["diversity"]]
-                         for m in names for s, r in enumerate(runs[m]))
-    print(write_table(summarize(runs), cfg))
-    write_curves(mean_curves(runs, cfg.smooth), cfg)
+        writer.writerow(["method", "metric", "step", "value"])
+        for method, metrics in curves.items():
+            for metric, (xs, ys) in metrics.items():
+                writer.writerows([method, metric, x, round(y, 6)] for x, y in zip(xs, ys))
+    print(text)
+    for path in write_figures(runs, curves, cfg):
+        print(f"wrote {path}")
     return runs
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -2587,28 +2588,64 @@ def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path,
 
 # ----------------------------------------------------------------------------- compare.py
 
-def test_compare_table_from_finished_runs(tmp_path):
+def test_compare_method_names_become_train_arguments():
+    """saei_a<N>[_<band>] reaches train.py as pgd_alpha = N/255 (budget N/255 at T = 1) and that TsEC band."""
     import compare
-    # two finished seeds of two methods, as train.py leaves them: compare.py reuses them instead of training
-    finals = {("grpo", 0): 0.5, ("grpo", 1): 0.7, ("saei", 0): 0.6, ("saei", 1): 0.6}
-    for (method, seed), final in finals.items():
-        path = tmp_path / method / f"seed{seed}"
-        path.mkdir(parents=True)
-        (path / "train.log").write_text(f"held-out greedy accuracy: 0.300 before -> {final:.3f} after (format ...)\n")
-        logs = [{"step": 1, "entropy": 1.0 + seed, "answer_diversity": 2.0},
-                {"step": 2, "entropy": 3.0 + seed, "answer_diversity": 4.0, "eval_accuracy": final}]
-        (path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in logs))
-    compare.main([f"--out_dir={tmp_path}", "--methods=grpo,saei", "--seeds=2", "--steps=2", "--smooth=2"])
-    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    import train
+    cfg = train.get_config(["config/demo.py", *compare.overrides("saei_a8_top")])
+    assert (cfg.pgd_alpha, cfg.pgd_eps, cfg.tsec_band, cfg.n_adv, cfg.perturb) == (8 / 255, 8 / 255, (2 / 3, 1.0), 6, "egas")
+    assert train.get_config(["config/demo.py", *compare.overrides("saei_a32")]).tsec_band == train.DEFAULTS["tsec_band"]
+    assert train.get_config(["config/demo.py", *compare.overrides("grpo")]).n_clean == 12
+    assert (compare.alpha_of("saei_a32"), compare.alpha_of("saei_a32_middle"), compare.alpha_of("saei_a32_all"),
+            compare.alpha_of("grpo")) == (32, 32, None, None)
+    with pytest.raises(SystemExit, match="unknown method 'saei_a8_upper'"):
+        compare.overrides("saei_a8_upper")
+
+
+def test_compare_tables_from_finished_runs(tmp_path):
+    import compare
+    # three finished seeds of two methods, as train.py and eval.py leave them: compare.py reuses them
+    finals = {"grpo": [0.5, 0.7, 0.6], "saei_a8": [0.6, 0.7, 0.8]}
+    for method, accs in finals.items():
+        for seed, final in enumerate(accs):
+            path = tmp_path / "runs" / method / f"2steps-seed{seed}"
+            (path / "pass_k").mkdir(parents=True)
+            (path / "train.log").write_text(f"held-out greedy accuracy: 0.300 before -> {final:.3f} after (format ...)\n")
+            (path / "pass_k" / "results.json").write_text(json.dumps(
+                {"benchmarks": [{"benchmark": "synthetic", "accuracy": final, "pass@1": final / 2, "pass@12": 0.9}]}))
+            logs = [{"step": s, "entropy_clean": 1.0 + seed + s, "answer_diversity": 2.0, "answer_diversity_clean": 1.0,
+                     "accuracy_clean": 0.5} for s in (1, 2)]
+            if method != "grpo":
+                for l in logs:
+                    l.update(entropy_adv=2.0, attack_gain=0.01, answer_diversity_adv=3.0)
+            (path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in logs))
+    compare.main([f"--runs_dir={tmp_path / 'runs'}", f"--out_dir={tmp_path / 'study'}", f"--figures_dir={tmp_path}",
+                  "--methods=grpo,saei_a8", "--seeds=3", "--steps=2", "--smooth=2"])
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "study" / "results.csv"))}
     assert float(rows["grpo"]["final_accuracy"]) == pytest.approx(0.6)
-    assert float(rows["grpo"]["final_accuracy_std"]) == pytest.approx(math.sqrt(0.02))  # sample std of 0.5, 0.7
-    assert float(rows["saei"]["final_accuracy_std"]) == 0.0
-    assert float(rows["saei"]["rollout_entropy"]) == pytest.approx(2.5)  # mean over steps, then over seeds
-    assert float(rows["saei"]["answer_diversity"]) == pytest.approx(3.0)
-    assert "| grpo | 2 | 0.300 | 0.600 ± 0.141 |" in (tmp_path / "results.md").read_text()
-    curves = (tmp_path / "curves.csv").read_text().splitlines()
-    assert "grpo,accuracy,0,0.3" in curves  # the accuracy before training is the curve's step 0
-    assert "grpo,entropy,2,2.5" in curves  # seed means 1.5 and 3.5 at steps 1 and 2, averaged over the 2-step window
+    assert float(rows["grpo"]["final_accuracy_std"]) == pytest.approx(0.1)  # sample std of 0.5, 0.7, 0.6
+    assert float(rows["saei_a8"]["pass@1"]) == pytest.approx(0.35)
+    assert float(rows["saei_a8"]["entropy_clean"]) == pytest.approx(3.5)  # mean over steps (2.5 + s), then seeds
+    assert rows["grpo"]["attack_gain"] == "" and float(rows["saei_a8"]["attack_gain"]) == pytest.approx(0.01)
+    runs = list(csv.DictReader(open(tmp_path / "study" / "runs.csv")))
+    assert [(r["method"], r["seed"], float(r["final_accuracy"])) for r in runs][:2] == [("grpo", "0", 0.5), ("grpo", "1", 0.7)]
+    md = (tmp_path / "study" / "results.md").read_text()
+    assert "| saei_a8 | 3 | 0.700 ± 0.100 | 0.350 ± 0.050 | 0.900 ± 0.000 |" in md
+    # paired differences 0.1, 0.0, 0.2: mean 0.1, sd 0.1, t(0.975, 2) = 4.303 -> half width 0.248
+    assert "| saei_a8 | +0.100 [-0.148, +0.348]: no difference measured |" in md
+    curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
+    assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
+    assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_alpha.png")
+
+
+def test_compare_paired_difference_interval():
+    import compare
+    mean, low, high = compare.paired_difference([0.8, 0.9, 0.7, 0.8], [0.5, 0.5, 0.5, 0.6])
+    d = [0.3, 0.4, 0.2, 0.2]  # sd 0.0957; t(0.975, 3) = 3.182
+    half = 3.182 * statistics.stdev(d) / 2
+    assert (mean, low, high) == pytest.approx((0.275, 0.275 - half, 0.275 + half))
+    assert compare.verdict(mean, low, high).endswith("higher") and compare.verdict(-mean, -high, -low).endswith("lower")
+    assert compare.paired_difference([0.5], [0.4])[1:] == (None, None)
 
 
 # ----------------------------------------------------------------------------- plot.py

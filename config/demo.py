@@ -14,5 +14,4 @@ eval_interval = 0                # held-out accuracy before and after training o
 eval_limit = 500                 # the whole synthetic test split
 micro_batch_size = 8
 attack_rows = 6                  # the attack's 6 clean responses in one pass (a tiny model: time, not memory, counts)
-updates_per_rollout = 1          # one update per rollout batch (4 mini-batches of 2 prompts would be very noisy)
 gradient_checkpointing = False
