@@ -43,6 +43,7 @@ smooth = 10                  # moving-average window (steps) of the curves: one 
 runs_dir = "out/compare"     # every run of every study
 out_dir = "results/methods"  # this study's tables
 figures_dir = "assets"       # its figures, <study>_*.png (README shows them from here)
+train_missing = True         # False: only tabulate the runs already finished (a study still running elsewhere)
 parallel = 1                 # runs at once; each gets cpu_count // parallel torch threads (2 on a 2-core laptop)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
@@ -84,17 +85,31 @@ def alpha_of(method):
     return int(match.group(1)) if match and match.group(2) in (None, "middle") else None
 
 
+def run_dir(cfg, method, seed):
+    return os.path.join(cfg.runs_dir, method, f"{cfg.steps}steps-seed{seed}")
+
+
+def trained(path):
+    log_path = os.path.join(path, "train.log")
+    return os.path.exists(log_path) and FINAL.search(open(log_path).read()) is not None
+
+
+def finished(cfg, method, seed):
+    """Trained, and its pass@k measured (when asked for)."""
+    path = run_dir(cfg, method, seed)
+    return trained(path) and (not cfg.pass_k_problems or os.path.exists(os.path.join(path, "pass_k", "results.json")))
+
+
 def run(cfg, method, seed):
     """Train one method with one seed (unless already done), then measure its pass@k. Returns the run's folder."""
-    path = os.path.join(cfg.runs_dir, method, f"{cfg.steps}steps-seed{seed}")
+    path = run_dir(cfg, method, seed)
     log_path, ckpt = os.path.join(path, "train.log"), os.path.join(path, "checkpoint")
-    trained = os.path.exists(log_path) and FINAL.search(open(log_path).read())
-    if trained and (not cfg.pass_k_problems or os.path.exists(os.path.join(path, "pass_k", "results.json"))):
+    if finished(cfg, method, seed):
         return path
     # parallel runs must not oversubscribe the cores (an OMP_NUM_THREADS already set wins)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.parallel))
     env = dict(os.environ, OMP_NUM_THREADS=threads)
-    if not (trained and os.path.isdir(ckpt)):  # not trained, or pass@k missing and its checkpoint gone: train anew
+    if not (trained(path) and os.path.isdir(ckpt)):  # not trained, or pass@k missing and its checkpoint gone: train anew
         shutil.rmtree(path, ignore_errors=True)  # a half-finished run: metrics.jsonl appends, so start clean
         os.makedirs(path)
         args = [sys.executable, "train.py", cfg.train_config, *overrides(method), f"--seed={seed}",
@@ -193,14 +208,15 @@ def tables(runs, cfg):
     if cfg.reference in runs and len(runs) > 1:
         compared = [k for k in ("final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
                                 "entropy_clean_last10") if k in metrics]
-        lines += ["", f"Difference from {cfg.reference}, paired by seed: mean [95% t-interval]", "",
+        lines += ["", f"Difference from {cfg.reference}, paired by seed (same prompts, same order): mean [95% t-interval "
+                      "over the seed pairs]", "",
                   "| method | " + " | ".join(compared) + " |", "|---|" + "---|" * len(compared)]
         ref = runs[cfg.reference]
         for method, rs in runs.items():
             if method == cfg.reference:
                 continue
-            n = min(len(rs), len(ref))
-            cells = [verdict(*paired_difference([r[k] for r in rs[:n]], [r[k] for r in ref[:n]])) for k in compared]
+            pairs = [(r, q) for r in rs for q in ref if q["seed"] == r["seed"]]
+            cells = [verdict(*paired_difference([r[k] for r, _ in pairs], [q[k] for _, q in pairs])) for k in compared]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return rows, "\n".join(lines) + "\n"
 
@@ -292,15 +308,20 @@ def main(argv):
     t0 = time.time()
 
     def one(job):
-        r = read_run(run(cfg, *job))
+        path = run(cfg, *job)
+        r = dict(read_run(path), seed=job[1])
         print(f"{job[0]} seed {job[1]}: accuracy {r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f} "
               f"({time.time() - t0:.0f} s since start)", flush=True)
         return r
+    if not cfg.train_missing:  # what has finished so far
+        jobs = [(m, s) for m, s in jobs if finished(cfg, m, s)]
+        if not jobs:
+            raise SystemExit(f"no finished run of {cfg.methods} in {cfg.runs_dir}")
     with ThreadPoolExecutor(cfg.parallel) as pool:  # threads only wait on train.py subprocesses
         done = list(pool.map(one, jobs))
     runs = {m: [r for (method, _), r in zip(jobs, done) if method == m] for m in names}
-    per_run = [{"method": m, "seed": s, **{k: v for k, v in r.items() if k != "curve"}}
-               for m in names for s, r in enumerate(runs[m])]
+    runs = {m: rs for m, rs in runs.items() if rs}
+    per_run = [{"method": m, "seed": r["seed"], **{k: v for k, v in r.items() if k != "curve"}} for m, rs in runs.items() for r in rs]
     rows, text = tables(runs, cfg)
     for name, records in (("runs.csv", per_run), ("results.csv", rows)):
         with open(os.path.join(cfg.out_dir, name), "w", newline="") as f:

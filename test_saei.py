@@ -2636,6 +2636,13 @@ def test_compare_tables_from_finished_runs(tmp_path):
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
     assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_alpha.png")
+    # a study still running: train_missing=False tabulates the finished runs alone, paired on their common seeds
+    (tmp_path / "runs" / "saei_a8" / "2steps-seed2" / "train.log").write_text("killed at step 1\n")
+    compare.main([f"--runs_dir={tmp_path / 'runs'}", f"--out_dir={tmp_path / 'study'}", f"--figures_dir={tmp_path}",
+                  "--methods=grpo,saei_a8,saei_a64", "--seeds=3", "--steps=2", "--train_missing=False"])
+    md = (tmp_path / "study" / "results.md").read_text()
+    assert "| saei_a8 | 2 | 0.650 ± 0.071 |" in md and "| saei_a64 |" not in md
+    assert "| saei_a8 | +0.050 [-0.585, +0.685]: no difference measured |" in md  # t(0.975, 1) = 12.706
 
 
 def test_compare_paired_difference_interval():
