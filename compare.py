@@ -4,8 +4,9 @@
 method's overrides), measures pass@k of each final checkpoint (eval.py), then writes to out_dir:
   results.md, results.csv  per method: mean ± std over seeds of the final held-out greedy accuracy, pass@1 and
                            pass@k, rollout entropy (clean half; adversarial half on its own image), attack gain,
-                           answer diversity; and each method's difference from `reference`, paired by seed, with
-                           its 95% t-interval (a difference whose interval holds 0 is "no difference measured")
+                           answer diversity; each method's difference from `reference`, paired by seed, with its
+                           95% t-interval (a difference whose interval holds 0 is "no difference measured"); and
+                           whether the perturbation changed the rollouts at all: adversarial minus clean half
   runs.csv                 the same numbers per run: every number in the tables traces back to its runs
   curves.csv               the per-step seed means behind the plots
 and its figures as PNGs to figures_dir (assets/): <study>_curves.png (and <study>_alpha.png when SaEI ran at several strengths),
@@ -135,7 +136,8 @@ def run(cfg, method, seed):
 # per-step metrics.jsonl keys averaged over the run: name in the tables <- key
 MEANS = {"entropy_clean": "entropy_clean", "entropy_adv": "entropy_adv", "attack_gain": "attack_gain",
          "attack_gain_rel": "attack_gain_rel", "attack_linf": "attack_linf", "diversity_clean": "answer_diversity_clean",
-         "diversity_adv": "answer_diversity_adv", "diversity": "answer_diversity", "train_accuracy": "accuracy_clean"}
+         "diversity_adv": "answer_diversity_adv", "diversity": "answer_diversity", "train_accuracy": "accuracy_clean",
+         "train_accuracy_adv": "accuracy_adv"}
 CURVES = {"train_accuracy": "accuracy_clean", "entropy_clean": "entropy_clean", "entropy_adv": "entropy_adv",
           "diversity": "answer_diversity"}
 
@@ -186,7 +188,7 @@ def tables(runs, cfg):
     """{method: [run dicts by seed]} -> (per-method rows for results.csv, results.md text)."""
     metrics = [k for k in ["start_accuracy", "final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
                            "entropy_adv", "entropy_clean_last10", "attack_gain", "attack_gain_rel", "attack_linf",
-                           "diversity_clean", "diversity_adv", "train_accuracy"]
+                           "diversity_clean", "diversity_adv", "train_accuracy", "train_accuracy_adv"]
                if any(k in r for rs in runs.values() for r in rs)]
     rows, lines = [], []
     for method, rs in runs.items():
@@ -218,6 +220,17 @@ def tables(runs, cfg):
             pairs = [(r, q) for r in rs for q in ref if q["seed"] == r["seed"]]
             cells = [verdict(*paired_difference([r[k] for r, _ in pairs], [q[k] for _, q in pairs])) for k in compared]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    halves = [m for m, rs in runs.items() if all("entropy_adv" in r for r in rs)]
+    if halves:  # does the perturbation change the rollouts at all? Each run's two halves, same prompts, same steps
+        checks = [("entropy", "entropy_adv", "entropy_clean"), ("accuracy", "train_accuracy_adv", "train_accuracy"),
+                  ("distinct answers", "diversity_adv", "diversity_clean")]
+        lines += ["", "Adversarial half minus clean half of the same groups (run means over steps; 95% t-interval "
+                      "over seeds)", "", "| method | " + " | ".join(c[0] for c in checks) + " |",
+                  "|---|" + "---|" * len(checks)]
+        for method in halves:
+            rs = runs[method]
+            lines.append(f"| {method} | " + " | ".join(verdict(*paired_difference([r[a] for r in rs], [r[b] for r in rs]))
+                                                      for _, a, b in checks) + " |")
     return rows, "\n".join(lines) + "\n"
 
 
