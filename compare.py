@@ -156,6 +156,7 @@ def read_run(path):
             r[name] = statistics.mean(l[key] for l in logs)
     window = logs[-10:]  # where the entropy ended up: collapse shows here, not in the mean over the run
     r["entropy_clean_last10"] = statistics.mean(l["entropy_clean"] for l in window)
+    r["logs"] = logs
     r["curve"] = {"step": [l["step"] for l in logs],
                   **{name: [l[key] for l in logs] for name, key in CURVES.items() if key in logs[0]}}
     return r
@@ -188,9 +189,9 @@ def tables(runs, cfg):
     """{method: [run dicts by seed]} -> (per-method rows for results.csv, results.md text)."""
     metrics = [k for k in ["start_accuracy", "final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
                            "entropy_adv", "entropy_clean_last10", "attack_gain", "attack_gain_rel", "attack_linf",
-                           "diversity_clean", "diversity_adv", "train_accuracy", "train_accuracy_adv"]
+                           "diversity", "diversity_clean", "diversity_adv", "train_accuracy", "train_accuracy_adv"]
                if any(k in r for rs in runs.values() for r in rs)]
-    rows, lines = [], []
+    rows = []
     for method, rs in runs.items():
         row = {"method": method, "runs": len(rs)}
         for k in metrics:
@@ -199,20 +200,30 @@ def tables(runs, cfg):
                 row[k] = statistics.mean(values)
                 row[k + "_std"] = statistics.stdev(values) if len(values) > 1 else ""
         rows.append(row)
-    head = [k for k in metrics if k != "start_accuracy"]
-    lines += [f"`python compare.py` with methods={cfg.methods} steps={cfg.steps} seeds={cfg.seeds} "
-              f"train_config={cfg.train_config}" + (f" dataset={cfg.dataset}" if cfg.dataset else ""), "",
-              f"Mean ± std over seeds. Accuracy before training: {mean_std([r['start_accuracy'] for rs in runs.values() for r in rs])}.",
-              "", "| method | runs | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
-    for method, rs in runs.items():
-        cells = [mean_std([r[k] for r in rs]) if all(k in r for r in rs) else "" for k in head]
-        lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
+    outcomes = {"final_accuracy": "greedy accuracy", "pass@1": "pass@1", f"pass@{cfg.pass_k}": f"pass@{cfg.pass_k}"}
+    mechanism = {"entropy_clean": "entropy, clean half", "entropy_adv": "entropy, other half on its image",
+                 "entropy_clean_last10": "entropy, clean half, last 10 steps", "attack_gain": "attack gain (nats)",
+                 "attack_gain_rel": "attack gain / objective", "attack_linf": "L-inf distance (/255)",
+                 "diversity": "distinct answers per group"}
+    lines = [f"`python compare.py` with methods={cfg.methods} steps={cfg.steps} seeds={cfg.seeds} "
+             f"train_config={cfg.train_config}" + (f" dataset={cfg.dataset}" if cfg.dataset else ""), "",
+             f"Mean ± std over seeds. Held-out greedy accuracy before training: "
+             f"{mean_std([r['start_accuracy'] for rs in runs.values() for r in rs])} (all {cfg.steps}-step runs start "
+             f"from the same checkpoint); pass@k on the first {cfg.pass_k_problems} held-out problems. Entropies "
+             "(nats/token), attack and diversity are means over the run's steps."]
+    for names in (outcomes, mechanism):
+        shown = [k for k in names if k in metrics]
+        lines += ["", "| method | runs | " + " | ".join(names[k] for k in shown) + " |", "|---|---|" + "---|" * len(shown)]
+        for method, rs in runs.items():
+            cells = [mean_std([r[k] for r in rs]) if all(k in r for r in rs) else "" for k in shown]
+            lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
     if cfg.reference in runs and len(runs) > 1:
         compared = [k for k in ("final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
-                                "entropy_clean_last10") if k in metrics]
+                                "entropy_clean_last10", "diversity") if k in metrics]
         lines += ["", f"Difference from {cfg.reference}, paired by seed (same prompts, same order): mean [95% t-interval "
                       "over the seed pairs]", "",
-                  "| method | " + " | ".join(compared) + " |", "|---|" + "---|" * len(compared)]
+                  "| method | " + " | ".join({**outcomes, **mechanism}[k] for k in compared) + " |",
+                  "|---|" + "---|" * len(compared)]
         ref = runs[cfg.reference]
         for method, rs in runs.items():
             if method == cfg.reference:
@@ -221,16 +232,17 @@ def tables(runs, cfg):
             cells = [verdict(*paired_difference([r[k] for r, _ in pairs], [q[k] for _, q in pairs])) for k in compared]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     halves = [m for m, rs in runs.items() if all("entropy_adv" in r for r in rs)]
-    if halves:  # does the perturbation change the rollouts at all? Each run's two halves, same prompts, same steps
-        checks = [("entropy", "entropy_adv", "entropy_clean"), ("accuracy", "train_accuracy_adv", "train_accuracy"),
-                  ("distinct answers", "diversity_adv", "diversity_clean")]
-        lines += ["", "Adversarial half minus clean half of the same groups (run means over steps; 95% t-interval "
-                      "over seeds)", "", "| method | " + " | ".join(c[0] for c in checks) + " |",
-                  "|---|" + "---|" * len(checks)]
+    if halves:  # does the perturbation change the rollouts at all? The two halves of the same groups, step by step
+        checks = [("entropy", "entropy_adv", "entropy_clean"), ("accuracy", "accuracy_adv", "accuracy_clean"),
+                  ("distinct answers", "answer_diversity_adv", "answer_diversity_clean")]
+        lines += ["", "Does the perturbation change the rollouts? The other half minus the clean half of the same "
+                      "groups (6 responses each, same prompts, same policy): mean over every step of every seed "
+                      "[95% t-interval over those steps]", "",
+                  "| method | steps | " + " | ".join(c[0] for c in checks) + " |", "|---|---|" + "---|" * len(checks)]
         for method in halves:
-            rs = runs[method]
-            lines.append(f"| {method} | " + " | ".join(verdict(*paired_difference([r[a] for r in rs], [r[b] for r in rs]))
-                                                      for _, a, b in checks) + " |")
+            steps_ = [l for r in runs[method] for l in r["logs"]]
+            lines.append(f"| {method} | {len(steps_)} | " + " | ".join(
+                verdict(*paired_difference([l[a] for l in steps_], [l[b] for l in steps_])) for _, a, b in checks) + " |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -334,7 +346,8 @@ def main(argv):
         done = list(pool.map(one, jobs))
     runs = {m: [r for (method, _), r in zip(jobs, done) if method == m] for m in names}
     runs = {m: rs for m, rs in runs.items() if rs}
-    per_run = [{"method": m, "seed": r["seed"], **{k: v for k, v in r.items() if k != "curve"}} for m, rs in runs.items() for r in rs]
+    per_run = [{"method": m, "seed": r["seed"], **{k: v for k, v in r.items() if k not in ("curve", "logs")}}
+               for m, rs in runs.items() for r in rs]
     rows, text = tables(runs, cfg)
     for name, records in (("runs.csv", per_run), ("results.csv", rows)):
         with open(os.path.join(cfg.out_dir, name), "w", newline="") as f:

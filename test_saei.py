@@ -2634,8 +2634,9 @@ def test_compare_tables_from_finished_runs(tmp_path):
     assert "| saei_a8 | 3 | 0.700 ± 0.100 | 0.350 ± 0.050 | 0.900 ± 0.000 |" in md
     # paired differences 0.1, 0.0, 0.2: mean 0.1, sd 0.1, t(0.975, 2) = 4.303 -> half width 0.248
     assert "| saei_a8 | +0.100 [-0.148, +0.348]: no difference measured |" in md
-    # within each run, adversarial minus clean entropy: 1.0, 1.1, 1.2 over seeds -> mean 1.1, sd 0.1
-    assert "| saei_a8 | +1.100 [+0.852, +1.348]: higher | +0.000 [+0.000, +0.000]: no difference measured |" in md
+    # the two halves step by step: adversarial minus clean entropy 1.0, 1.0, 1.1, 1.1, 1.2, 1.2 over the 6 steps of
+    # the 3 seeds -> mean 1.1, sd 0.0894, t(0.975, 5) = 2.571 -> half width 0.094
+    assert "| saei_a8 | 6 | +1.100 [+1.006, +1.194]: higher | +0.000 [+0.000, +0.000]: no difference measured |" in md
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
     assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_alpha.png")
