@@ -2602,6 +2602,19 @@ def test_compare_method_names_become_train_arguments():
         compare.overrides("saei_a8_upper")
 
 
+def test_compare_every_study_config_names_runnable_methods():
+    """A typo in a study file would surface only after hours of the study's other runs."""
+    import compare
+    import configurator
+    import train
+    studies = sorted(glob.glob("config/study_*.py"))
+    assert len(studies) >= 3
+    for path in studies:
+        cfg = configurator.get_config(compare.DEFAULTS, [path])
+        for method in cfg.methods.split(","):
+            train.get_config([cfg.train_config, *compare.overrides(method)])  # train.py accepts every argument
+
+
 def test_compare_tables_from_finished_runs(tmp_path):
     import compare
     # three finished seeds of two methods, as train.py and eval.py leave them: compare.py reuses them
