@@ -275,9 +275,9 @@ def write_figures(runs, curves, cfg):
               "entropy_adv": "entropy, adversarial rollouts on their image", "diversity": "distinct answers per group"}
     fig, axes = plt.subplots(1, len(titles), figsize=(4.5 * len(titles), 4))
     for ax, (metric, title) in zip(axes, titles.items()):
-        for method, c in curves.items():
-            if metric in c:
-                ax.plot(*c[metric], label=method)
+        for i, (method, c) in enumerate(curves.items()):
+            if metric in c:  # a method keeps its colour in every panel, even where others have no line
+                ax.plot(*c[metric], label=method, color=f"C{i}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
