@@ -154,8 +154,10 @@ def read_run(path):
     for name, key in MEANS.items():
         if key in logs[0]:
             r[name] = statistics.mean(l[key] for l in logs)
-    window = logs[-10:]  # where the entropy ended up: collapse shows here, not in the mean over the run
-    r["entropy_clean_last10"] = statistics.mean(l["entropy_clean"] for l in window)
+    # where the entropy started and ended up: a collapse shows here, not in the mean over the run
+    window = max(1, min(10, len(logs) // 2))  # 10 steps, or half of a shorter run
+    r["entropy_clean_first10"] = statistics.mean(l["entropy_clean"] for l in logs[:window])
+    r["entropy_clean_last10"] = statistics.mean(l["entropy_clean"] for l in logs[-window:])
     r["logs"] = logs
     r["curve"] = {"step": [l["step"] for l in logs],
                   **{name: [l[key] for l in logs] for name, key in CURVES.items() if key in logs[0]}}
@@ -188,7 +190,7 @@ def verdict(mean, low, high):
 def tables(runs, cfg):
     """{method: [run dicts by seed]} -> (per-method rows for results.csv, results.md text)."""
     metrics = [k for k in ["start_accuracy", "final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
-                           "entropy_adv", "entropy_clean_last10", "attack_gain", "attack_gain_rel", "attack_linf",
+                           "entropy_adv", "entropy_clean_first10", "entropy_clean_last10", "attack_gain", "attack_gain_rel", "attack_linf",
                            "diversity", "diversity_clean", "diversity_adv", "train_accuracy", "train_accuracy_adv"]
                if any(k in r for rs in runs.values() for r in rs)]
     rows = []
@@ -231,6 +233,12 @@ def tables(runs, cfg):
             pairs = [(r, q) for r in rs for q in ref if q["seed"] == r["seed"]]
             cells = [verdict(*paired_difference([r[k] for r, _ in pairs], [q[k] for _, q in pairs])) for k in compared]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Does the clean rollouts' entropy fall during training? Mean over the last 10 steps minus the first "
+                  "10 [95% t-interval over seeds]", "", "| method | first 10 steps | last 10 steps | change |",
+              "|---|---|---|---|"]
+    for method, rs in runs.items():
+        first, last = [r["entropy_clean_first10"] for r in rs], [r["entropy_clean_last10"] for r in rs]
+        lines.append(f"| {method} | {mean_std(first)} | {mean_std(last)} | {verdict(*paired_difference(last, first))} |")
     halves = [m for m, rs in runs.items() if all("entropy_adv" in r for r in rs)]
     if halves:  # does the perturbation change the rollouts at all? The two halves of the same groups, step by step
         checks = [("entropy", "entropy_adv", "entropy_clean"), ("accuracy", "accuracy_adv", "accuracy_clean"),

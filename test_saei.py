@@ -2650,6 +2650,8 @@ def test_compare_tables_from_finished_runs(tmp_path):
     # the two halves step by step: adversarial minus clean entropy 1.0, 1.0, 1.1, 1.1, 1.2, 1.2 over the 6 steps of
     # the 3 seeds -> mean 1.1, sd 0.0894, t(0.975, 5) = 2.571 -> half width 0.094
     assert "| saei_a8 | 6 | +1.100 [+1.006, +1.194]: higher | +0.000 [+0.000, +0.000]: no difference measured |" in md
+    # GRPO's clean entropy 1 + seed + step; a 2-step run's windows are its halves: step 2 minus step 1 is +1 each seed
+    assert "| grpo | 3.000 ± 1.000 | 4.000 ± 1.000 | +1.000 [+1.000, +1.000]: higher |" in md
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
     assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_alpha.png")
