@@ -9,8 +9,8 @@ method's overrides), measures pass@k of each final checkpoint (eval.py), then wr
                            whether the perturbation changed the rollouts at all: adversarial minus clean half
   runs.csv                 the same numbers per run: every number in the tables traces back to its runs
   curves.csv               the per-step seed means behind the plots
-and its figures as PNGs to figures_dir (assets/): <study>_curves.png (and <study>_alpha.png when SaEI ran at several strengths),
-study = the last folder of out_dir. The studies in README are config files: `python compare.py config/study_alpha.py`.
+and its figures as PNGs to figures_dir (assets/): <study>_curves.png, and <study>_strength.png when SaEI ran at
+several strengths (study = the last folder of out_dir). The studies in README are config files: `python compare.py config/study_alpha.py`.
 
 Methods: the names in METHODS, and `saei_a<N>` = SaEI at pgd_alpha = N/255 (budget N/255 at one PGD step),
 `saei_a<N>_<band>` the same with the TsEC band bottom, top or all (the default band is the middle third).
@@ -269,7 +269,7 @@ def mean_curves(runs, window):
 
 
 def write_figures(runs, curves, cfg):
-    """assets/<study>_curves.png: the curves against step; assets/<study>_alpha.png: final accuracy, pass@k and
+    """assets/<study>_curves.png: the curves against step; assets/<study>_strength.png: final accuracy, pass@k and
     rollout entropy against the attack strength, the other methods as horizontal bands (mean ± std)."""
     try:
         import matplotlib
@@ -324,7 +324,7 @@ def write_figures(runs, curves, cfg):
     axes[0].legend(fontsize=8)
     fig.suptitle("mean ± std over seeds (dots: seeds); bands: mean ± std of the other methods", fontsize=9)
     fig.tight_layout()
-    paths.append(os.path.join(cfg.figures_dir, f"{study}_alpha.png"))
+    paths.append(os.path.join(cfg.figures_dir, f"{study}_strength.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths

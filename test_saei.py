@@ -2654,7 +2654,7 @@ def test_compare_tables_from_finished_runs(tmp_path):
     assert "| grpo | 3.000 ± 1.000 | 4.000 ± 1.000 | +1.000 [+1.000, +1.000]: higher |" in md
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
-    assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_alpha.png")
+    assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_strength.png")
     # a study still running: train_missing=False tabulates the finished runs alone, paired on their common seeds
     (tmp_path / "runs" / "saei_a8" / "2steps-seed2" / "train.log").write_text("killed at step 1\n")
     compare.main([f"--runs_dir={tmp_path / 'runs'}", f"--out_dir={tmp_path / 'study'}", f"--figures_dir={tmp_path}",
