@@ -10,7 +10,8 @@ method's overrides), measures pass@k of each final checkpoint (eval.py), then wr
   runs.csv                 the same numbers per run: every number in the tables traces back to its runs
   curves.csv               the per-step seed means behind the plots
 and its figures as PNGs to figures_dir (assets/): <study>_curves.png, and <study>_strength.png when SaEI ran at
-several strengths (study = the last folder of out_dir). The studies in README are config files: `python compare.py config/study_alpha.py`.
+several strengths (study = the last folder of out_dir). The studies in README are config files:
+`python compare.py config/study_alpha.py`.
 
 Methods: the names in METHODS, and `saei_a<N>` = SaEI at pgd_alpha = N/255 (budget N/255 at one PGD step),
 `saei_a<N>_<band>` the same with the TsEC band bottom, top or all (the default band is the middle third).
@@ -144,7 +145,7 @@ CURVES = {"train_accuracy": "accuracy_clean", "entropy_clean": "entropy_clean", 
 
 def read_run(path):
     """A run's folder -> {metric: value} (accuracies from train.log, pass@k from eval.py, per-step means from
-    metrics.jsonl; a metric the method does not log is absent) and its per-step curves."""
+    metrics.jsonl; a metric the method does not log is absent) and, under "logs", its metrics.jsonl lines."""
     start, final = map(float, FINAL.search(open(os.path.join(path, "train.log")).read()).groups())
     logs = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
     r = {"start_accuracy": start, "final_accuracy": final}
@@ -158,9 +159,7 @@ def read_run(path):
     window = max(1, min(10, len(logs) // 2))  # 10 steps, or half of a shorter run
     r["entropy_clean_first10"] = statistics.mean(l["entropy_clean"] for l in logs[:window])
     r["entropy_clean_last10"] = statistics.mean(l["entropy_clean"] for l in logs[-window:])
-    r["logs"] = logs
-    r["curve"] = {"step": [l["step"] for l in logs],
-                  **{name: [l[key] for l in logs] for name, key in CURVES.items() if key in logs[0]}}
+    r["logs"] = logs  # per step: the curves and the two halves' step-by-step comparison read them
     return r
 
 
@@ -171,13 +170,14 @@ def mean_std(values):
 
 
 def paired_difference(a, b):
-    """Seed-paired difference of two methods' values (a[i] - b[i], same seed: same prompts in the same order)
-    -> (mean, low, high): the mean and its 95% t-interval; (mean, None, None) for fewer than 2 pairs."""
+    """Paired differences a[i] - b[i] (two methods at the same seed, or two halves of the same step) -> (mean,
+    low, high): their mean and its 95% t-interval; (mean, None, None) for fewer than 2 pairs."""
     d = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(d)
     if len(d) < 2:
-        return statistics.mean(d), None, None
+        return mean, None, None
     half = (T95[len(d) - 2] if len(d) - 1 <= len(T95) else 1.96) * statistics.stdev(d) / len(d) ** 0.5
-    return statistics.mean(d), statistics.mean(d) - half, statistics.mean(d) + half
+    return mean, mean - half, mean + half
 
 
 def verdict(mean, low, high):
@@ -190,8 +190,9 @@ def verdict(mean, low, high):
 def tables(runs, cfg):
     """{method: [run dicts by seed]} -> (per-method rows for results.csv, results.md text)."""
     metrics = [k for k in ["start_accuracy", "final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
-                           "entropy_adv", "entropy_clean_first10", "entropy_clean_last10", "attack_gain", "attack_gain_rel", "attack_linf",
-                           "diversity", "diversity_clean", "diversity_adv", "train_accuracy", "train_accuracy_adv"]
+                           "entropy_adv", "entropy_clean_first10", "entropy_clean_last10", "attack_gain",
+                           "attack_gain_rel", "attack_linf", "diversity", "diversity_clean", "diversity_adv",
+                           "train_accuracy", "train_accuracy_adv"]
                if any(k in r for rs in runs.values() for r in rs)]
     rows = []
     for method, rs in runs.items():
@@ -258,13 +259,13 @@ def mean_curves(runs, window):
     """{method: [run dicts]} -> {method: {metric: (steps, seed means smoothed by a trailing window)}}."""
     curves = {}
     for method, rs in runs.items():
-        steps_ = rs[0]["curve"]["step"]
+        steps_ = [l["step"] for l in rs[0]["logs"]]
         curves[method] = {}
-        for key in rs[0]["curve"]:
-            if key != "step":
-                mean = [statistics.mean(r["curve"][key][i] for r in rs) for i in range(len(steps_))]
-                curves[method][key] = (steps_, [statistics.mean(mean[max(0, i - window + 1):i + 1])
-                                                for i in range(len(mean))])
+        for name, key in CURVES.items():
+            if key in rs[0]["logs"][0]:
+                mean = [statistics.mean(r["logs"][i][key] for r in rs) for i in range(len(steps_))]
+                curves[method][name] = (steps_, [statistics.mean(mean[max(0, i - window + 1):i + 1])
+                                                 for i in range(len(mean))])
     return curves
 
 
@@ -354,7 +355,7 @@ def main(argv):
         done = list(pool.map(one, jobs))
     runs = {m: [r for (method, _), r in zip(jobs, done) if method == m] for m in names}
     runs = {m: rs for m, rs in runs.items() if rs}
-    per_run = [{"method": m, "seed": r["seed"], **{k: v for k, v in r.items() if k not in ("curve", "logs")}}
+    per_run = [{"method": m, "seed": r["seed"], **{k: v for k, v in r.items() if k != "logs"}}
                for m, rs in runs.items() for r in rs]
     rows, text = tables(runs, cfg)
     for name, records in (("runs.csv", per_run), ("results.csv", rows)):

@@ -356,7 +356,8 @@ def sampling_config(tok, max_new_tokens, temperature=1.0, greedy=False):
     argmax), the vision tokens suppressed, stopping at our stop tokens -- nothing else changes the scores."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
-        top_k=None if greedy else 0, top_p=1.0, min_p=None,  # (greedy: a top_k at all draws a warning) typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        top_k=None if greedy else 0,  # greedy: any top_k draws transformers' "flag not valid" warning
+        top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
         min_new_tokens=0, num_beams=1, num_return_sequences=1, renormalize_logits=False,
         suppress_tokens=vision_token_ids(tok), eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
