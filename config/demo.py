@@ -15,7 +15,7 @@ eval_limit = 500                 # the whole synthetic test split
 micro_batch_size = 8
 attack_rows = 6                  # the attack's 6 clean responses in one pass (a tiny model: time, not memory, counts)
 gradient_checkpointing = False
-# The attack's step, from the strength sweep (README, results/alpha): at the paper's 2/255 it changes nothing on this
-# model (the TsEC objective rises 0.3%, the attacked rollouts' entropy not measurably); 32/255 is the strongest step
-# whose attacked rollouts are no less accurate than NoisyRollout's noisy-image ones. The Qwen recipes keep 2/255.
-pgd_alpha = 32 / 255
+# The attack's step, from the strength sweep (README, results/alpha): the smallest step that measurably changes the
+# rollouts without costing accuracy. At the paper's 2/255 the attacked rollouts' entropy does not move on this model;
+# from 32/255 on they lose accuracy. The Qwen recipes keep the paper's 2/255.
+pgd_alpha = 8 / 255
