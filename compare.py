@@ -246,12 +246,15 @@ def tables(runs, cfg):
                   ("distinct answers", "answer_diversity_adv", "answer_diversity_clean")]
         lines += ["", "Does the perturbation change the rollouts? The other half minus the clean half of the same "
                       "groups (6 responses each, same prompts, same policy): mean over every step of every seed "
-                      "[95% t-interval over those steps]", "",
+                      "[95% t-interval over those steps] (each seed's own mean: steps of one run are not independent)",
+                  "",
                   "| method | steps | " + " | ".join(c[0] for c in checks) + " |", "|---|---|" + "---|" * len(checks)]
         for method in halves:
             steps_ = [l for r in runs[method] for l in r["logs"]]
-            lines.append(f"| {method} | {len(steps_)} | " + " | ".join(
-                verdict(*paired_difference([l[a] for l in steps_], [l[b] for l in steps_])) for _, a, b in checks) + " |")
+            cells = [verdict(*paired_difference([l[a] for l in steps_], [l[b] for l in steps_])) + " (" + ", ".join(
+                f"{statistics.mean(l[a] - l[b] for l in r['logs']):+.3f}" for r in runs[method]) + ")"
+                for _, a, b in checks]
+            lines.append(f"| {method} | {len(steps_)} | " + " | ".join(cells) + " |")
     return rows, "\n".join(lines) + "\n"
 
 

@@ -2649,8 +2649,9 @@ def test_compare_tables_from_finished_runs(tmp_path):
     # paired differences 0.1, 0.0, 0.2: mean 0.1, sd 0.1, t(0.975, 2) = 4.303 -> half width 0.248
     assert "| saei_a8 | +0.100 [-0.148, +0.348]: no difference measured |" in md
     # the two halves step by step: adversarial minus clean entropy 1.0, 1.0, 1.1, 1.1, 1.2, 1.2 over the 6 steps of
-    # the 3 seeds -> mean 1.1, sd 0.0894, t(0.975, 5) = 2.571 -> half width 0.094
-    assert "| saei_a8 | 6 | +1.100 [+1.006, +1.194]: higher | +0.000 [+0.000, +0.000]: no difference measured |" in md
+    # the 3 seeds -> mean 1.1, sd 0.0894, t(0.975, 5) = 2.571 -> half width 0.094; each seed's mean 1.0, 1.1, 1.2
+    assert ("| saei_a8 | 6 | +1.100 [+1.006, +1.194]: higher (+1.000, +1.100, +1.200) | +0.000 [+0.000, +0.000]: "
+            "no difference measured (+0.000, +0.000, +0.000) |") in md
     # GRPO's clean entropy 1 + seed + step; a 2-step run's windows are its halves: step 2 minus step 1 is +1 each seed
     assert "| grpo | 3.000 ± 1.000 | 4.000 ± 1.000 | +1.000 [+1.000, +1.000]: higher |" in md
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
