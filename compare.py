@@ -16,8 +16,9 @@ several strengths (study = the last folder of out_dir). The studies in README ar
 Methods: the names in METHODS, and `saei_a<N>` = SaEI at pgd_alpha = N/255 (budget N/255 at one PGD step),
 `saei_a<N>_<band>` the same with the TsEC band bottom, top or all (the default band is the middle third).
 Runs live in runs_dir/<method>/<steps>steps-seed<seed>, shared by every study: a finished run (its train.log ends
-with the final accuracy, its pass@k measured) is never redone, so an interrupted study continues where it stopped
-and a second study reuses the first one's runs. Quick look: `python compare.py --steps=20 --seeds=1
+with the final accuracy, its pass@k measured) is never redone and a run that was stopped continues from its last
+checkpoint (every save_interval steps), so an interrupted study continues where it stopped and a second study
+reuses the first one's runs. Quick look: `python compare.py --steps=20 --seeds=1
 --methods=grpo,saei --runs_dir=out/quick --out_dir=out/quick`; on a 2-core laptop `--parallel=2` runs two
 single-threaded runs at once.
 """
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import checkpoint
 
 # ----------------------------------------------------------------------------- constants
 train_config = "config/demo.py"  # base train.py config every method starts from
@@ -47,6 +50,7 @@ out_dir = "results/methods"  # this study's tables
 figures_dir = "assets"       # its figures, <study>_*.png (README shows them from here)
 train_missing = True         # False: only tabulate the runs already finished (a study still running elsewhere)
 parallel = 1                 # runs at once; each gets cpu_count // parallel torch threads (2 on a 2-core laptop)
+save_interval = 20           # steps between a run's checkpoints: a study killed mid-run continues from the last one
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
@@ -65,6 +69,7 @@ BANDS = {"bottom": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "top": (2 / 3, 1.0), 
 STRENGTH = re.compile(r"saei_a(\d+)(?:_(bottom|middle|top|all))?$")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FINAL = re.compile(r"held-out greedy accuracy: ([\d.]+) before -> ([\d.]+) after")
+START = re.compile(r"held-out greedy accuracy before training: ([\d.]+)")  # the first one: a resumed run logs two
 # two-sided 95% quantiles of Student's t with df = 1 .. 10 degrees of freedom (beyond: the normal 1.96)
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
@@ -111,13 +116,17 @@ def run(cfg, method, seed):
     # parallel runs must not oversubscribe the cores (an OMP_NUM_THREADS already set wins)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.parallel))
     env = dict(os.environ, OMP_NUM_THREADS=threads)
-    if not (trained(path) and os.path.isdir(ckpt)):  # not trained, or pass@k missing and its checkpoint gone: train anew
-        shutil.rmtree(path, ignore_errors=True)  # a half-finished run: metrics.jsonl appends, so start clean
-        os.makedirs(path)
+    if not (trained(path) and os.path.isdir(ckpt)):  # not trained, or pass@k missing and its checkpoint gone
+        # stopped after a checkpoint (a killed session): continue it, which ends as the uninterrupted run would
+        resume = not trained(path) and os.path.isdir(path) and checkpoint.newest(path) is not None
+        if not resume:  # new, or stopped before its first checkpoint: start clean (metrics.jsonl appends)
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
         args = [sys.executable, "train.py", cfg.train_config, *overrides(method), f"--seed={seed}",
-                f"--max_steps={cfg.steps}", f"--save_interval={cfg.steps}", f"--out_dir={path}"]
+                f"--max_steps={cfg.steps}", f"--save_interval={min(cfg.save_interval, cfg.steps)}", f"--out_dir={path}"]
         args += [f"--dataset={cfg.dataset}"] if cfg.dataset else []
-        with open(log_path, "w") as log:
+        args += ["--resume=True"] if resume else []
+        with open(log_path, "a" if resume else "w") as log:
             log.write(" ".join(args) + "\n")
             log.flush()
             code = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -146,7 +155,8 @@ CURVES = {"train_accuracy": "accuracy_clean", "entropy_clean": "entropy_clean", 
 def read_run(path):
     """A run's folder -> {metric: value} (accuracies from train.log, pass@k from eval.py, per-step means from
     metrics.jsonl; a metric the method does not log is absent) and, under "logs", its metrics.jsonl lines."""
-    start, final = map(float, FINAL.search(open(os.path.join(path, "train.log")).read()).groups())
+    log = open(os.path.join(path, "train.log")).read()
+    start, final = float(START.search(log).group(1)), float(FINAL.search(log).group(2))
     logs = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
     r = {"start_accuracy": start, "final_accuracy": final}
     results = os.path.join(path, "pass_k", "results.json")

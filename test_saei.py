@@ -2624,7 +2624,8 @@ def test_compare_tables_from_finished_runs(tmp_path):
         for seed, final in enumerate(accs):
             path = tmp_path / "runs" / method / f"2steps-seed{seed}"
             (path / "pass_k").mkdir(parents=True)
-            (path / "train.log").write_text(f"held-out greedy accuracy: 0.300 before -> {final:.3f} after (format ...)\n")
+            (path / "train.log").write_text(f"held-out greedy accuracy before training: 0.300 (format ...)\n"
+                                            f"held-out greedy accuracy: 0.300 before -> {final:.3f} after (format ...)\n")
             (path / "pass_k" / "results.json").write_text(json.dumps(
                 {"benchmarks": [{"benchmark": "synthetic", "accuracy": final, "pass@1": final / 2, "pass@12": 0.9}]}))
             logs = [{"step": s, "entropy_clean": 1.0 + seed + s, "answer_diversity": 2.0, "answer_diversity_clean": 1.0,
@@ -2664,6 +2665,44 @@ def test_compare_tables_from_finished_runs(tmp_path):
     md = (tmp_path / "study" / "results.md").read_text()
     assert "| saei_a8 | 2 | 0.650 ± 0.071 |" in md and "| saei_a64 |" not in md
     assert "| saei_a8 | +0.050 [-0.585, +0.685]: no difference measured |" in md  # t(0.975, 1) = 12.706
+
+
+def test_compare_run_killed_mid_study_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """A study outlives a session: SIGKILL the whole study mid-run (no handler runs, the lock is left behind) and the
+    next `compare.py` resumes that run from its last checkpoint instead of training it again."""
+    import signal
+    import time
+    import checkpoint
+    import compare
+    config = tmp_path / "tiny.py"  # the smallest train.py run with the demo's cosine schedule (fixed by max_steps)
+    config.write_text(f"model = 'tiny'\ndataset = {GEO3K_SAMPLE!r}\nmin_pixels = 3136\nmax_pixels = 3136\n"
+                      "max_response_len = 16\nbatch_size = 1\neval_limit = 2\nupdates_per_rollout = 1\nlr = 1e-3\n"
+                      "lr_decay = True\nentropy_coef = 0.05\n")
+    args = [f"--train_config={config}", "--methods=grpo", "--seeds=1", "--steps=3", "--save_interval=1",
+            "--pass_k_problems=0", f"--runs_dir={tmp_path / 'runs'}", f"--out_dir={tmp_path / 'study'}",
+            f"--figures_dir={tmp_path}"]
+    run = tmp_path / "runs" / "grpo" / "3steps-seed0"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # compare.py's train.py runs: one thread each, as in a study
+    study = subprocess.Popen([sys.executable, "compare.py", *args], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run.exists() and checkpoint.newest(str(run))):
+        time.sleep(0.05)
+    os.killpg(study.pid, signal.SIGKILL)  # compare.py and its train.py at once, as the end of a session does
+    study.wait()
+    assert checkpoint.newest(str(run)) and not compare.trained(str(run)), "the run finished before it was killed"
+    assert (run / "LOCK").exists()  # left by the killed train.py: stale, taken over
+    before = (run / "metrics.jsonl").read_text().splitlines()
+    compare.main(args)
+    log = (run / "train.log").read_text()
+    assert log.count("--resume=True") == 1 and compare.FINAL.search(log)
+    after = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in after] == [1, 2, 3]  # none repeated or skipped
+    # the steps up to the checkpoint were not run again: their lines (timings included) are the killed run's
+    kept = sum(line in before for line in after)
+    assert kept >= 1 and after[:kept] == before[:kept]
+    row = next(csv.DictReader(open(tmp_path / "study" / "runs.csv")))
+    assert float(row["start_accuracy"]) == float(compare.START.search(log).group(1))  # step 0's, not the resume's
 
 
 def test_compare_paired_difference_interval():
