@@ -118,7 +118,7 @@ def run(cfg, method, seed):
     env = dict(os.environ, OMP_NUM_THREADS=threads)
     if not (trained(path) and os.path.isdir(ckpt)):  # not trained, or pass@k missing and its checkpoint gone
         # stopped after a checkpoint (a killed session): continue it, which ends as the uninterrupted run would
-        resume = not trained(path) and os.path.isdir(path) and checkpoint.newest(path) is not None
+        resume = not trained(path) and checkpoint.newest(path) is not None  # (None for a missing folder)
         if not resume:  # new, or stopped before its first checkpoint: start clean (metrics.jsonl appends)
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)

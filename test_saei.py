@@ -2624,8 +2624,10 @@ def test_compare_tables_from_finished_runs(tmp_path):
         for seed, final in enumerate(accs):
             path = tmp_path / "runs" / method / f"2steps-seed{seed}"
             (path / "pass_k").mkdir(parents=True)
+            # as a run resumed once leaves it: two starts, the second one's accuracy at the checkpoint it resumed
             (path / "train.log").write_text(f"held-out greedy accuracy before training: 0.300 (format ...)\n"
-                                            f"held-out greedy accuracy: 0.300 before -> {final:.3f} after (format ...)\n")
+                                            f"held-out greedy accuracy before training: 0.350 (format ...)\n"
+                                            f"held-out greedy accuracy: 0.350 before -> {final:.3f} after (format ...)\n")
             (path / "pass_k" / "results.json").write_text(json.dumps(
                 {"benchmarks": [{"benchmark": "synthetic", "accuracy": final, "pass@1": final / 2, "pass@12": 0.9}]}))
             logs = [{"step": s, "entropy_clean": 1.0 + seed + s, "answer_diversity": 2.0, "answer_diversity_clean": 1.0,
@@ -2645,6 +2647,7 @@ def test_compare_tables_from_finished_runs(tmp_path):
     assert rows["grpo"]["attack_gain"] == "" and float(rows["saei_a8"]["attack_gain"]) == pytest.approx(0.01)
     runs = list(csv.DictReader(open(tmp_path / "study" / "runs.csv")))
     assert [(r["method"], r["seed"], float(r["final_accuracy"])) for r in runs][:2] == [("grpo", "0", 0.5), ("grpo", "1", 0.7)]
+    assert {float(r["start_accuracy"]) for r in runs} == {0.3}  # step 0's, not the resumed run's
     md = (tmp_path / "study" / "results.md").read_text()
     assert "| saei_a8 | 3 | 0.700 ± 0.100 | 0.350 ± 0.050 | 0.900 ± 0.000 |" in md
     # paired differences 0.1, 0.0, 0.2: mean 0.1, sd 0.1, t(0.975, 2) = 4.303 -> half width 0.248
@@ -2701,8 +2704,6 @@ def test_compare_run_killed_mid_study_continues_from_its_checkpoint(tmp_path, mo
     # the steps up to the checkpoint were not run again: their lines (timings included) are the killed run's
     kept = sum(line in before for line in after)
     assert kept >= 1 and after[:kept] == before[:kept]
-    row = next(csv.DictReader(open(tmp_path / "study" / "runs.csv")))
-    assert float(row["start_accuracy"]) == float(compare.START.search(log).group(1))  # step 0's, not the resume's
 
 
 def test_compare_paired_difference_interval():
