@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from model import Qwen2_5_VLForConditionalGeneration, load_policy
+from model import Qwen2_5_VLForConditionalGeneration, load_policy, use_patch_projection
 
 
 def setup_distributed(cfg):
@@ -72,7 +72,7 @@ def load_on_rank0(name, rank, seed):
         raise SystemExit(error)
     if rank != 0:
         with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+            model = use_patch_projection(Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32))
         return model, tok, None
     weights = dict(model.named_buffers())  # buffers too: rotary frequencies are not in the state dict
     weights.update(model.state_dict())

@@ -71,6 +71,32 @@ def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidd
         tie_word_embeddings=False)
 
 
+class PatchProjection(torch.nn.Module):
+    """Qwen2.5-VL's patch embedding, a Conv3d whose kernel equals its stride, written as the matmul it is.
+
+    Each patch (C, T, P, P) meets the kernel exactly once, so the convolution is `patches @ W.view(D, -1).T`.
+    The weight keeps the Conv3d's name and shape (D, C, T, P, P): checkpoints load and save unchanged. Why: on
+    CPU the Conv3d's backward to its input (the attack's path to the pixels) is ~30x slower than the matmul's
+    (bench.py), and some cuDNN versions run this conv slowly in bf16. patches: (N, C, T, P, P) -> (N, D)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight  # the Conv3d's own Parameter: the optimizer, FSDP and state dicts see the same one
+
+    def forward(self, patches):
+        return F.linear(patches.flatten(1), self.weight.flatten(1))
+
+
+def use_patch_projection(model):
+    """Swap the vision tower's patch-embedding Conv3d for PatchProjection (same weight, same outputs up to float
+    rounding). Every model this project builds or loads goes through here, before it is sharded or trained."""
+    embed = model.model.visual.patch_embed
+    if isinstance(embed.proj, torch.nn.Conv3d):
+        assert embed.proj.kernel_size == embed.proj.stride and embed.proj.bias is None, "not a patchify Conv3d"
+        embed.proj = PatchProjection(embed.proj.weight)
+    return model
+
+
 def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64, vocab_size=None):
     """A random tiny Qwen2.5-VL (the real class, `tiny_config` sizes) from `seed`, and its tokenizer. `vocab_size`
     widens the LM head and embeddings (ids past the tokenizer's 103 decode to nothing): Qwen's real vocabulary on
@@ -80,7 +106,7 @@ def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hi
     if vocab_size:
         config.text_config.vocab_size = vocab_size
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = use_patch_projection(Qwen2_5_VLForConditionalGeneration(config))
     model.generation_config = GenerationConfig()  # sampling settings are sample()'s alone (see load_policy)
     return model, tok
 
@@ -113,7 +139,7 @@ def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
     # would leak into every `generate` call; rollouts must be drawn from softmax(logits / T) exactly, as the
     # log-probs, the entropies and the ratio of the update assume. sample() states every setting it needs.
     model.generation_config = GenerationConfig()
-    return model.to(device), tok
+    return use_patch_projection(model).to(device), tok
 
 
 def check_model_folder(path):

@@ -833,6 +833,30 @@ def test_model_image_tokens_get_3d_rotary_positions(tiny):
     assert (ours - plain[:, -4:-1]).abs().max() > 1e-4
 
 
+def test_model_patch_projection_is_the_conv3d_it_replaces(tiny, tmp_path):
+    policy, tok = tiny
+    embed = policy.model.visual.patch_embed
+    assert isinstance(embed.proj, model_lib.PatchProjection)
+    assert dict(policy.named_parameters())["model.visual.patch_embed.proj.weight"] is embed.proj.weight
+    # the stock Conv3d with the same weight: same patch embeddings, same gradient back to the pixels
+    conv = torch.nn.Conv3d(3, embed.embed_dim, (2, 14, 14), stride=(2, 14, 14), bias=False)
+    conv.weight = embed.proj.weight
+    pixels = torch.randn(24, 3 * 2 * 14 * 14, requires_grad=True)
+    ours = embed(pixels)
+    (ours * torch.arange(ours.numel()).view_as(ours).sin()).sum().backward()
+    ours_grad, pixels.grad = pixels.grad, None
+    stock = conv(pixels.view(-1, 3, 2, 14, 14)).view(-1, embed.embed_dim)
+    (stock * torch.arange(stock.numel()).view_as(stock).sin()).sum().backward()
+    assert ours.shape == (24, embed.embed_dim) and stock.abs().max() > 0.1
+    assert torch.allclose(ours, stock, atol=1e-5) and torch.allclose(ours_grad, pixels.grad, atol=1e-5)
+    # its checkpoint is the stock one: plain transformers loads it with its Conv3d and embeds alike
+    policy.save_pretrained(tmp_path)
+    plain = model_lib.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert isinstance(plain.model.visual.patch_embed.proj, torch.nn.Conv3d)
+    with torch.no_grad():
+        assert torch.allclose(plain.model.visual.patch_embed(pixels), ours, atol=1e-5)
+
+
 def test_model_sample_never_emits_vision_tokens(tiny):
     policy, tok = tiny
     policy = model_lib.Qwen2_5_VLForConditionalGeneration(policy.config).eval()
