@@ -181,11 +181,14 @@ def mean_std(values):
 
 def paired_difference(a, b):
     """Paired differences a[i] - b[i] (two methods at the same seed, or two halves of the same step) -> (mean,
-    low, high): their mean and its 95% t-interval; (mean, None, None) for fewer than 2 pairs."""
+    low, high): their mean and its 95% t-interval; (mean, None, None) for fewer than 2 pairs; (mean, mean, mean)
+    when every pair differs by the same amount (a metric on a grid, a few seeds): no spread, so no interval."""
     d = [x - y for x, y in zip(a, b)]
     mean = statistics.mean(d)
     if len(d) < 2:
         return mean, None, None
+    if max(d) - min(d) < 1e-9:  # float noise aside, a zero-width "interval" would claim certainty from 2-3 pairs
+        return mean, mean, mean
     half = (T95[len(d) - 2] if len(d) - 1 <= len(T95) else 1.96) * statistics.stdev(d) / len(d) ** 0.5
     return mean, mean - half, mean + half
 
@@ -193,6 +196,8 @@ def paired_difference(a, b):
 def verdict(mean, low, high):
     if low is None:
         return f"{mean:+.3f} (one seed: no interval)"
+    if low == high and mean != 0:
+        return f"{mean:+.3f} in every pair (no spread, so no interval: no difference measured)"
     word = "no difference measured" if low <= 0 <= high else ("higher" if low > 0 else "lower")
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]: {word}"
 
