@@ -77,7 +77,7 @@ class PatchProjection(torch.nn.Module):
     Each patch (C, T, P, P) meets the kernel exactly once, so the convolution is `patches @ W.view(D, -1).T`.
     The weight keeps the Conv3d's name and shape (D, C, T, P, P): checkpoints load and save unchanged. Why: on
     CPU the Conv3d's backward to its input (the attack's path to the pixels) is ~30x slower than the matmul's
-    (bench.py), and some cuDNN versions run this conv slowly in bf16. patches: (N, C, T, P, P) -> (N, D)."""
+    (256 patches of the tiny model: 57 ms against 1.6 ms). patches: (N, C, T, P, P) -> (N, D)."""
 
     def __init__(self, weight):
         super().__init__()

@@ -2739,8 +2739,9 @@ def test_compare_paired_difference_interval():
     assert (mean, low, high) == pytest.approx((0.275, 0.275 - half, 0.275 + half))
     assert compare.verdict(mean, low, high).endswith("higher") and compare.verdict(-mean, -high, -low).endswith("lower")
     assert compare.paired_difference([0.5], [0.4])[1:] == (None, None)
-    # equal differences in every pair (pass@12 moves in steps of 0.005 on 200 problems) give no interval, not a claim
-    same = compare.paired_difference([0.965, 0.975, 0.960], [0.960, 0.970, 0.955])
+    # equal differences in every pair (pass@12 moves in steps of 0.005 on 200 problems) give no interval, not a claim,
+    # also when float rounding makes them differ in the 16th digit (here: 0.0050000000000000044 and 0.004999999999999893)
+    same = compare.paired_difference([0.945, 0.950, 0.940], [0.940, 0.945, 0.935])
     assert same == pytest.approx((0.005, 0.005, 0.005)) and "no difference measured" in compare.verdict(*same)
 
 
