@@ -7,6 +7,7 @@
     python bench.py --sampling-chunks   # (f) alone: sampling peak memory against rollout_chunk
     python bench.py --estimate          # (e): per-GPU peak memory of the recipe on 8 x 80 GB, from the configs
     python bench.py --attack-strength   # (g): band entropy gain and fresh rollouts' entropy against alpha (warm start)
+    python bench.py --demo-speed=REV    # (h): the demo's step per phase here and at git revision REV, alternated
 
 Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
 Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
@@ -14,9 +15,10 @@ Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head domi
     SaEI (n_clean 6, n_adv 6) and GRPO (n_clean 12, n_adv 0) alternately, `repeats` times; the per-step split
     (t_generate, t_attack, t_update) is read from metrics.jsonl, each run's first step (warm-up) is dropped and
     the median over the remaining steps is reported. The ratio is SaEI's median step over GRPO's.
-(b) Peak memory of the attack objective (forward, and backward to the image), ours (egas.attack with one PGD step,
-    as train.py calls it) against the straightforward version (full (n, P + L, V) logits, entropy of every position,
-    then the band), one fresh process per configuration. Peak = the process's peak resident set (VmHWM, reset
+(b) Peak memory of the attack (one PGD step: forward, backward to the image, and the objective on the attacked
+    image), the memory-bounded objective train.py uses on large models (attack_objective="bounded") against the
+    plain one the demo uses ("full_logits": the (n, L, V) logits of every response), one fresh process per
+    configuration. Peak = the process's peak resident set (VmHWM, reset
     through /proc/self/clear_refs after a warm-up call) minus its resident set just before the call: everything
     the call allocates counts (autograd's saved tensors, temporaries, allocator slack); the model does not.
 (c) Rollout tokens per second: valid response tokens sampled per second of t_generate, from the runs of (a).
@@ -30,6 +32,7 @@ this measures; absolute times are those of one core.
 """
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,7 +97,7 @@ def run_train(model, dataset, out_dir, n_clean, n_adv, cfg):
             f"--max_steps={cfg['steps']}", f"--batch_size={cfg['batch_size']}",
             f"--max_response_len={cfg['response_len']}", f"--min_pixels={pixels}", f"--max_pixels={pixels}",
             "--eval_limit=0", "--eval_interval=0", "--save_interval=1000000", "--micro_batch_size=8",
-            "--updates_per_rollout=1", "--attack_rows=6",  # the CPU demo's attack: the 6 clean responses in one pass
+            "--updates_per_rollout=1", "--attack_objective=full_logits",  # the CPU demo's attack
             "--gradient_checkpointing=False"]  # the CPU demo's update: micro-batches share their prompt's encoding
     if cfg["fresh_processes"]:
         run = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
@@ -126,23 +129,6 @@ def step_times(model, dataset, folder, cfg):
 
 # ----------------------------------------------------------------------------- (b): attack memory
 
-def full_logits_objective(model, x, sequences, attention_mask, response_mask, prompt_len, selected, temperature=1.0):
-    """The straightforward TsEC objective, for comparison: the (n, P + L, V) logits of every row, with gradient.
-
-    Same inputs and value as egas.tsec_objective(..., selected)(x)[0]; x: (3, H, W) in [0, 1]. Returns the scalar J.
-    """
-    import tsec
-    from data import image_to_pixels
-    from model import entropy_from_logp
-    n = sequences.shape[0]
-    pixel_values, grid = image_to_pixels(x)
-    logits = model(input_ids=sequences, attention_mask=attention_mask, pixel_values=pixel_values.repeat(n, 1),
-                   image_grid_thw=grid.repeat(n, 1), mm_token_type_ids=(sequences == model.config.image_token_id).int(),
-                   use_cache=False).logits
-    entropy = entropy_from_logp(torch.log_softmax(logits[:, prompt_len - 1:-1].float() / temperature, -1)) * response_mask
-    return tsec.selective_entropy(entropy, selected)
-
-
 def _status_kb(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -155,7 +141,6 @@ def attack_memory(method, length, rows, repeats, image):
     earlier work can be reused without raising the resident set.
     """
     import egas
-    import tsec
     import train
     from data import build_prompt, n_image_tokens
     torch.manual_seed(0)
@@ -169,14 +154,10 @@ def attack_memory(method, length, rows, repeats, image):
         seqs = torch.cat([prompt.expand(rows, -1), response], 1)
         attn, mask = torch.ones_like(seqs), torch.ones_like(response)
         ranking = torch.rand(rows, L)  # the entropies sampling recorded: any values rank the band alike
-        if method == "ours":
-            egas.attack(policy, x, seqs, attn, mask, len(prompt), ranking, steps=1, alpha=2 / 255, eps=2 / 255,
-                        chunk_size=chunk)
-        else:
-            img = x.clone().requires_grad_(True)
-            selected = tsec.select_band(ranking, mask, group_size=rows)
-            (grad,) = torch.autograd.grad(full_logits_objective(policy, img, seqs, attn, mask, len(prompt), selected), img)
-            (x + 2 / 255 * grad.sign()).clamp(0, 1)
+        clean = dict(prompt_ids=seqs[:, :len(prompt)], prompt_mask=attn[:, :len(prompt)], response_ids=response,
+                     response_mask=mask, response_entropy=ranking)
+        egas.attack(policy, [x], clean, rows, steps=1, alpha=2 / 255, chunk_size=chunk,
+                    objective="bounded" if method == "ours" else "full_logits")
 
     call(8)  # warm-up: lazy initializations and thread pools are not the method's memory
     before = _status_kb("VmRSS")
@@ -256,7 +237,7 @@ def attack_strength_table(alphas=(0, 2, 8, 32, 64), prompts=8, n=6, threads=2):
     entropy gain, and the entropy of n fresh rollouts per prompt sampled on the attacked image (one seed)."""
     import data
     import egas
-    from model import load_policy, sample, sequences
+    from model import load_policy, sample
     torch.set_num_threads(threads)
     policy, tok = load_policy(os.path.join(ROOT, "assets", "tiny-synthetic"))
     policy.eval()
@@ -270,15 +251,9 @@ def attack_strength_table(alphas=(0, 2, 8, 32, 64), prompts=8, n=6, threads=2):
     lines = [f"| alpha = eps, T = 1 (/255) | band entropy gain (nats, %) | fresh rollouts' entropy (clean {entropy(clean):.4f}) |",
              "|---|---|---|"]
     for alpha in alphas:
-        attacked, gains, rel = [], [], []
-        for i, x in enumerate(images):
-            rows = slice(i * n, (i + 1) * n)
-            seqs, attn, mask = sequences(clean, rows)
-            x_adv, st = egas.attack(policy, x, seqs, attn, mask, clean["prompt_ids"].shape[1],
-                                    clean["response_entropy"][rows], 1, alpha / 255, alpha / 255)
-            attacked.append(x_adv)
-            gains.append(st["gain"])
-            rel.append(st["gain"] / st["objective_clean"])
+        attacked, stats = egas.attack(policy, list(images), clean, n, steps=1, alpha=alpha / 255)
+        gains = [st["gain"] for st in stats]
+        rel = [st["gain"] / st["objective_clean"] for st in stats]
         torch.manual_seed(1)  # the same seed for every alpha: alpha 0 is the control
         fresh = sample(policy, tok, texts, attacked, n, 96)
         lines.append(f"| {alpha} | {statistics.mean(gains):+.4f} ({100 * statistics.mean(rel):.1f}%) | {entropy(fresh):.4f} |")
@@ -433,6 +408,47 @@ def main(quick=False, threads=1):
     return rows
 
 
+# ----------------------------------------------------------------------------- (h): the demo's step, before and after
+
+def demo_speed(against, steps=8, repeats=3, threads=2):
+    """(h): the offline demo's step time here and at git revision `against` (a worktree in a temp folder), measured
+    alternately in fresh processes (old, new, old, new, ...): per phase, the median over every run's steps but
+    its first (warm-up). Each tree runs its own config/demo.py, the evaluations off. Also this tree's SaEI/GRPO
+    step ratio (GRPO: 12 clean responses). Returns the table's lines."""
+    folder = tempfile.mkdtemp()
+    old_tree = os.path.join(folder, "old")
+    subprocess.run(["git", "worktree", "add", "--detach", old_tree, against], cwd=ROOT, check=True,
+                   capture_output=True)
+    phases = ("t_generate", "t_attack", "t_update")
+    runs = {"before": [], "after": [], "grpo": []}
+    try:
+        for r in range(repeats):
+            for name, tree, extra in (("before", old_tree, []), ("after", ROOT, []),
+                                      ("grpo", ROOT, ["--n_clean=12", "--n_adv=0"])):
+                out = os.path.join(folder, f"{name}{r}")
+                args = [sys.executable, "train.py", f"--max_steps={steps}", "--eval_limit=0", "--eval_interval=0",
+                        f"--out_dir={out}", f"--save_interval={steps + 1}", *extra]
+                run = subprocess.run(args, cwd=tree, capture_output=True, text=True, env=_env({"threads": threads}))
+                if run.returncode != 0:
+                    raise SystemExit(f"train.py failed in {tree}:\n{run.stderr[-2000:]}")
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    runs[name] += [json.loads(line) for line in f][1:]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", old_tree], cwd=ROOT, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    median = lambda name, key: statistics.median(m[key] for m in runs[name])
+    step = lambda name: statistics.median(sum(m[k] for k in phases) for m in runs[name])
+    lines = [f"demo step, {steps - 1} steps x {repeats} runs per tree, alternated, {threads} threads, medians (s)",
+             f"| phase | before ({against}) | after | after / before |", "|---|---|---|---|"]
+    for key in phases:
+        lines.append(f"| {key} | {median('before', key):.3f} | {median('after', key):.3f} | "
+                     f"{median('after', key) / median('before', key):.2f} |")
+    lines.append(f"| step | {step('before'):.3f} | {step('after'):.3f} | {step('after') / step('before'):.2f} |")
+    lines.append(f"SaEI / GRPO step (after): {step('after'):.3f} / {step('grpo'):.3f} = {step('after') / step('grpo'):.2f}")
+    print("\n".join(lines))
+    return lines
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory-worker"]:
         method, length, rows, repeats, image = sys.argv[2], *map(int, sys.argv[3:7])
@@ -451,6 +467,9 @@ if __name__ == "__main__":
             attack_responses_table(threads[0] if threads else 1)
         elif "--sampling-chunks" in sys.argv[1:]:
             sampling_table(threads[0] if threads else 1)
+        elif any(a.startswith("--demo-speed") for a in sys.argv[1:]):  # --demo-speed=REV: before (REV) and after
+            rev = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--demo-speed="))
+            demo_speed(rev, threads=threads[0] if threads else 2)
         elif "--attack-strength" in sys.argv[1:]:
             attack_strength_table(threads=threads[0] if threads else 2)
         else:

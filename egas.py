@@ -13,24 +13,27 @@ from transformers import DynamicCache
 
 import tsec
 from data import image_to_pixels
-from model import gather_weights, multimodal_positions, release_weights, token_logprobs
+from model import (entropy_from_logp, gather_weights, multimodal_positions, release_weights,
+                   shared_prompt_hidden, token_logprobs, trimmed_sequences)
 
 
-def pgd(value_and_grad, x, steps, alpha, eps):
-    """Projected signed-gradient ascent of a scalar objective on an image.
+def pgd(value_and_grad, images, steps, alpha, eps):
+    """Projected signed-gradient ascent of one scalar objective per image.
 
-    value_and_grad(x) -> (objective, its gradient (3, H, W)); x: (3, H, W) in [0, 1]. Each step:
-    x <- clip_[0,1](proj_eps(x + alpha * sign(grad))), rounded to the 1/255 grid so the result is still a valid
-    8-bit image (alpha < 0 descends instead). Returns x_adv, detached.
+    value_and_grad(images) -> (objectives, their gradients, one (3, H, W) per image); images: (3, H, W) tensors in
+    [0, 1], each its own size. Each step, for every image: x <- clip_[0,1](proj_eps(x + alpha * sign(grad))),
+    rounded to the 1/255 grid so the result is still a valid 8-bit image (alpha < 0 descends instead).
+    Returns the attacked images, detached.
     """
-    x0 = x.detach()
-    x_adv = x0.clone()
+    clean = [x.detach() for x in images]
+    attacked = [x.clone() for x in clean]
     for _ in range(steps):
-        _, grad = value_and_grad(x_adv)
-        x_adv = x_adv + alpha * grad.sign()
-        x_adv = torch.minimum(torch.maximum(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
-        x_adv = torch.round(x_adv * 255) / 255
-    return x_adv
+        _, grads = value_and_grad(attacked)
+        for i, (x0, grad) in enumerate(zip(clean, grads)):
+            x = attacked[i] + alpha * grad.sign()
+            x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+            attacked[i] = torch.round(x * 255) / 255
+    return attacked
 
 
 def perturbation_size(x, x_adv):
@@ -64,6 +67,20 @@ def add_noise(x, k):
     abar = alpha_bar()[k].item()
     x_k = math.sqrt(abar) * x + math.sqrt(1 - abar) * torch.randn_like(x)
     return torch.round(x_k.clamp(0.0, 1.0) * 255) / 255
+
+
+def full_logits_objective(model, x, sequences, attention_mask, prompt_len, selected, temperature=1.0):
+    """The TsEC objective J(image) written plainly: the full logits of one prompt's n clean responses.
+
+    x: (3, H, W) in [0, 1] (with requires_grad for the attack); sequences, attention_mask: (n, P + L) the prompt and
+    its responses; selected: (n, L) bool, the band (tsec.select_band, ranked on the clean image). Returns the
+    scalar J, differentiable in x. Memory: the (n, L, V) logits and their graph -- fine for the tiny demo model, not
+    for Qwen's 152k vocabulary over long responses; `tsec_objective` is the same J in the memory of one response.
+    """
+    pixel_values, grid = image_to_pixels(x)
+    hidden = shared_prompt_hidden(model, sequences, attention_mask, pixel_values, grid, prompt_len)  # (n, L, D)
+    logp = torch.log_softmax(model.lm_head(hidden).float() / temperature, dim=-1)  # (n, L, V)
+    return tsec.selective_entropy(entropy_from_logp(logp), selected)
 
 
 def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, selected, temperature=1.0,
@@ -152,39 +169,67 @@ def _forward(model, **inputs):
     return out, captured[-1]
 
 
-def attack(model, x, sequences, attention_mask, response_mask, prompt_len, entropy, steps, alpha, eps,
-           band=(1 / 3, 2 / 3), scope="group", temperature=1.0, chunk_size=1024, rows_per_pass=1):
-    """EgAS on one prompt: perturb its image to raise the TsEC entropy of its clean responses.
+def plain_objective(model, sequences, attention_mask, prompt_len, selected, temperature):
+    """full_logits_objective as f(x, grad) -> (J as a float, dJ/dx (3, H, W) or None), tsec_objective's form."""
+    def objective(x, grad=False):
+        x = x.detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            value = full_logits_objective(model, x, sequences, attention_mask, prompt_len, selected, temperature)
+        return value.item(), torch.autograd.grad(value, x)[0] if grad else None
+    return objective
 
-    x: (3, H, W) the clean image in [0, 1]; sequences, attention_mask: (n, P + L) the prompt + its n clean
-    responses; response_mask: (n, L); entropy: (n, L) the entropy of each token's distribution on the clean image,
-    as sampling recorded it (model.sample's response_entropy). Returns x_adv and stats: the objective on x and on
-    x_adv (same tokens), their difference `gain`, and `fallback` = 1 when the band selected nothing and all
-    tokens were used instead. rows_per_pass: clean responses per forward/backward (memory against speed).
+
+def attack(model, images, rollouts, n, steps=1, alpha=2 / 255, eps=None, band=(1 / 3, 2 / 3), scope="group",
+           temperature=1.0, objective="bounded", rows_per_pass=1, chunk_size=1024):
+    """EgAS on k prompts: perturb each image to raise the TsEC entropy of its n clean responses.
+
+    images: k (3, H, W) clean images in [0, 1]; rollouts: sample()'s dict for the k * n clean responses (prompt i's
+    are rows i * n ... i * n + n - 1), whose `response_entropy` -- each token's entropy on the clean image, as
+    sampling recorded it -- ranks the band. steps, alpha, eps: PGD (eps None: |alpha| * steps); band, scope:
+    tsec.select_band's, ranked within each prompt's group or per response. objective: "full_logits" computes J for
+    every prompt at once (full_logits_objective: plain, fast, the memory of every response's logits) or "bounded",
+    prompt by prompt in the memory of `rows_per_pass` responses (tsec_objective). The two give the same J and
+    gradient. Returns (attacked images, stats per prompt: the objective on the clean and on the attacked image
+    (same tokens), their difference `gain`, and `fallback` = 1 when the band selected nothing and all tokens
+    were used instead).
     """
+    eps = abs(alpha) * steps if eps is None else eps
+    mask = rollouts["response_mask"]
     # 1. TsEC: rank the tokens once, on the clean image, without gradient, and keep the band fixed
-    selected = tsec.select_band(entropy, response_mask, band, group_size=sequences.shape[0] if scope == "group" else 1)
-    fallback = int(not selected.any())
-    if fallback:  # too few tokens for the band (very short responses): use them all
-        selected = response_mask.bool()
-    # 2. EgAS: PGD on the pixels, ascending the band's mean entropy
-    objective = tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, selected, temperature,
-                               chunk_size, rows_per_pass)
+    selected = tsec.select_band(rollouts["response_entropy"], mask, band, group_size=n if scope == "group" else 1)
+    fallback = [int(not selected[i:i + n].any()) for i in range(0, mask.shape[0], n)]
+    for p, empty in enumerate(fallback):  # too few tokens for the band (very short responses): use them all
+        if empty:
+            selected[p * n:(p + 1) * n] = mask[p * n:(p + 1) * n].bool()
+    # 2. EgAS: PGD on the pixels, ascending each prompt's band mean entropy
+    objectives = []  # per prompt: f(x, grad) -> (J, dJ/dx or None)
+    for p in range(len(images)):
+        rows = slice(p * n, (p + 1) * n)
+        ids, attn, resp_mask, prompt_len = trimmed_sequences(rollouts, rows)
+        band_rows = selected[rows, :resp_mask.shape[1]]
+        if objective == "full_logits":
+            objectives.append(plain_objective(model, ids, attn, prompt_len, band_rows, temperature))
+        else:
+            objectives.append(tsec_objective(model, ids, attn, resp_mask, prompt_len, band_rows, temperature,
+                                             chunk_size, rows_per_pass))
+
+    def value_and_grad(xs, grad=True):
+        values, grads = zip(*[f(x, grad) for f, x in zip(objectives, xs)])
+        return list(values), grads
     stats = {}
 
-    def logged(img):  # PGD's first call is on the clean image: record J there for free
-        value, grad = objective(img, grad=True)
-        stats.setdefault("objective_clean", value)
-        return value, grad
+    def logged(xs):  # PGD's first call is on the clean images: record J there for free
+        values, grads = value_and_grad(xs)
+        stats.setdefault("objective_clean", values)
+        return values, grads
 
-    sharded = gather_weights(model)  # under FSDP2 the n forwards and backwards reuse each layer, gathered once
-    try:
-        x_adv = pgd(logged, x, steps, alpha, eps) if steps > 0 else x.detach().clone()
+    sharded = gather_weights(model)  # under FSDP2 every forward and backward of every prompt reuses each layer,
+    try:                             # gathered once
+        attacked = pgd(logged, images, steps, alpha, eps) if steps > 0 else [x.detach().clone() for x in images]
         if "objective_clean" not in stats:
-            stats["objective_clean"] = objective(x)[0]
-        stats["objective_adv"] = objective(x_adv)[0]
+            stats["objective_clean"] = value_and_grad(images, grad=False)[0]
+        stats["objective_adv"] = value_and_grad(attacked, grad=False)[0]
     finally:
         release_weights(sharded)
-    stats["gain"] = stats["objective_adv"] - stats["objective_clean"]
-    stats["fallback"] = fallback
-    return x_adv, stats
+    return attacked, [{"objective_clean": c, "objective_adv": a, "gain": a - c, "fallback": f}
+                      for c, a, f in zip(stats["objective_clean"], stats["objective_adv"], fallback)]

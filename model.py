@@ -8,14 +8,18 @@ else uses (`response_hidden`, the last hidden states that predict each response 
 the same with the prompt encoded once) and the one LM head on top of it (`token_logprobs`: each response token's
 log-prob and the entropy of its next-token distribution, chunked, never storing the vocabulary-wide logits).
 """
+import math
 import os
 import string
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from transformers import (AutoTokenizer, GenerationConfig, LogitsProcessor, PreTrainedTokenizerFast,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+from transformers import (AutoTokenizer, DynamicCache, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
+from transformers.cache_utils import DynamicLayer
+
+import data
 
 HUB_MODELS = {  # short name -> official instruct checkpoint
     "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -213,37 +217,41 @@ def response_hidden(model, input_ids, attention_mask, pixel_values, image_grid_t
     return captured[-1][:, prompt_len - 1:-1]
 
 
-def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_grid_thw, prompt_len):
-    """response_hidden for n responses to one prompt, encoding the prompt (and its image) once.
+def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_grid_thw, prompt_len, n=None):
+    """response_hidden for k prompts with n responses each, encoding each prompt (and its image) once.
 
-    sequences, attention_mask: (n, P + L), every row the same (left-padded) prompt; pixel_values, image_grid_thw:
-    that one image. Returns (n, L, D), equal to response_hidden on the n rows with the image repeated n times.
-    The prompt's keys and values are computed for one row and repeated; gradients reach the pixels through them.
-    Costs P + n * L tokens instead of n * (P + L), and one vision-tower pass instead of n.
+    sequences, attention_mask: (k * n, P + L), rows i * n ... i * n + n - 1 sharing prompt i (left-padded to P);
+    pixel_values, image_grid_thw: the k images (data.batch_pixels). n: responses per prompt (None: all rows share
+    one prompt). Returns (k * n, L, D), equal to response_hidden on the rows with each image repeated n times.
+    Each prompt's keys and values are computed once and repeated; gradients reach the pixels through them.
+    Costs k * P + k * n * L tokens instead of k * n * (P + L), and k vision-tower images instead of k * n.
     """
-    n, total = sequences.shape
-    if not (sequences[:, :prompt_len] == sequences[:1, :prompt_len]).all():
-        raise ValueError("shared_prompt_hidden: all rows must share one prompt")
+    rows = sequences.shape[0]
+    n = n or rows
+    prompts = sequences[::n, :prompt_len]  # (k, P)
+    if not (sequences[:, :prompt_len] == prompts.repeat_interleave(n, 0)).all():
+        raise ValueError(f"shared_prompt_hidden: each run of {n} rows must share one prompt")
     if model.training and model.is_activation_checkpointing:  # transformers drops the KV cache there: encode every row
-        return response_hidden(model, sequences, attention_mask, pixel_values.repeat(n, 1), image_grid_thw.repeat(n, 1),
-                               prompt_len)
+        per_image = pixel_values.split(image_grid_thw.prod(-1).tolist())
+        return response_hidden(model, sequences, attention_mask, torch.cat([p.repeat(n, 1) for p in per_image]),
+                               image_grid_thw.repeat_interleave(n, 0), prompt_len)
     # Qwen2.5-VL's 3D (time, height, width) positions of the whole sequences, computed as one forward would
-    positions = multimodal_positions(model, sequences, attention_mask, image_grid_thw.repeat(n, 1))  # (3, n, P + L)
+    positions = multimodal_positions(model, sequences, attention_mask, image_grid_thw.repeat_interleave(n, 0))
     captured = []
     hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
-        out = model(input_ids=sequences[:1, :prompt_len], attention_mask=attention_mask[:1, :prompt_len],
-                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, position_ids=positions[:, :1, :prompt_len],
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prompts, attention_mask=attention_mask[::n, :prompt_len], pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw, position_ids=positions[:, ::n, :prompt_len], use_cache=True,
+                    logits_to_keep=1)
         cache = out.cache
-        cache.batch_repeat_interleave(n)  # the prompt's keys/values, one copy per response
+        cache.batch_repeat_interleave(n)  # each prompt's keys/values, one copy per response
         model(input_ids=sequences[:, prompt_len:], attention_mask=attention_mask, cache=cache,
               position_ids=positions[:, :, prompt_len:], use_cache=True, logits_to_keep=1)
     finally:
         hook.remove()
     prompt_states, response_states = captured
     # the last prompt state predicts response token 0; response state t - 1 predicts token t
-    return torch.cat([prompt_states[:, -1:].expand(n, -1, -1), response_states[:, :-1]], 1)
+    return torch.cat([prompt_states[:, -1:].repeat_interleave(n, 0), response_states[:, :-1]], 1)
 
 
 def entropy_from_logp(logp):
@@ -334,6 +342,16 @@ def sequences(rollouts, rows):
     return ids, attn, rollouts["response_mask"][rows]
 
 
+def trimmed_sequences(rollouts, rows):
+    """Rows of one prompt, cut to its own left padding and its longest response: the same result at the cost of its
+    own tokens. -> ids, attention_mask (m, p + w), response_mask (m, w), and p, the prompt's length."""
+    ids, attn, resp_mask = sequences(rollouts, rows)
+    P = rollouts["prompt_ids"].shape[1]
+    pad = int((attn[0, :P] == 0).sum())
+    width = max(1, int(resp_mask.sum(1).max()))
+    return ids[:, pad:P + width], attn[:, pad:P + width], resp_mask[:, :width], P - pad
+
+
 def mm_token_types(model, input_ids):
     """(B, T) 1 at image tokens, 0 at text: transformers needs it to give image tokens their 3D (time, height,
     width) rotary positions; without it every token gets a plain text position, wrong for a pretrained Qwen."""
@@ -377,9 +395,103 @@ def stop_token_ids(tok):
     return sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
 
 
+class GrowingLayer(DynamicLayer):
+    """One layer's KV cache for decoding: the keys and values live in buffers allocated once for the whole response,
+    and each new token is written in place (a DynamicLayer concatenates, copying the whole cache every token).
+    keys, values: (B, H, T, d) the prompt's; capacity: the most positions it will ever hold. `keep` drops finished
+    rows, so the attention of the rows still decoding stops paying for them."""
+
+    def __init__(self, keys, values, capacity):
+        super().__init__()
+        self.device, self.is_initialized, self.length = keys.device, True, keys.shape[2]
+        self.key_buffer = keys.new_empty(*keys.shape[:2], capacity, keys.shape[3])
+        self.value_buffer = values.new_empty(*values.shape[:2], capacity, values.shape[3])
+        self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length] = keys, values
+        self._views()
+
+    def _views(self):
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[2]
+        self.key_buffer[:, :, self.length:end], self.value_buffer[:, :, self.length:end] = key_states, value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def keep(self, keep):
+        """keep: (rows,) bool, which of the current rows stay."""
+        self.key_buffer, self.value_buffer = self.key_buffer[keep], self.value_buffer[keep]
+        self._views()
+
+
+def left_pad(prompts, pad_id):
+    """Token-id lists -> (ids, mask) of shape (len(prompts), P), left-padded to the longest prompt P."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def decode(model, tok, prompt_ids, prompt_mask, images, n, max_new_tokens, temperature=1.0, greedy=False):
+    """Sample n responses to each of k prompts, encoding each prompt (and its image) once.
+
+    prompt_ids, prompt_mask: (k, P) left-padded; images: k (3, H, W) tensors in [0, 1]. This is what
+    `model.generate` does with the prompts repeated n times and `sampling_config`'s settings (the tests hold the
+    two equal), minus its costs on a small model: the k prompts are encoded once and their keys/values repeated
+    for the n responses (generate encodes each prompt n times), the cache grows in place (GrowingLayer), and the
+    per-token work is one forward and one draw from softmax(logits / T). Each token is drawn from the whole
+    vocabulary with the vision tokens suppressed (feeding one back would crash the vision merge).
+    Returns response_ids (k * n, L) (padding after a row's stop token) and response_entropy (k * n, L): the
+    entropy of the distribution each token was drawn from. Row i * n + j is prompt i's j-th response.
+    """
+    k, P = prompt_ids.shape
+    pixel_values, grid = data.batch_pixels(images)
+    positions = multimodal_positions(model, prompt_ids, prompt_mask, grid)  # (3, k, P), as a forward computes them
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values, image_grid_thw=grid,
+                position_ids=positions, use_cache=True, logits_to_keep=1)
+    capacity = P + max_new_tokens
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0), capacity)
+                    for layer in out.cache.layers]
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (B, V)
+    next_position = positions.amax(dim=(0, 2)).repeat_interleave(n) + 1  # (B,) text positions go on from the prompt's
+    mask = torch.ones(k * n, capacity, dtype=torch.long, device=prompt_ids.device)
+    mask[:, :P] = prompt_mask.repeat_interleave(n, 0)
+    suppressed = torch.tensor(vision_token_ids(tok), device=logits.device)
+    stops = torch.tensor(stop_token_ids(tok), device=logits.device)
+    running = torch.ones(k * n, dtype=torch.bool, device=logits.device)
+    batch = torch.arange(k * n, device=logits.device)  # the rows the model still runs on
+    tokens, entropies = [], []
+    for t in range(max_new_tokens):
+        logits[:, suppressed] = -math.inf
+        probs = torch.softmax(logits / temperature if temperature != 1.0 and not greedy else logits, dim=-1)
+        # every row draws, finished ones too: the random numbers used are those generate would use
+        token = logits.argmax(-1) if greedy else torch.multinomial(probs, num_samples=1).squeeze(1)
+        token = torch.where(running, token, tok.pad_token_id)  # after its stop token a row gets padding
+        tokens.append(token)
+        entropies.append(torch.special.entr(probs).sum(-1) * running)
+        running &= ~torch.isin(token, stops)
+        if not running.any() or t == max_new_tokens - 1:
+            break
+        keep = running[batch]
+        if keep.sum() <= 3 * len(batch) // 4:  # a quarter of the batch has finished: stop computing it
+            batch = batch[keep]
+            for layer in cache.layers:
+                layer.keep(keep)
+        position = (next_position[batch] + t).view(1, -1, 1).expand(3, -1, 1)
+        logits[batch] = model(input_ids=token[batch, None], attention_mask=mask[batch, :P + t + 1], cache=cache,
+                              position_ids=position, use_cache=True).logits[:, -1].float()
+    return torch.stack(tokens, 1), torch.stack(entropies, 1)
+
+
 def sampling_config(tok, max_new_tokens, temperature=1.0, greedy=False):
-    """Every generation setting, stated: sampling from softmax(logits / T) over the whole vocabulary (or its
-    argmax), the vision tokens suppressed, stopping at our stop tokens -- nothing else changes the scores."""
+    """What `decode` does, as the GenerationConfig that makes `model.generate` do the same: sampling from
+    softmax(logits / T) over the whole vocabulary (or its argmax), the vision tokens suppressed, stopping at our
+    stop tokens -- nothing else changes the scores. The tests hold `decode` equal to generate with it."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
         top_k=None if greedy else 0,  # greedy: any top_k draws transformers' "flag not valid" warning
@@ -389,23 +501,11 @@ def sampling_config(tok, max_new_tokens, temperature=1.0, greedy=False):
         suppress_tokens=vision_token_ids(tok), eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
 
 
-class SamplingEntropy(LogitsProcessor):
-    """Records, at each generated position, the entropy of the distribution the token is drawn from:
-    softmax(scores / T) with the vision tokens suppressed. The rollouts' entropy on the very image they were
-    sampled on, for free: generate shows its scores only to logits processors. Leaves the scores unchanged."""
-
-    def __init__(self, temperature):
-        self.temperature, self.steps = temperature, []
-
-    def __call__(self, input_ids, scores):
-        self.steps.append(entropy_from_logp(torch.log_softmax(scores.float() / self.temperature, dim=-1)))
-        return scores
-
-
 @torch.no_grad()
 def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False, chunk_rows=0):
-    """Sample n responses for each prompt, in batched `generate` calls of at most `chunk_rows` responses (0: one
-    call for all): the KV cache grows with the rows of a call, so the chunk bounds sampling memory.
+    """Sample n responses for each prompt, in `decode` calls of at most `chunk_rows` responses (0: one call for
+    all; a call holds whole prompts, so at least n): the KV cache grows with the rows of a call, so the chunk
+    bounds sampling memory.
 
     prompts: list of token-id lists; images: list of (3, H, W) tensors in [0, 1], one per prompt (an adversarial
     image simply replaces the clean one). Rows are laid out prompt by prompt: row i * n + j is prompt i's j-th
@@ -414,41 +514,29 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
       response kept up to and including its first stop token; truncated: (B,) bool, no stop token within
       max_new_tokens; response_entropy: (B, L) fp32, the entropy of each token's sampling distribution (0 on padding).
     """
-    from data import batch_pixels
     device = next(model.parameters()).device
-    P = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p), 1
-    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0).to(device), prompt_mask.repeat_interleave(n, 0).to(device)
-    B = prompt_ids.shape[0]
-    chunk = chunk_rows or B
-    stops = torch.tensor(stop_token_ids(tok), device=device)
-    # under FSDP2, gather the weights once for the whole rollout rather than once per token, and keep
-    # ranks stepping together until every rank's responses are done (synced_gpus); every rank has B rows,
-    # so every rank makes the same number of calls
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tok.pad_token_id))
+    per_call = max(1, (chunk_rows or len(prompts) * n) // n)  # prompts per decode call
+    # under FSDP2, gather the weights once for the whole rollout rather than once per token. While they are
+    # held, a forward makes no collective call, so each rank decodes until its own responses are done.
     sharded = gather_weights(model)
     ids_parts, entropy_parts = [], []
-    for start in range(0, B, chunk):
-        rows = slice(start, min(start + chunk, B))
-        pixel_values, grid = batch_pixels([images[r // n].to(device) for r in range(rows.start, rows.stop)])
-        recorder = SamplingEntropy(temperature if not greedy else 1.0)
-        out = model.generate(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows], pixel_values=pixel_values,
-                             image_grid_thw=grid, mm_token_type_ids=mm_token_types(model, prompt_ids[rows]),
-                             generation_config=sampling_config(tok, max_new_tokens, temperature, greedy),
-                             logits_processor=[recorder], synced_gpus=bool(sharded))
-        ids_parts.append(out[:, P:])
-        # a rank that finished early under synced_gpus records steps it does not keep
-        entropy_parts.append(torch.stack(recorder.steps, 1)[:, :out.shape[1] - P])
-    release_weights(sharded)
-    L = max(part.shape[1] for part in ids_parts)  # chunks end at different lengths: right-pad them to one
+    try:
+        for first in range(0, len(prompts), per_call):
+            rows = slice(first, first + per_call)
+            ids, entropy = decode(model, tok, prompt_ids[rows], prompt_mask[rows], [x.to(device) for x in images[rows]],
+                                  n, max_new_tokens, temperature, greedy)
+            ids_parts.append(ids)
+            entropy_parts.append(entropy)
+    finally:
+        release_weights(sharded)
+    L = max(part.shape[1] for part in ids_parts)  # calls end at different lengths: right-pad them to one
     response_ids = torch.cat([F.pad(part, (0, L - part.shape[1]), value=tok.pad_token_id) for part in ids_parts])
     entropy = torch.cat([F.pad(part, (0, L - part.shape[1])) for part in entropy_parts])
-    is_stop = torch.isin(response_ids, stops)
+    is_stop = torch.isin(response_ids, torch.tensor(stop_token_ids(tok), device=device))
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # positions strictly after the first stop token
     response_mask = (~after_stop).long()
     response_ids = response_ids.masked_fill(after_stop, tok.pad_token_id)
-    entropy = entropy * response_mask
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask, "truncated": ~is_stop.any(1), "response_entropy": entropy}
+    return {"prompt_ids": prompt_ids.repeat_interleave(n, 0), "prompt_mask": prompt_mask.repeat_interleave(n, 0),
+            "response_ids": response_ids, "response_mask": response_mask, "truncated": ~is_stop.any(1),
+            "response_entropy": entropy * response_mask}

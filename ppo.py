@@ -14,7 +14,7 @@ import data
 import grpo
 import vepo
 from distributed import all_reduce_max, all_reduce_sum, global_sum
-from model import sequences, shared_prompt_hidden, token_logprobs
+from model import shared_prompt_hidden, token_logprobs, trimmed_sequences
 
 
 def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute):
@@ -72,21 +72,18 @@ def micro_batches(rollouts, row_images, cfg):
     Yields (rows, ids, attention_mask, prompt_len, targets, mask, pixel_values, grid): ids/attention_mask (m, p + w),
     targets/mask (m, w) with w the micro-batch's longest response; pixel_values/grid of its one image.
     """
-    seqs, attn, resp_mask = sequences(rollouts, slice(None))
-    prompt_len = rollouts["prompt_ids"].shape[1]
+    B = rollouts["response_ids"].shape[0]
     group = cfg.n_clean + cfg.n_adv
     starts = []  # first row of each micro-batch
-    for r in range(seqs.shape[0]):
+    for r in range(B):
         if (not starts or r - starts[-1] == cfg.micro_batch_size or r // group != starts[-1] // group
                 or row_images[r] is not row_images[starts[-1]]):
             starts.append(r)
-    for first, end in zip(starts, starts[1:] + [seqs.shape[0]]):
+    for first, end in zip(starts, starts[1:] + [B]):
         rows = slice(first, end)
-        pad = int((attn[first, :prompt_len] == 0).sum())
-        width = max(1, int(resp_mask[rows].sum(1).max()))
+        ids, attn, mask, prompt_len = trimmed_sequences(rollouts, rows)
         pixel_values, grid = data.batch_pixels(row_images[first:first + 1])
-        yield (rows, seqs[rows, pad:prompt_len + width], attn[rows, pad:prompt_len + width], prompt_len - pad,
-               rollouts["response_ids"][rows, :width], resp_mask[rows, :width], pixel_values, grid)
+        yield rows, ids, attn, prompt_len, rollouts["response_ids"][rows, :mask.shape[1]], mask, pixel_values, grid
 
 
 @torch.no_grad()

@@ -388,11 +388,9 @@ UPDATE_SCRIPT = textwrap.dedent("""
                  for name, p in model.named_parameters() if p.grad is not None}}
 
     def attack(model):  # EgAS on this rank's first prompt, its first 2 responses standing in for clean rollouts
-        seqs = torch.cat([rollouts["prompt_ids"][:2], rollouts["response_ids"][:2]], 1)
-        attn = torch.cat([rollouts["prompt_mask"][:2], rollouts["response_mask"][:2]], 1)
-        ranking = torch.arange(L, dtype=torch.float32).expand(2, L)  # any fixed ranking: rank by position
-        return egas.attack(model.eval(), images[rows][0], seqs, attn, rollouts["response_mask"][:2], P, ranking,
-                           steps=1, alpha=2 / 255, eps=2 / 255)[1]
+        clean = {{k: v[:2] for k, v in rollouts.items()}}
+        clean["response_entropy"] = torch.arange(L, dtype=torch.float32).expand(2, L)  # any fixed ranking: by position
+        return egas.attack(model.eval(), [images[rows][0]], clean, 2, steps=1, alpha=2 / 255, eps=2 / 255)[1][0]
     grads = full_grads(policy)
     bf16 = None
     if world == 1:
@@ -939,6 +937,48 @@ def test_model_sample_gathers_each_layer_once_under_fsdp2(tmp_path):
     assert short["resharded"] and long["resharded"]  # the shards are back afterwards
 
 
+@pytest.fixture(scope="module")
+def warm():
+    """The shipped warm start and four synthetic training prompts: its responses stop at different lengths."""
+    policy, tok = model_lib.load_policy(os.path.join(ROOT, "assets", "tiny-synthetic"))
+    images, prompts = zip(*[data.prepare(r, tok, 112 * 112, 112 * 112) for r in data.synthetic_split("train", 4)])
+    return policy.eval(), tok, list(prompts), list(images)
+
+
+def _generate(policy, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False):
+    """The plain way: transformers' generate on every prompt repeated n times -> (response ids, the entropy of
+    each step's sampling distribution), both (k * n, steps)."""
+    ids, mask = model_lib.left_pad(prompts, tok.pad_token_id)
+    ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    pv, grid = data.batch_pixels([images[r // n] for r in range(ids.shape[0])])
+    out = policy.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
+                          mm_token_type_ids=model_lib.mm_token_types(policy, ids), output_scores=True,
+                          return_dict_in_generate=True,
+                          generation_config=model_lib.sampling_config(tok, max_new_tokens, temperature, greedy))
+    scores = torch.stack(out.scores, 1)  # logits / T with the vision tokens at -inf: what the tokens are drawn from
+    return out.sequences[:, ids.shape[1]:], torch.special.entr(torch.softmax(scores, -1)).sum(-1)
+
+
+@pytest.mark.parametrize("greedy, temperature", [(True, 1.0), (False, 1.0), (False, 0.7)])
+def test_model_decode_draws_the_tokens_generate_draws(warm, monkeypatch, greedy, temperature):
+    # sample() encodes each prompt once, grows its cache in place and drops finished rows; generate() encodes each
+    # prompt n times. Same seed, same random numbers: the same tokens, and the same distributions to 1e-5.
+    policy, tok, prompts, images = warm
+    prompts = [prompts[0], prompts[1][3:], prompts[2]]  # one shorter prompt: left padding
+    kept = []
+    real_keep = model_lib.GrowingLayer.keep
+    monkeypatch.setattr(model_lib.GrowingLayer, "keep", lambda self, rows: kept.append(len(rows)) or real_keep(self, rows))
+    torch.manual_seed(3)
+    ids, entropy = _generate(policy, tok, prompts, images[:3], 4, 80, temperature, greedy)
+    torch.manual_seed(3)
+    out = model_lib.sample(policy, tok, prompts, images[:3], 4, 80, temperature, greedy)
+    n = out["response_mask"].sum(1)
+    if temperature == 1.0 and not greedy:  # (greedy answers to these prompts all take 44 tokens, most at T = 0.7 too)
+        assert kept and n.min() < n.max()  # rows finished at different steps, and finished rows were dropped
+    assert out["response_ids"].shape == ids.shape and torch.equal(out["response_ids"], ids)
+    assert torch.allclose(out["response_entropy"], entropy * out["response_mask"], atol=1e-5)
+
+
 def test_model_sample_records_the_entropy_of_the_distribution_it_samples_from(tiny):
     policy, tok = tiny
     g = torch.Generator().manual_seed(1)
@@ -1296,13 +1336,22 @@ def test_tsec_select_band_ranks_within_groups():
 
 # ----------------------------------------------------------------------------- egas.py
 
+def _attack_one(policy, x, ids, attn, mask, P, entropy, **settings):
+    """egas.attack on one prompt given as rows: ids, attn (n, P + L) the prompt and its responses, mask (n, L), the
+    entropies sampling recorded (n, L). Returns (x_adv, stats)."""
+    rollouts = dict(prompt_ids=ids[:, :P], prompt_mask=attn[:, :P], response_ids=ids[:, P:], response_mask=mask,
+                    response_entropy=entropy)
+    (x_adv,), (stats,) = egas.attack(policy, [x], rollouts, ids.shape[0], **settings)
+    return x_adv, stats
+
+
 def test_egas_pgd_ascends_a_linear_objective_within_the_ball_and_grid():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 28, 28)).float() / 255
     w = torch.randn(3, 28, 28)
     objective = lambda img: (img * w).sum()
     for steps, alpha, eps in [(1, 2 / 255, 2 / 255), (3, 1 / 255, 2 / 255), (2, -3 / 255, 6 / 255)]:
-        x_adv = egas.pgd(lambda img: (objective(img), w), x, steps, alpha, eps)
+        (x_adv,) = egas.pgd(lambda imgs: ([objective(imgs[0])], [w]), [x], steps, alpha, eps)
         assert (x_adv - x).abs().max().item() <= eps + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert torch.allclose(x_adv * 255, (x_adv * 255).round(), atol=1e-4)  # still an 8-bit image
@@ -1324,11 +1373,11 @@ def test_egas_attack_raises_selected_entropy_on_tiny_model(tiny, geo3k):
         ids = torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1)
         attn = torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1)
         entropy = out["response_entropy"][rows]  # what sampling recorded: the band is ranked on it
-        x_adv, st = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, entropy, steps=1, alpha=2 / 255,
+        x_adv, st = _attack_one(policy, x, ids, attn, out["response_mask"][rows], P, entropy, steps=1, alpha=2 / 255,
                                 eps=2 / 255)
         assert (x_adv - x).abs().max() <= 2 / 255 + 1e-6 and not torch.equal(x_adv, x)
         gains.append(st["gain"])
-        _, st_down = egas.attack(policy, x, ids, attn, out["response_mask"][rows], P, entropy, steps=1, alpha=-2 / 255,
+        _, st_down = _attack_one(policy, x, ids, attn, out["response_mask"][rows], P, entropy, steps=1, alpha=-2 / 255,
                                  eps=2 / 255)
         descents.append(st_down["gain"])
         assert st["objective_clean"] == pytest.approx(st_down["objective_clean"], abs=1e-5)  # same tokens, same image
@@ -1345,7 +1394,7 @@ def test_egas_attack_objective_is_the_band_mean_of_clean_entropy(tiny):
     P = out["prompt_ids"].shape[1]
     ids = torch.cat([out["prompt_ids"], out["response_ids"]], 1)
     attn = torch.cat([out["prompt_mask"], out["response_mask"]], 1)
-    _, st = egas.attack(policy, x, ids, attn, out["response_mask"], P, out["response_entropy"], steps=0, alpha=0.0,
+    _, st = _attack_one(policy, x, ids, attn, out["response_mask"], P, out["response_entropy"], steps=0, alpha=0.0,
                         eps=0.0)
     pv, grid = data.image_to_pixels(x)
     with torch.no_grad():  # straightforward recomputation with full logits
@@ -1365,7 +1414,7 @@ def test_egas_attack_falls_back_to_all_tokens_when_the_band_is_empty(tiny):
     response = tok("7<|im_end|>").input_ids  # 2 tokens: round(2/3) == round(4/3), so the middle band is empty
     ids = torch.tensor([prompt + response])
     mask = torch.ones(1, len(response), dtype=torch.long)
-    _, st = egas.attack(policy, x, ids, torch.ones_like(ids), mask, len(prompt), torch.ones(1, len(response)), steps=1,
+    _, st = _attack_one(policy, x, ids, torch.ones_like(ids), mask, len(prompt), torch.ones(1, len(response)), steps=1,
                         alpha=2 / 255, eps=2 / 255)
     assert st["fallback"] == 1
     pv, grid = data.image_to_pixels(x)
@@ -1392,7 +1441,7 @@ def test_egas_attack_ranks_the_band_once_on_the_clean_image(rollouts):
     P = out["prompt_ids"].shape[1]
     ids, attn, mask = _rows(out, 0)
     clean_entropy = out["response_entropy"][:3]
-    x_adv, st = egas.attack(policy, images[0], ids, attn, mask, P, clean_entropy, steps=1, alpha=32 / 255,
+    x_adv, st = _attack_one(policy, images[0], ids, attn, mask, P, clean_entropy, steps=1, alpha=32 / 255,
                             eps=32 / 255)
     clean_band = tsec.select_band(clean_entropy, mask, group_size=3)
     entropy_adv = _full_entropy(policy, ids, attn, mask, x_adv, P)
@@ -1407,10 +1456,10 @@ def test_egas_attacked_image_is_a_valid_8bit_image_for_any_step_size(rollouts):
     policy, images, out = rollouts
     ids, attn, mask = _rows(out, 1)
     x = images[1]
-    x_adv, _ = egas.attack(policy, x, ids, attn, mask, out["prompt_ids"].shape[1], out["response_entropy"][3:],
+    x_adv, _ = _attack_one(policy, x, ids, attn, mask, out["prompt_ids"].shape[1], out["response_entropy"][3:],
                            steps=1, alpha=1.5 / 255, eps=2 / 255)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    x_lin = egas.pgd(lambda img: ((img * w).sum(), w), x, steps=3, alpha=0.7 / 255, eps=2 / 255)
+    (x_lin,) = egas.pgd(lambda imgs: ([(imgs[0] * w).sum()], [w]), [x], steps=3, alpha=0.7 / 255, eps=2 / 255)
     for y in (x_adv, x_lin):
         assert torch.equal(y, torch.round(y * 255) / 255) and not torch.equal(y, x)
         assert (y - x).abs().max() <= 2 / 255 + 1e-6 and 0 <= y.min() and y.max() <= 1
@@ -1476,7 +1525,7 @@ def test_egas_memory_bounded_objective_and_image_gradient_equal_full_logits(roll
         value, grad = objective(x, grad=True)
         assert objective(x)[0] == pytest.approx(value, abs=1e-6)
         img_ref = x.clone().requires_grad_(True)
-        value_ref = bench.full_logits_objective(policy, img_ref, ids, attn, mask, P, selected, temperature=temperature)
+        value_ref = egas.full_logits_objective(policy, img_ref, ids, attn, P, selected, temperature=temperature)
         (grad_ref,) = torch.autograd.grad(value_ref, img_ref)
         assert 0 < selected.sum() < mask.sum()
         assert abs(value - value_ref.item()) < 1e-5
@@ -1852,10 +1901,10 @@ def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatc
         calls.append(out)
         return out
 
-    def spy_attack(policy, x, *args, **kwargs):
-        x_adv, stats = real_attack(policy, x, *args, **kwargs)
-        attacks.append((x, x_adv, stats))
-        return x_adv, stats
+    def spy_attack(policy, images, *args, **kwargs):
+        attacked, stats = real_attack(policy, images, *args, **kwargs)
+        attacks.extend(zip(images, attacked, stats))
+        return attacked, stats
     monkeypatch.setattr(train, "sample", spy_sample)  # the name train.py calls
     monkeypatch.setattr(egas, "attack", spy_attack)
     (log,) = _run(tmp_path, f"--pgd_alpha={32 / 255}", "--eval_limit=0")
@@ -2177,20 +2226,17 @@ def test_train_saei_attacks_each_prompt_on_its_clean_rows_and_samples_on_the_res
     clean, adv = saei_step["sample"]
     out, images, nc = clean["result"], clean["args"]["images"], clean["args"]["n"]
     assert adv["args"]["prompts"] == clean["args"]["prompts"] and (nc, adv["args"]["n"]) == (3, 2)
-    assert len(saei_step["attack"]) == len(images) == 2 and not saei_step["add_noise"]
-    for i, call in enumerate(saei_step["attack"]):
-        a, (x_adv, _) = call["args"], call["result"]
-        rows = slice(i * nc, (i + 1) * nc)
-        assert torch.equal(a["x"], images[i]) and a["prompt_len"] == out["prompt_ids"].shape[1]
-        assert torch.equal(a["sequences"], torch.cat([out["prompt_ids"][rows], out["response_ids"][rows]], 1))
-        assert torch.equal(a["attention_mask"], torch.cat([out["prompt_mask"][rows], out["response_mask"][rows]], 1))
-        assert torch.equal(a["response_mask"], out["response_mask"][rows])
-        assert torch.equal(a["entropy"], out["response_entropy"][rows])  # the band is ranked on this prompt's rows
-        assert torch.equal(adv["args"]["images"][i], x_adv)  # the adversarial rollouts see the attacked image
-        assert (x_adv - a["x"]).abs().max().item() == pytest.approx(16 / 255, abs=1e-6)  # pgd_eps reached it
+    (call,) = saei_step["attack"]  # one call attacks every prompt of the step
+    a, (attacked, stats) = call["args"], call["result"]
+    assert len(attacked) == len(stats) == len(images) == 2 and not saei_step["add_noise"]
+    assert a["images"] == images and a["n"] == nc
+    for key in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "response_entropy"):
+        assert torch.equal(a["rollouts"][key], out[key])  # the band is ranked on each prompt's own clean rows
+    for x, x_adv, x_seen in zip(images, attacked, adv["args"]["images"], strict=True):
+        assert torch.equal(x_seen, x_adv)  # the adversarial rollouts see the attacked image
+        assert (x_adv - x).abs().max().item() == pytest.approx(16 / 255, abs=1e-6)  # pgd_eps reached it
         assert torch.equal(x_adv, torch.round(x_adv * 255) / 255)  # a valid 8-bit image
-    gains = [call["result"][1]["gain"] for call in saei_step["attack"]]
-    assert saei_step["log"]["attack_gain"] == pytest.approx(sum(gains) / len(gains))
+    assert saei_step["log"]["attack_gain"] == pytest.approx(sum(s["gain"] for s in stats) / len(stats))
 
 
 def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path):

@@ -77,7 +77,10 @@ grad_clip = 1.0
 updates_per_rollout = 4      # optimizer steps per rollout batch, each on an equal share of its groups (PPO mini-
                              # batches): from the second on the policy is off-policy and the clip does its work
 ppo_epochs = 1               # passes over the rollout batch
-attack_rows = 1              # clean responses per forward/backward in the attack: its memory is that of this many
+attack_objective = "bounded" # bounded: prompt by prompt, attack_rows responses per forward/backward, LM head on the
+                             # band only (any model size) | full_logits: every prompt at once, the plain formula
+                             # (the memory of every response's full logits: small models, the demo)
+attack_rows = 1              # clean responses per forward/backward in the bounded attack: its memory is that of this many
 micro_batch_size = 4         # responses per forward/backward in the update;
                              # 4 and gradient checkpointing are our memory choice for 8 x 80 GB, not the papers'
 logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
@@ -273,8 +276,8 @@ def evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute):
     subset = [eval_set[i] for i in range(rank, n, world)]
     with compute():
         result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
-                                     n_samples=cfg.eval_samples, temperature=cfg.temperature,
-                                     chunk_rows=cfg.rollout_chunk)
+                                     batch_size=cfg.rollout_chunk or len(subset), n_samples=cfg.eval_samples,
+                                     temperature=cfg.temperature, chunk_rows=cfg.rollout_chunk)
     rates = ["accuracy", "format"] + [k for k in result if k.startswith("pass@")]
     sums = all_reduce_sum(torch.tensor([result[k] * len(subset) for k in rates] + [len(subset)], dtype=torch.float64))
     return {**{k: (s / sums[-1]).item() for k, s in zip(rates, sums)}, "problems": n}
@@ -286,15 +289,12 @@ def perturb_images(policy, images, clean, step, cfg, compute, log):
     Returns (adv_images, attacks): attacks holds egas.attack's stats per prompt (empty without an attack)."""
     adv_images, attacks = list(images), []
     if cfg.n_adv > 0 and cfg.perturb == "egas":
-        for i, x in enumerate(images):
-            rows = slice(i * cfg.n_clean, (i + 1) * cfg.n_clean)
-            seqs, attn, resp_mask = sequences(clean, rows)
-            with compute():
-                adv_images[i], stats = egas.attack(policy, x, seqs, attn, resp_mask, clean["prompt_ids"].shape[1],
-                                                   clean["response_entropy"][rows], cfg.pgd_steps, cfg.pgd_alpha,
-                                                   cfg.pgd_eps, cfg.tsec_band, cfg.tsec_scope, cfg.temperature,
-                                                   cfg.logit_chunk, cfg.attack_rows)
-            attacks.append(stats)
+        with compute():
+            adv_images, attacks = egas.attack(policy, images, clean, cfg.n_clean, steps=cfg.pgd_steps,
+                                              alpha=cfg.pgd_alpha, eps=cfg.pgd_eps, band=cfg.tsec_band,
+                                              scope=cfg.tsec_scope, temperature=cfg.temperature,
+                                              objective=cfg.attack_objective, rows_per_pass=cfg.attack_rows,
+                                              chunk_size=cfg.logit_chunk)
     elif cfg.n_adv > 0 and cfg.perturb == "noise":  # NoisyRollout: random noise, strong early, ~0 at the end
         log["noise_k"] = egas.noise_level(step, cfg.max_steps)
         adv_images = [egas.add_noise(x, log["noise_k"]) for x in images]
@@ -374,6 +374,7 @@ def distinct_answers(answers, group, n=None, first=True):
 def check_config(cfg):
     """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
+               "attack_objective": ("bounded", "full_logits"),
                "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
                "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():

@@ -12,8 +12,8 @@ lr_decay = True                  # cosine to 1e-5; at a constant 1e-4 the final 
 max_steps = 100
 eval_interval = 0                # held-out accuracy before and after training only
 eval_limit = 500                 # the whole synthetic test split
-micro_batch_size = 8
-attack_rows = 6                  # the attack's 6 clean responses in one pass (a tiny model: time, not memory, counts)
+micro_batch_size = 12               # a whole group of 12 in one pass: the prompt is encoded once per group
+attack_objective = "full_logits" # the attack's plain objective, every prompt at once (a tiny model: time, not memory, counts)
 gradient_checkpointing = False
 # The attack's step, from the strength sweep (README, results/alpha): the smallest step that measurably changes the
 # rollouts without costing accuracy. At the paper's 2/255 the attacked rollouts' entropy does not move on this model;
