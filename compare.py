@@ -15,10 +15,12 @@ several strengths (study = the last folder of out_dir). The studies in README ar
 
 Methods: the names in METHODS, and `saei_a<N>` = SaEI at pgd_alpha = N/255 (budget N/255 at one PGD step),
 `saei_a<N>_<band>` the same with the TsEC band bottom, top or all (the default band is the middle third).
-Runs live in runs_dir/<method>/<steps>steps-seed<seed>, shared by every study: a finished run (its train.log ends
-with the final accuracy, its pass@k measured) is never redone and a run that was stopped continues from its last
-checkpoint (every save_interval steps), so an interrupted study continues where it stopped and a second study
-reuses the first one's runs. Quick look: `python compare.py --steps=20 --seeds=1
+`methods` may give a method its own number of seeds: "grpo,saei_a32,saei_a-32:3".
+Runs train in runs_dir/<method>/<steps>steps-seed<seed>, shared by every study; a finished run's logs and pass@k
+results (not its weights) are then kept in out_dir/runs/ and committed with the tables. A finished run (its
+train.log ends with the final accuracy, its pass@k measured), kept or in runs_dir, is never redone and a run that
+was stopped continues from its last checkpoint (every save_interval steps), so an interrupted study continues where
+it stopped, on this machine or another, and a second study reuses the first one's runs. Quick look: `python compare.py --steps=20 --seeds=1
 --methods=grpo,saei --runs_dir=out/quick --out_dir=out/quick`; on a 2-core laptop `--parallel=2` runs two
 single-threaded runs at once.
 """
@@ -38,6 +40,7 @@ import checkpoint
 # ----------------------------------------------------------------------------- constants
 train_config = "config/demo.py"  # base train.py config every method starts from
 dataset = ""                 # "" keeps the config's dataset; else any train.py dataset (use another runs_dir)
+train_args = ""              # more train.py arguments for every run, space-separated ("--eval_limit=2000")
 steps = 100                  # training steps per run
 seeds = 3                    # runs per method: seeds 0 .. seeds - 1
 methods = "grpo,noisyrollout,saei,saei_no_tsec,vepo,saei_vepo"  # comma-separated, see above
@@ -51,6 +54,7 @@ figures_dir = "assets"       # its figures, <study>_*.png (README shows them fro
 train_missing = True         # False: only tabulate the runs already finished (a study still running elsewhere)
 parallel = 1                 # runs at once; each gets cpu_count // parallel torch threads (2 on a 2-core laptop)
 save_interval = 20           # steps between a run's checkpoints: a study killed mid-run continues from the last one
+tail_steps = 10              # "where the entropy ended up": the mean over each run's last this many steps
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
@@ -66,7 +70,8 @@ METHODS = {
     "saei_vepo": SAEI + ["--pg_tokens=vepo"],
 }
 BANDS = {"bottom": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "top": (2 / 3, 1.0), "all": (0.0, 1.0)}
-STRENGTH = re.compile(r"saei_a(\d+)(?:_(bottom|middle|top|all))?$")
+VARIANTS = {"behaviour": ["--adv_old_logprob=behaviour"], "advimage": ["--logprob_image=adversarial"]}
+STRENGTH = re.compile(r"saei_a(-?\d+)(?:_(bottom|middle|top|all))?(?:_(behaviour|advimage))?$")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FINAL = re.compile(r"held-out greedy accuracy: ([\d.]+) before -> ([\d.]+) after")
 START = re.compile(r"held-out greedy accuracy before training: ([\d.]+)")  # the first one: a resumed run logs two
@@ -80,20 +85,31 @@ def overrides(method):
         return METHODS[method]
     match = STRENGTH.match(method)
     if not match:
-        raise SystemExit(f"unknown method {method!r}: use one of {','.join(METHODS)}, saei_a<N> (pgd_alpha = N/255) "
-                         f"or saei_a<N>_<band> (band: {', '.join(BANDS)})")
-    alpha, band = match.groups()
-    return SAEI + [f"--pgd_alpha={int(alpha) / 255!r}", f"--tsec_band={BANDS[band or 'middle']!r}"]
+        raise SystemExit(f"unknown method {method!r}: use one of {','.join(METHODS)}, saei_a<N> (pgd_alpha = N/255, "
+                         f"N may be negative), saei_a<N>_<band> (band: {', '.join(BANDS)}), and either with a variant "
+                         f"_<{'|'.join(VARIANTS)}>")
+    alpha, band, variant = match.groups()
+    return (SAEI + [f"--pgd_alpha={int(alpha) / 255!r}", f"--tsec_band={BANDS[band or 'middle']!r}"]
+            + VARIANTS.get(variant, []))
 
 
 def alpha_of(method):
     """255 * pgd_alpha of a saei_a<N> method on the default band, else None (the x axis of the strength plot)."""
     match = STRENGTH.match(method)
-    return int(match.group(1)) if match and match.group(2) in (None, "middle") else None
+    return int(match.group(1)) if match and match.group(2) in (None, "middle") and not match.group(3) else None
 
 
 def run_dir(cfg, method, seed):
     return os.path.join(cfg.runs_dir, method, f"{cfg.steps}steps-seed{seed}")
+
+
+def kept_dir(cfg, method, seed):
+    """Where a finished run's record is kept with the study's tables (committed with them, so a study that spans
+    machines never trains a run twice, and every per-seed number can be checked): out_dir/runs/..."""
+    return os.path.join(cfg.out_dir, "runs", method, f"{cfg.steps}steps-seed{seed}")
+
+
+KEPT = ("train.log", "metrics.jsonl", "eval.log", "pass_k/results.json", "pass_k/samples.jsonl")  # no weights
 
 
 def trained(path):
@@ -101,18 +117,29 @@ def trained(path):
     return os.path.exists(log_path) and FINAL.search(open(log_path).read()) is not None
 
 
-def finished(cfg, method, seed):
+def complete(cfg, path):
     """Trained, and its pass@k measured (when asked for)."""
-    path = run_dir(cfg, method, seed)
     return trained(path) and (not cfg.pass_k_problems or os.path.exists(os.path.join(path, "pass_k", "results.json")))
+
+
+def finished(cfg, method, seed):
+    return complete(cfg, kept_dir(cfg, method, seed)) or complete(cfg, run_dir(cfg, method, seed))
+
+
+def method_seeds(cfg):
+    """cfg.methods ("grpo,saei:3": a method's own number of seeds after a colon) -> [(method, seeds)]."""
+    pairs = [m.partition(":") for m in cfg.methods.split(",")]
+    return [(name, int(n) if n else cfg.seeds) for name, _, n in pairs]
 
 
 def run(cfg, method, seed):
     """Train one method with one seed (unless already done), then measure its pass@k. Returns the run's folder."""
-    path = run_dir(cfg, method, seed)
+    path, kept = run_dir(cfg, method, seed), kept_dir(cfg, method, seed)
     log_path, ckpt = os.path.join(path, "train.log"), os.path.join(path, "checkpoint")
-    if finished(cfg, method, seed):
-        return path
+    if complete(cfg, kept):
+        return kept
+    if complete(cfg, path):
+        return keep(path, kept)
     # parallel runs must not oversubscribe the cores (an OMP_NUM_THREADS already set wins)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.parallel))
     env = dict(os.environ, OMP_NUM_THREADS=threads)
@@ -125,6 +152,7 @@ def run(cfg, method, seed):
         args = [sys.executable, "train.py", cfg.train_config, *overrides(method), f"--seed={seed}",
                 f"--max_steps={cfg.steps}", f"--save_interval={min(cfg.save_interval, cfg.steps)}", f"--out_dir={path}"]
         args += [f"--dataset={cfg.dataset}"] if cfg.dataset else []
+        args += cfg.train_args.split()
         args += ["--resume=True"] if resume else []
         with open(log_path, "a" if resume else "w") as log:
             log.write(" ".join(args) + "\n")
@@ -140,7 +168,16 @@ def run(cfg, method, seed):
         if code != 0:
             raise SystemExit(f"pass@k of {method} seed {seed} failed (exit {code}); see {path}/eval.log")
     shutil.rmtree(ckpt, ignore_errors=True)  # only the metrics are compared
-    return path
+    return keep(path, kept)
+
+
+def keep(path, kept):
+    """Copy a finished run's logs and results (not its weights) to `kept`; returns kept."""
+    for name in KEPT:
+        if os.path.exists(os.path.join(path, name)):
+            os.makedirs(os.path.dirname(os.path.join(kept, name)), exist_ok=True)
+            shutil.copyfile(os.path.join(path, name), os.path.join(kept, name))
+    return kept
 
 
 # per-step metrics.jsonl keys averaged over the run: name in the tables <- key
@@ -152,7 +189,7 @@ CURVES = {"train_accuracy": "accuracy_clean", "entropy_clean": "entropy_clean", 
           "diversity": "answer_diversity"}
 
 
-def read_run(path):
+def read_run(path, tail_steps=10):
     """A run's folder -> {metric: value} (accuracies from train.log, pass@k from eval.py, per-step means from
     metrics.jsonl; a metric the method does not log is absent) and, under "logs", its metrics.jsonl lines."""
     log = open(os.path.join(path, "train.log")).read()
@@ -166,9 +203,9 @@ def read_run(path):
         if key in logs[0]:
             r[name] = statistics.mean(l[key] for l in logs)
     # where the entropy started and ended up: a collapse shows here, not in the mean over the run
-    window = max(1, min(10, len(logs) // 2))  # 10 steps, or half of a shorter run
-    r["entropy_clean_first10"] = statistics.mean(l["entropy_clean"] for l in logs[:window])
-    r["entropy_clean_last10"] = statistics.mean(l["entropy_clean"] for l in logs[-window:])
+    window = max(1, min(tail_steps, len(logs) // 2))  # tail_steps, or half of a shorter run
+    r["entropy_clean_first"] = statistics.mean(l["entropy_clean"] for l in logs[:window])
+    r["entropy_clean_last"] = statistics.mean(l["entropy_clean"] for l in logs[-window:])
     r["logs"] = logs  # per step: the curves and the two halves' step-by-step comparison read them
     return r
 
@@ -205,7 +242,7 @@ def verdict(mean, low, high):
 def tables(runs, cfg):
     """{method: [run dicts by seed]} -> (per-method rows for results.csv, results.md text)."""
     metrics = [k for k in ["start_accuracy", "final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
-                           "entropy_adv", "entropy_clean_first10", "entropy_clean_last10", "attack_gain",
+                           "entropy_adv", "entropy_clean_first", "entropy_clean_last", "attack_gain",
                            "attack_gain_rel", "attack_linf", "diversity", "diversity_clean", "diversity_adv",
                            "train_accuracy", "train_accuracy_adv"]
                if any(k in r for rs in runs.values() for r in rs)]
@@ -220,11 +257,13 @@ def tables(runs, cfg):
         rows.append(row)
     outcomes = {"final_accuracy": "greedy accuracy", "pass@1": "pass@1", f"pass@{cfg.pass_k}": f"pass@{cfg.pass_k}"}
     mechanism = {"entropy_clean": "entropy, clean half", "entropy_adv": "entropy, other half on its image",
-                 "entropy_clean_last10": "entropy, clean half, last 10 steps", "attack_gain": "attack gain (nats)",
+                 "entropy_clean_last": f"entropy, clean half, last {cfg.tail_steps} steps",
+                 "attack_gain": "attack gain (nats)",
                  "attack_gain_rel": "attack gain / objective", "attack_linf": "L-inf distance (/255)",
                  "diversity": "distinct answers per group"}
     lines = [f"`python compare.py` with methods={cfg.methods} steps={cfg.steps} seeds={cfg.seeds} "
-             f"train_config={cfg.train_config}" + (f" dataset={cfg.dataset}" if cfg.dataset else ""), "",
+             f"train_config={cfg.train_config}" + (f" dataset={cfg.dataset}" if cfg.dataset else "")
+             + (f" train_args='{cfg.train_args}'" if cfg.train_args else ""), "",
              f"Mean ± std over seeds. Held-out greedy accuracy before training: "
              f"{mean_std([r['start_accuracy'] for rs in runs.values() for r in rs])} (all {cfg.steps}-step runs start "
              f"from the same checkpoint); pass@k on the first {cfg.pass_k_problems} held-out problems. Entropies "
@@ -237,7 +276,7 @@ def tables(runs, cfg):
             lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + " |")
     if cfg.reference in runs and len(runs) > 1:
         compared = [k for k in ("final_accuracy", "pass@1", f"pass@{cfg.pass_k}", "entropy_clean",
-                                "entropy_clean_last10", "diversity") if k in metrics]
+                                "entropy_clean_last", "diversity") if k in metrics]
         lines += ["", f"Difference from {cfg.reference}, paired by seed (same prompts, same order): mean [95% t-interval "
                       "over the seed pairs]", "",
                   "| method | " + " | ".join({**outcomes, **mechanism}[k] for k in compared) + " |",
@@ -249,27 +288,38 @@ def tables(runs, cfg):
             pairs = [(r, q) for r in rs for q in ref if q["seed"] == r["seed"]]
             cells = [verdict(*paired_difference([r[k] for r, _ in pairs], [q[k] for _, q in pairs])) for k in compared]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Does the clean rollouts' entropy fall during training? Mean over the last 10 steps minus the first "
-                  "10 [95% t-interval over seeds]", "", "| method | first 10 steps | last 10 steps | change |",
-              "|---|---|---|---|"]
+    n = cfg.tail_steps
+    lines += ["", f"Does the clean rollouts' entropy fall during training? Mean over the last {n} steps minus the first "
+                  f"{n} [95% t-interval over seeds]; each seed's last {n} steps"
+              + (f"; seeds whose last {n} steps are below half of {cfg.reference}'s mean there" if cfg.reference in runs
+                 else ""), "",
+              f"| method | first {n} steps | last {n} steps | change | each seed, last {n} steps |"
+              + (" below half |" if cfg.reference in runs else ""), "|---|---|---|---|---|"
+              + ("---|" if cfg.reference in runs else "")]
+    half = (statistics.mean(r["entropy_clean_last"] for r in runs[cfg.reference]) / 2 if cfg.reference in runs
+            else None)
     for method, rs in runs.items():
-        first, last = [r["entropy_clean_first10"] for r in rs], [r["entropy_clean_last10"] for r in rs]
-        lines.append(f"| {method} | {mean_std(first)} | {mean_std(last)} | {verdict(*paired_difference(last, first))} |")
+        first, last = [r["entropy_clean_first"] for r in rs], [r["entropy_clean_last"] for r in rs]
+        lines.append(f"| {method} | {mean_std(first)} | {mean_std(last)} | {verdict(*paired_difference(last, first))} | "
+                     + ", ".join(f"{v:.3f}" for v in last) + " |"
+                     + (f" {sum(v < half for v in last)} of {len(last)} |" if half is not None else ""))
     halves = [m for m, rs in runs.items() if all("entropy_adv" in r for r in rs)]
     if halves:  # does the perturbation change the rollouts at all? The two halves of the same groups, step by step
         checks = [("entropy", "entropy_adv", "entropy_clean"), ("accuracy", "accuracy_adv", "accuracy_clean"),
                   ("distinct answers", "answer_diversity_adv", "answer_diversity_clean")]
         lines += ["", "Does the perturbation change the rollouts? The other half minus the clean half of the same "
-                      "groups (6 responses each, same prompts, same policy): mean over every step of every seed "
-                      "[95% t-interval over those steps] (each seed's own mean: steps of one run are not independent)",
+                      "groups (6 responses each, same prompts, same policy): each seed's mean over its steps, then "
+                      "their mean [95% t-interval over seeds] (the seed is the unit: steps of one run are not "
+                      "independent); each seed's own mean in brackets",
                   "",
-                  "| method | steps | " + " | ".join(c[0] for c in checks) + " |", "|---|---|" + "---|" * len(checks)]
+                  "| method | seeds | " + " | ".join(c[0] for c in checks) + " |", "|---|---|" + "---|" * len(checks)]
         for method in halves:
-            steps_ = [l for r in runs[method] for l in r["logs"]]
-            cells = [verdict(*paired_difference([l[a] for l in steps_], [l[b] for l in steps_])) + " (" + ", ".join(
-                f"{statistics.mean(l[a] - l[b] for l in r['logs']):+.3f}" for r in runs[method]) + ")"
-                for _, a, b in checks]
-            lines.append(f"| {method} | {len(steps_)} | " + " | ".join(cells) + " |")
+            cells = []
+            for _, a, b in checks:
+                per_seed = [statistics.mean(l[a] - l[b] for l in r["logs"]) for r in runs[method]]
+                cells.append(verdict(*paired_difference(per_seed, [0.0] * len(per_seed))) + " (" +
+                             ", ".join(f"{d:+.3f}" for d in per_seed) + ")")
+            lines.append(f"| {method} | {len(runs[method])} | " + " | ".join(cells) + " |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -352,16 +402,17 @@ def write_figures(runs, curves, cfg):
 def main(argv):
     from configurator import get_config
     cfg = get_config(DEFAULTS, argv)
-    names = cfg.methods.split(",")
+    seeds = method_seeds(cfg)
+    names = [m for m, _ in seeds]
     for m in names:
         overrides(m)  # every name checked before hours of training
     os.makedirs(cfg.out_dir, exist_ok=True)
-    jobs = [(m, s) for s in range(cfg.seeds) for m in names]  # every method's seed 0 first
+    jobs = [(m, s) for s in range(max(n for _, n in seeds)) for m, n in seeds if s < n]  # every method's seed 0 first
     t0 = time.time()
 
     def one(job):
         path = run(cfg, *job)
-        r = dict(read_run(path), seed=job[1])
+        r = dict(read_run(path, cfg.tail_steps), seed=job[1])
         print(f"{job[0]} seed {job[1]}: accuracy {r['start_accuracy']:.3f} -> {r['final_accuracy']:.3f} "
               f"({time.time() - t0:.0f} s since start)", flush=True)
         return r

@@ -35,7 +35,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, n
     logp, old_logp, mask: (B, L); advantages: (B,) or (B, L). `n_tokens` is the token count of the whole
     batch (all micro-batches, all ranks); the default is this call's own count. Summing the losses of
     micro-batches that share one `n_tokens` gives exactly the full-batch loss.
-    Returns (loss, stats) with stats holding detached sums (and the ratio's min and max) for logging.
+    Returns (loss, clip_stats(...)): detached sums (and the ratio's min and max) for logging.
     """
     mask = mask.to(logp.dtype)
     if advantages.dim() == 1:
@@ -46,15 +46,25 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, n
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
     loss = (per_token * mask).sum() / n_tokens
-    with torch.no_grad():  # how far the policy has moved from the one that sampled: ratio range, KL(old || new)
-        log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
-        real = mask > 0
-        stats = {"clipped_tokens": ((clipped > unclipped).to(mask.dtype) * mask).sum().item(),
-                 "tokens": mask.sum().item(), "ratio_sum": (ratio * mask).sum().item(),
-                 "ratio_min": ratio[real].min().item() if real.any() else math.inf,
-                 "ratio_max": ratio[real].max().item() if real.any() else -math.inf,
-                 "approx_kl": (kl_penalty(old_logp, logp) * mask).sum().item()}  # k3 estimator, summed
-    return loss, stats
+    return loss, clip_stats(logp, old_logp, advantages, mask, clip_low, clip_high)
+
+
+@torch.no_grad()
+def clip_stats(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2):
+    """How far the policy has moved from the one that sampled, over the masked tokens: how many the clip holds
+    (zero gradient), the ratio's sum, min and max, and the summed k3 estimate of KL(old || new)."""
+    mask = mask.to(logp.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high) > -advantages * ratio
+    real = mask > 0
+    return {"clipped_tokens": (clipped.to(mask.dtype) * mask).sum().item(), "tokens": mask.sum().item(),
+            "ratio_sum": (ratio * mask).sum().item(),
+            "ratio_min": ratio[real].min().item() if real.any() else math.inf,
+            "ratio_max": ratio[real].max().item() if real.any() else -math.inf,
+            "approx_kl": (kl_penalty(old_logp, logp) * mask).sum().item()}
 
 
 def kl_penalty(logp, ref_logp):

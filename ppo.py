@@ -17,23 +17,28 @@ from distributed import all_reduce_max, all_reduce_sum, global_sum
 from model import shared_prompt_hidden, token_logprobs, trimmed_sequences
 
 
-def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute):
+def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute, sampled_on=None):
     """updates_per_rollout optimizer steps (x ppo_epochs) on the rollout batch, each on an equal share
     of every rank's groups (whole groups: a group's advantages were standardised together).
 
-    With a single update the sampling policy is the current one, so logp_old = logp.detach() exactly; otherwise
-    the sampling policy's log-probs come from one no-grad pass before the first step. Returns {"applied": every
-    step was applied, "loss", "grad_norm" (means over steps), "entropy": (B, L) token entropies of the first
-    epoch, "jsd": VEPO's summed JSD, "log": the update's metrics}.
+    pi_old, the policy that sampled: with a single update and the responses conditioned on the images they were
+    sampled on, it is the current policy, so logp_old = logp.detach() exactly; otherwise its log-probs come from
+    one no-grad pass before the first step. `sampled_on` (B images, or None): the image each response was sampled
+    on, when pi_old must be read there (adv_old_logprob="behaviour": the adversarial half was sampled on I_adv but
+    is trained on I, so its ratio is pi(o|I) / pi_old(o|I_adv)). Returns {"applied": every step was applied,
+    "loss", "grad_norm" (means over steps), "entropy": (B, L) token entropies of the first epoch, "jsd": VEPO's
+    summed JSD, "log": the update's metrics, the adversarial half's ratio and clip statistics apart}.
     """
     B = rollouts["response_ids"].shape[0]
     n_steps = cfg.updates_per_rollout * cfg.ppo_epochs
-    old_logp = rollout_logprobs(policy, rollouts, row_images, cfg, compute) if n_steps > 1 else None
+    old_logp = (rollout_logprobs(policy, rollouts, sampled_on, cfg, compute) if sampled_on is not None else
+                rollout_logprobs(policy, rollouts, row_images, cfg, compute) if n_steps > 1 else None)
     rows_per_update = B // cfg.updates_per_rollout  # check_config: a whole number of groups
     entropy = torch.zeros(rollouts["response_mask"].shape)
     sums = {"loss": 0.0, "grad_norm": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl": 0.0,
-            "approx_kl": 0.0, "pg_entropy": 0.0, "jsd": 0.0}
-    ratio_min, ratio_max, applied = math.inf, -math.inf, True
+            "approx_kl": 0.0, "pg_entropy": 0.0, "jsd": 0.0, "clipped_tokens_adv": 0.0, "tokens_adv": 0.0,
+            "ratio_sum_adv": 0.0}
+    ratio_min, ratio_max, applied = {"": math.inf, "_adv": math.inf}, {"": -math.inf, "_adv": -math.inf}, True
     for epoch in range(cfg.ppo_epochs):
         for first in range(0, B, rows_per_update):
             rows = slice(first, first + rows_per_update)
@@ -48,13 +53,19 @@ def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg
             sums["loss"] += loss
             sums["grad_norm"] += grad_norm
             sums["tokens"] += totals["tokens"]  # already summed over ranks
-            for key in ("clipped_tokens", "ratio_sum", "approx_kl", "pg_entropy", "jsd", "kl"):
+            for key in ("clipped_tokens", "ratio_sum", "approx_kl", "pg_entropy", "jsd", "kl", "clipped_tokens_adv",
+                        "tokens_adv", "ratio_sum_adv"):
                 sums[key] += global_sum(totals[key])
-            ratio_min = min(ratio_min, -all_reduce_max(torch.tensor(-totals["ratio_min"])).item())
-            ratio_max = max(ratio_max, all_reduce_max(torch.tensor(totals["ratio_max"])).item())
+            for half in ratio_min:
+                ratio_min[half] = min(ratio_min[half], -all_reduce_max(torch.tensor(-totals["ratio_min" + half])).item())
+                ratio_max[half] = max(ratio_max[half], all_reduce_max(torch.tensor(totals["ratio_max" + half])).item())
     log = {"loss": sums["loss"] / n_steps, "grad_norm": sums["grad_norm"] / n_steps,
            "clip_frac": sums["clipped_tokens"] / sums["tokens"], "ratio_mean": sums["ratio_sum"] / sums["tokens"],
-           "ratio_min": ratio_min, "ratio_max": ratio_max, "approx_kl": sums["approx_kl"] / sums["tokens"]}
+           "ratio_min": ratio_min[""], "ratio_max": ratio_max[""], "approx_kl": sums["approx_kl"] / sums["tokens"]}
+    if sums["tokens_adv"]:  # the adversarial half alone: how far its behaviour policy is from the one trained
+        log.update({"clip_frac_adv": sums["clipped_tokens_adv"] / sums["tokens_adv"],
+                    "ratio_mean_adv": sums["ratio_sum_adv"] / sums["tokens_adv"],
+                    "ratio_min_adv": ratio_min["_adv"], "ratio_max_adv": ratio_max["_adv"]})
     if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient
         log["pg_entropy"] = sums["pg_entropy"] / sums["tokens"]
     if cfg.pg_tokens == "vepo":  # mean clean-vs-noised JSD per response token (first epoch)
@@ -113,7 +124,10 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     # count fixed by its length, so the denominator is known before any forward pass
     n_pg = n_tokens if cfg.pg_tokens == "all" else all_reduce_sum(vepo.n_top(resp_mask).sum().float().cpu()).item()
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0,
-              "ratio_sum": 0.0, "approx_kl": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf}
+              "ratio_sum": 0.0, "approx_kl": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf,
+              "clipped_tokens_adv": 0.0, "tokens_adv": 0.0, "ratio_sum_adv": 0.0, "ratio_min_adv": math.inf,
+              "ratio_max_adv": -math.inf}
+    group = cfg.n_clean + cfg.n_adv  # rows come group by group: n_clean clean rows, then n_adv adversarial ones
     entropy = torch.zeros(resp_mask.shape)
     # A micro-batch never mixes two prompts or two images, so it encodes its prompt and image once and shares
     # their keys/values among its rows: P + m * L tokens instead of m * (P + L).
@@ -147,9 +161,16 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                 loss = loss - cfg.entropy_coef * (ent * mask).sum() / n_tokens
         (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
         totals["loss"] += loss.item()
-        for key in ("clipped_tokens", "ratio_sum", "approx_kl"):
-            totals[key] += st[key]
-        totals["ratio_min"], totals["ratio_max"] = min(totals["ratio_min"], st["ratio_min"]), max(totals["ratio_max"], st["ratio_max"])
+        is_adv = (torch.arange(rows.start, rows.stop, device=mask.device) % group >= cfg.n_clean)[:, None]
+        st_adv = grpo.clip_stats(logp, old, advantages[rows].to(logp.device), pg_mask * is_adv, cfg.clip_low,
+                                 cfg.clip_high)  # the same statistics, the adversarial rows alone
+        for half, s in (("", st), ("_adv", st_adv)):
+            for key in ("clipped_tokens", "ratio_sum"):
+                totals[key + half] += s[key]
+            totals["ratio_min" + half] = min(totals["ratio_min" + half], s["ratio_min"])
+            totals["ratio_max" + half] = max(totals["ratio_max" + half], s["ratio_max"])
+        totals["approx_kl"] += st["approx_kl"]
+        totals["tokens_adv"] += st_adv["tokens"]
         totals["pg_entropy"] += (ent.detach() * pg_mask).sum().item()
         entropy[rows, :width] = ent.detach().cpu()
     return totals, entropy

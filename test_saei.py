@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1794,6 +1795,60 @@ def test_ppo_gradient_checkpointing_and_micro_batching_leave_gradients_unchanged
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
 
 
+def test_grpo_clip_of_an_off_policy_pair_hand_computed():
+    # 2 tokens per response, A = +1 and A = -1; ratios pi / pi_old of 1.5, 0.5 (A > 0) and 0.5, 1.5 (A < 0).
+    # Clipped (zero gradient): a ratio past 1 + 0.2 with A > 0 and below 1 - 0.2 with A < 0. Else the token's loss
+    # is -A rho / N, so d/d logp = -A rho / N with N = 4 tokens.
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5], [0.5, 1.5]])).requires_grad_(True)
+    loss, st = grpo.policy_loss(logp, old, torch.tensor([1.0, -1.0]), torch.ones(2, 2))
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, torch.tensor([[0.0, -0.5 / 4], [0.0, 1.5 / 4]]), atol=1e-7)
+    assert st["clipped_tokens"] == 2 and loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4, abs=1e-6)
+
+
+def test_ppo_behaviour_ratio_reads_pi_old_on_the_image_each_response_was_sampled_on(rollouts):
+    # adv_old_logprob="behaviour": the adversarial half's ratio is pi(o|I) / pi_old(o|I_adv), even with one update
+    # (where the paper's convention gives exactly 1); the clean half's stays 1. Checked against teacher forcing.
+    policy, images, out = rollouts
+    rows = slice(0, 3)  # the first prompt's 3 responses: 1 clean, 2 adversarial (n_clean 1, n_adv 2)
+    part = {k: v[rows] for k, v in out.items()}
+    x = images[0]
+    x_adv = (x + 64 / 255 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))).clamp(0, 1)
+    cfg = train.get_config(SMALL + ["--n_clean=1", "--n_adv=2", "--adv_old_logprob=behaviour", "--batch_size=1"])
+    advantages = torch.tensor([0.5, 1.0, -1.0])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    compute = lambda: torch.autocast("cpu", enabled=False)
+    policy.train()
+    result = ppo.update(policy, None, optimizer, params, part, advantages, [x] * 3, cfg, 1, compute,
+                        sampled_on=[x, x_adv, x_adv])
+    policy.eval()
+    ids, attn, mask = model_lib.sequences(part, slice(None))
+    P = part["prompt_ids"].shape[1]
+
+    def logp_on(img):
+        pv, grid = data.batch_pixels([img] * 3)
+        with torch.no_grad():
+            hidden = model_lib.response_hidden(policy, ids, attn, pv, grid, P)
+            return torch.log_softmax(policy.lm_head(hidden).float(), -1).gather(-1, part["response_ids"][..., None])[..., 0]
+    ratio = torch.exp(logp_on(x) - logp_on(x_adv))[1:]  # the adversarial rows
+    valid = mask[1:].bool()
+    clipped = ((ratio > 1.2) & (advantages[1:, None] > 0)) | ((ratio < 0.8) & (advantages[1:, None] < 0))
+    log = result["log"]
+    assert ratio[valid].min() < 0.99 and ratio[valid].max() > 1.01  # the two images give different pi_old
+    assert log["ratio_min_adv"] == pytest.approx(ratio[valid].min().item(), rel=1e-4)
+    assert log["ratio_max_adv"] == pytest.approx(ratio[valid].max().item(), rel=1e-4)
+    assert log["ratio_mean_adv"] == pytest.approx(ratio[valid].mean().item(), rel=1e-4)
+    assert log["clip_frac_adv"] == pytest.approx(clipped[valid].float().mean().item(), abs=1e-6)
+    n_clean = int(mask[0].sum())  # the clean row's ratio is 1: its pi_old is read on its own image
+    assert log["ratio_mean"] * mask.sum().item() == pytest.approx(n_clean + ratio[valid].sum().item(), rel=1e-4)
+    # the paper's convention: pi_old read on the clean image for every row, so every ratio is 1
+    convention = ppo.update(policy.train(), None, optimizer, params, part, advantages, [x] * 3, cfg, 1, compute)
+    policy.eval()
+    assert convention["log"]["ratio_min_adv"] == convention["log"]["ratio_max_adv"] == 1.0
+
+
 def test_ppo_non_finite_update_is_skipped_not_applied():
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([w], lr=0.1)
@@ -2239,6 +2294,24 @@ def test_train_saei_attacks_each_prompt_on_its_clean_rows_and_samples_on_the_res
     assert saei_step["log"]["attack_gain"] == pytest.approx(sum(s["gain"] for s in stats) / len(stats))
 
 
+def test_train_behaviour_ratio_reads_each_response_on_the_image_it_was_sampled_on(tmp_path):
+    step = _one_step(*_spied_run(tmp_path, "--adv_old_logprob=behaviour", f"--pgd_alpha={32 / 255}"))
+    clean, adv = step["sample"]
+    (update,) = step["update"]
+    nc, na = clean["args"]["n"], adv["args"]["n"]
+    seen = update["args"]["sampled_on"]
+    for row, image in enumerate(seen):
+        prompt, j = divmod(row, nc + na)
+        half = clean if j < nc else adv  # its group's clean rows, then its adversarial rows
+        assert image is half["args"]["images"][prompt]
+    assert all(image is clean["args"]["images"][r // (nc + na)] for r, image in enumerate(update["args"]["row_images"]))
+    log = step["log"]
+    assert log["ratio_min_adv"] < 1 < log["ratio_max_adv"] and 0 <= log["clip_frac_adv"] <= 1
+    # the paper's convention (the default) gives the adversarial half a ratio of exactly 1
+    (default,) = _run(tmp_path / "default", f"--pgd_alpha={32 / 255}")
+    assert default["ratio_min_adv"] == default["ratio_max_adv"] == 1.0 and default["clip_frac_adv"] == 0
+
+
 def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path):
     step = _one_step(*_spied_run(tmp_path, "--perturb", "none", "--max_response_len", "8"))
     clean, adv = step["sample"]
@@ -2670,6 +2743,13 @@ def test_compare_method_names_become_train_arguments():
             compare.alpha_of("grpo")) == (32, 32, None, None)
     with pytest.raises(SystemExit, match="unknown method 'saei_a8_upper'"):
         compare.overrides("saei_a8_upper")
+    # the off-policy study's arms: the corrected ratio, the adversarial image in the update, a negative step
+    cfg = train.get_config(["config/demo.py", *compare.overrides("saei_a32_behaviour")])
+    assert (cfg.adv_old_logprob, cfg.logprob_image, cfg.pgd_alpha) == ("behaviour", "clean", 32 / 255)
+    cfg = train.get_config(["config/demo.py", *compare.overrides("saei_a-32_advimage")])
+    assert (cfg.adv_old_logprob, cfg.logprob_image, cfg.pgd_alpha, cfg.pgd_eps) == ("clean", "adversarial", -32 / 255,
+                                                                                  32 / 255)
+    assert compare.alpha_of("saei_a32_behaviour") is None  # not a point of the strength plot
 
 
 def test_compare_every_study_config_names_runnable_methods():
@@ -2681,8 +2761,9 @@ def test_compare_every_study_config_names_runnable_methods():
     assert len(studies) >= 3
     for path in studies:
         cfg = configurator.get_config(compare.DEFAULTS, [path])
-        for method in cfg.methods.split(","):
-            train.get_config([cfg.train_config, *compare.overrides(method)])  # train.py accepts every argument
+        for method, _ in compare.method_seeds(cfg):
+            train.get_config([cfg.train_config, *compare.overrides(method), *cfg.train_args.split()])  # train.py
+            # accepts every argument
 
 
 def test_compare_tables_from_finished_runs(tmp_path):
@@ -2721,23 +2802,34 @@ def test_compare_tables_from_finished_runs(tmp_path):
     assert "| saei_a8 | 3 | 0.700 ± 0.100 | 0.350 ± 0.050 | 0.900 ± 0.000 |" in md
     # paired differences 0.1, 0.0, 0.2: mean 0.1, sd 0.1, t(0.975, 2) = 4.303 -> half width 0.248
     assert "| saei_a8 | +0.100 [-0.148, +0.348]: no difference measured |" in md
-    # the two halves step by step: adversarial minus clean entropy 1.0, 1.0, 1.1, 1.1, 1.2, 1.2 over the 6 steps of
-    # the 3 seeds -> mean 1.1, sd 0.0894, t(0.975, 5) = 2.571 -> half width 0.094; each seed's mean 1.0, 1.1, 1.2
-    assert ("| saei_a8 | 6 | +1.100 [+1.006, +1.194]: higher (+1.000, +1.100, +1.200) | +0.000 [+0.000, +0.000]: "
+    # the two halves, the seed as the unit: adversarial minus clean entropy, each seed's mean over its steps 1.0,
+    # 1.1, 1.2 -> mean 1.1, sd 0.1, t(0.975, 2) = 4.303 -> half width 0.248 (the 6 steps as units would claim +-0.094)
+    assert ("| saei_a8 | 3 | +1.100 [+0.852, +1.348]: higher (+1.000, +1.100, +1.200) | +0.000 [+0.000, +0.000]: "
             "no difference measured (+0.000, +0.000, +0.000) |") in md
     # GRPO's clean entropy 1 + seed + step; a 2-step run's windows are its halves: step 2 minus step 1 is +1 in every
     # seed, which has no spread to build an interval from
     assert ("| grpo | 3.000 ± 1.000 | 4.000 ± 1.000 | +1.000 in every pair (no spread, so no interval: no difference "
-            "measured) |") in md
+            "measured) | 3.000, 4.000, 5.000 | 0 of 3 |") in md  # each seed's end; below half of GRPO's mean (2.0)?
+    # every finished run's logs and pass@k results are kept with the tables (no weights): a study continued on a
+    # new machine, whose runs_dir is empty, trains none of them again and tabulates the same numbers
+    kept = tmp_path / "study" / "runs" / "saei_a8" / "2steps-seed1"
+    assert sorted(p.name for p in kept.iterdir()) == ["metrics.jsonl", "pass_k", "train.log"]
+    assert (kept / "train.log").read_text() == (tmp_path / "runs" / "saei_a8" / "2steps-seed1" / "train.log").read_text()
+    first = md
+    compare.main([f"--runs_dir={tmp_path / 'new_machine'}", f"--out_dir={tmp_path / 'study'}", f"--figures_dir={tmp_path}",
+                  "--methods=grpo,saei_a8", "--seeds=3", "--steps=2", "--smooth=2"])
+    assert (tmp_path / "study" / "results.md").read_text() == first and not (tmp_path / "new_machine").exists()
+    shutil.rmtree(tmp_path / "study" / "runs")  # (the next checks read runs_dir again)
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
     assert os.path.exists(tmp_path / "study_curves.png") and not os.path.exists(tmp_path / "study_strength.png")
     # a study still running: train_missing=False tabulates the finished runs alone, paired on their common seeds
     (tmp_path / "runs" / "saei_a8" / "2steps-seed2" / "train.log").write_text("killed at step 1\n")
     compare.main([f"--runs_dir={tmp_path / 'runs'}", f"--out_dir={tmp_path / 'study'}", f"--figures_dir={tmp_path}",
-                  "--methods=grpo,saei_a8,saei_a64", "--seeds=3", "--steps=2", "--train_missing=False"])
+                  "--methods=grpo:2,saei_a8,saei_a64", "--seeds=3", "--steps=2", "--train_missing=False"])
     md = (tmp_path / "study" / "results.md").read_text()
     assert "| saei_a8 | 2 | 0.650 ± 0.071 |" in md and "| saei_a64 |" not in md
+    assert "| grpo | 2 | 0.600 ± 0.141 |" in md  # "grpo:2": its own number of seeds, 0 and 1
     assert "| saei_a8 | +0.050 [-0.585, +0.685]: no difference measured |" in md  # t(0.975, 1) = 12.706
 
 

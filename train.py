@@ -64,6 +64,10 @@ pgd_steps = 1                # T
 pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the entropy (a sanity ablation)
 pgd_eps = 0.0                # L-inf radius around the clean image; 0: |pgd_alpha| * pgd_steps (DESIGN §4)
 logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
+adv_old_logprob = "clean"    # pi_old of the adversarial half, in its PPO ratio: "clean" = pi_old(o|I), the paper
+                             # family's convention (with one update per rollout its ratio is exactly 1, unbounded by
+                             # the clip although those responses were drawn from pi_old(.|I_adv)); "behaviour" =
+                             # pi_old(o|I_adv), the image it was sampled on: the off-policy step corrected and clipped
 # update
 lr = 1e-6                    # no warmup
 lr_decay = False             # cosine decay from lr to lr / 10 over max_steps; the papers keep lr constant
@@ -181,7 +185,11 @@ def main(argv):
         is_adv = torch.arange(len(texts)) % group >= cfg.n_clean
         row_images = [adv_images[i // group] if is_adv[i] and cfg.logprob_image == "adversarial" else images[i // group]
                       for i in range(len(texts))]
-        update = ppo.update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute)
+        sampled_on = None  # pi_old read on the image each response was sampled on (the corrected ratio)
+        if cfg.adv_old_logprob == "behaviour" and cfg.n_adv > 0:
+            sampled_on = [adv_images[i // group] if is_adv[i] else images[i // group] for i in range(len(texts))]
+        update = ppo.update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute,
+                            sampled_on=sampled_on)
         skipped = 0 if update["applied"] else skipped + 1
         t4 = time.time()
 
@@ -374,7 +382,7 @@ def distinct_answers(answers, group, n=None, first=True):
 def check_config(cfg):
     """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
-               "attack_objective": ("bounded", "full_logits"),
+               "attack_objective": ("bounded", "full_logits"), "adv_old_logprob": ("clean", "behaviour"),
                "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
                "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
