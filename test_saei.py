@@ -26,6 +26,7 @@ import torch
 from rewards import ACCURACY_WEIGHT, FORMAT_WEIGHT, extract_answer, format_ok, is_correct, score
 import bench
 import checkpoint
+import configurator
 import data
 import distributed
 import egas
@@ -2819,6 +2820,16 @@ def test_compare_tables_from_finished_runs(tmp_path):
     compare.main([f"--runs_dir={tmp_path / 'new_machine'}", f"--out_dir={tmp_path / 'study'}", f"--figures_dir={tmp_path}",
                   "--methods=grpo,saei_a8", "--seeds=3", "--steps=2", "--smooth=2"])
     assert (tmp_path / "study" / "results.md").read_text() == first and not (tmp_path / "new_machine").exists()
+    # the tables need only runs.csv: a study whose run folders are gone is tabulated again from it, the same way
+    assert compare.retabulate(configurator.get_config(compare.DEFAULTS, [
+        "--methods=grpo,saei_a8", "--seeds=3", "--steps=2", f"--out_dir={tmp_path / 'study'}"])) == first
+    # results/README.md: every study's tables under its config file's description
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "study_study.py").write_text("# compare.py: two methods, two steps.\n# `python compare.py x`\n")
+    compare.write_index(str(tmp_path), str(tmp_path), str(tmp_path / "config"))
+    index = (tmp_path / "README.md").read_text()
+    assert "## study\n\nTwo methods, two steps.\n" in index and first.rstrip() in index and "python compare.py x" not in index
+    assert "![study_curves.png](study_curves.png)" in index
     shutil.rmtree(tmp_path / "study" / "runs")  # (the next checks read runs_dir again)
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window
@@ -2970,3 +2981,21 @@ def test_bench_memory_estimate_counts_the_real_parameters():
     e = bench.estimate("Qwen2.5-VL-7B", 8)
     assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
     assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
+
+
+# ----------------------------------------------------------------------------- README.md
+
+def test_readme_file_table_and_commands_match_the_repository():
+    # the file table's line counts are what a reader plans a reading by: within 10% of the files', and the second
+    # command is the one CI runs
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    rows = re.findall(r"^\| ((?:`\w+\.py`(?:, )?)+) \| ([\d, ]+) \|", readme, re.M)
+    assert len(rows) >= 10
+    for files, counts in rows:
+        for name, count in zip(re.findall(r"`(\w+\.py)`", files), counts.split(", "), strict=True):
+            actual = sum(1 for _ in open(os.path.join(ROOT, name)))
+            assert abs(actual - int(count)) <= 0.1 * actual, (name, count, actual)
+    commands = re.findall(r"```bash\n(pip install .*)\n```", readme)
+    assert commands[0].endswith("&& python train.py")
+    assert commands[1].split("&& ")[-1] in open(os.path.join(ROOT, ".ci", "run")).read()
+
