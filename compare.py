@@ -72,8 +72,9 @@ METHODS = {
     "saei_vepo": SAEI + ["--pg_tokens=vepo"],
 }
 BANDS = {"bottom": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "top": (2 / 3, 1.0), "all": (0.0, 1.0)}
-VARIANTS = {"behaviour": ["--adv_old_logprob=behaviour"], "advimage": ["--logprob_image=adversarial"]}
-STRENGTH = re.compile(r"saei_a(-?\d+)(?:_(bottom|middle|top|all))?(?:_(behaviour|advimage))?$")
+VARIANTS = {"behaviour": ["--adv_old_logprob=behaviour"], "advimage": ["--logprob_image=adversarial"],
+            "behaviournodual": ["--adv_old_logprob=behaviour", "--clip_dual=0"]}  # the corrected ratio, PPO-clip alone
+STRENGTH = re.compile(r"saei_a(-?\d+)(?:_(bottom|middle|top|all))?(?:_(" + "|".join(VARIANTS) + "))?$")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FINAL = re.compile(r"held-out greedy accuracy: ([\d.]+) before -> ([\d.]+) after")
 START = re.compile(r"held-out greedy accuracy before training: ([\d.]+)")  # the first one: a resumed run logs two

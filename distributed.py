@@ -24,11 +24,14 @@ def setup_distributed(cfg):
     # A collective's tensor must live on a device its backend serves. NCCL serves CUDA tensors only, while metrics,
     # token counts and gathered objects are CPU tensors: the GPU process group pairs NCCL with gloo for those (a few
     # scalars a step), so no call site has to copy its tensor to the GPU and back, and none can forget to.
-    backend = "cpu:gloo,cuda:nccl" if cfg.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(cfg.device)
+    if not cfg.device.startswith("cuda"):
+        dist.init_process_group("gloo")
+        return dist.get_rank(), world
+    # the device first, and named to the group: NCCL then knows each rank's GPU from the start, instead of guessing
+    # GPU 0 for its first barrier (a hang when several ranks share a node)
+    cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    torch.cuda.set_device(cfg.device)
+    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device(cfg.device))
     return dist.get_rank(), world
 
 

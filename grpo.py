@@ -29,12 +29,15 @@ def dead_groups(rewards, group_size):
     return (r == r[:, :1]).all(1)
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, n_tokens=None):
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, n_tokens=None, clip_dual=0.0):
     """PPO-clip loss, token-mean: mean over all masked tokens of max(-A*rho, -A*clip(rho, 1-low, 1+high)).
 
     logp, old_logp, mask: (B, L); advantages: (B,) or (B, L). `n_tokens` is the token count of the whole
     batch (all micro-batches, all ranks); the default is this call's own count. Summing the losses of
-    micro-batches that share one `n_tokens` gives exactly the full-batch loss.
+    micro-batches that share one `n_tokens` gives exactly the full-batch loss. clip_dual = c > 1 (dual-clip PPO):
+    a negative-advantage token's loss is at most -A*c, so a ratio far above 1 (a response its sampling policy found
+    much less likely than the trained one does) cannot take over the update; PPO-clip alone bounds it only above 1
+    for positive advantages. 0: off.
     Returns (loss, clip_stats(...)): detached sums (and the ratio's min and max) for logging.
     """
     mask = mask.to(logp.dtype)
@@ -45,20 +48,24 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, n
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if clip_dual > 0:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * clip_dual), per_token)
     loss = (per_token * mask).sum() / n_tokens
-    return loss, clip_stats(logp, old_logp, advantages, mask, clip_low, clip_high)
+    return loss, clip_stats(logp, old_logp, advantages, mask, clip_low, clip_high, clip_dual)
 
 
 @torch.no_grad()
-def clip_stats(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2):
+def clip_stats(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_dual=0.0):
     """How far the policy has moved from the one that sampled, over the masked tokens: how many the clip holds
-    (zero gradient), the ratio's sum, min and max, and the summed k3 estimate of KL(old || new)."""
+    (zero gradient, the dual clip included), the ratio's sum, min and max, and the summed k3 estimate of KL(old || new)."""
     mask = mask.to(logp.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high) > -advantages * ratio
+    if clip_dual > 0:
+        clipped |= (advantages < 0) & (ratio > clip_dual)
     real = mask > 0
     return {"clipped_tokens": (clipped.to(mask.dtype) * mask).sum().item(), "tokens": mask.sum().item(),
             "ratio_sum": (ratio * mask).sum().item(),

@@ -231,7 +231,9 @@ def shared_prompt_hidden(model, sequences, attention_mask, pixel_values, image_g
     prompts = sequences[::n, :prompt_len]  # (k, P)
     if not (sequences[:, :prompt_len] == prompts.repeat_interleave(n, 0)).all():
         raise ValueError(f"shared_prompt_hidden: each run of {n} rows must share one prompt")
-    if model.training and model.is_activation_checkpointing:  # transformers drops the KV cache there: encode every row
+    # under activation checkpointing transformers drops the KV cache in training: encode every row (a no-grad pass,
+    # such as pi_old's log-probs, needs no checkpointing and shares the prompt)
+    if model.training and model.is_activation_checkpointing and torch.is_grad_enabled():
         per_image = pixel_values.split(image_grid_thw.prod(-1).tolist())
         return response_hidden(model, sequences, attention_mask, torch.cat([p.repeat(n, 1) for p in per_image]),
                                image_grid_thw.repeat_interleave(n, 0), prompt_len)

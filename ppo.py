@@ -148,7 +148,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                 pg_mask = vepo.top_fraction(ent, mask)
             old = logp.detach() if old_logp is None else old_logp[rows, :width].to(logp.device)
             loss, st = grpo.policy_loss(logp, old, advantages[rows].to(logp.device), pg_mask, cfg.clip_low,
-                                        cfg.clip_high, n_pg)
+                                        cfg.clip_high, n_pg, cfg.clip_dual)
             if ref is not None:
                 with torch.no_grad():
                     ref_hidden = shared_prompt_hidden(ref, ids, am, pixel_values, grid, p_len)
@@ -163,7 +163,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         totals["loss"] += loss.item()
         is_adv = (torch.arange(rows.start, rows.stop, device=mask.device) % group >= cfg.n_clean)[:, None]
         st_adv = grpo.clip_stats(logp, old, advantages[rows].to(logp.device), pg_mask * is_adv, cfg.clip_low,
-                                 cfg.clip_high)  # the same statistics, the adversarial rows alone
+                                 cfg.clip_high, cfg.clip_dual)  # the same statistics, the adversarial rows alone
         for half, s in (("", st), ("_adv", st_adv)):
             for key in ("clipped_tokens", "ratio_sum"):
                 totals[key + half] += s[key]

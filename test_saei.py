@@ -1107,12 +1107,19 @@ def test_model_shared_prompt_hidden_under_gradient_checkpointing(rollouts):
     expected = model_lib.response_hidden(policy, ids, attn, pv.repeat(3, 1), grid.repeat(3, 1), P)
     policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
+    images_seen = []  # rows through the vision tower: 3 when every row is encoded, 1 when the prompt is shared
+    hook = policy.model.visual.register_forward_hook(
+        lambda m, args, kwargs, out: images_seen.append(kwargs.get("grid_thw", args[-1]).shape[0]), with_kwargs=True)
     try:
         hidden = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
+        with torch.no_grad():  # pi_old's pass: no backward to replay, so the prompt is shared even here
+            no_grad = model_lib.shared_prompt_hidden(policy, ids, attn, pv, grid, P)
     finally:
+        hook.remove()
         policy.activation_checkpointing_disable()
         policy.eval()
     assert torch.allclose(hidden, expected, atol=1e-5) and hidden.requires_grad
+    assert torch.allclose(no_grad, expected, atol=1e-5) and images_seen == [3, 1]
 
 
 def test_model_chunked_logprobs_equal_full_logits_values_and_gradients():
@@ -1806,6 +1813,22 @@ def test_grpo_clip_of_an_off_policy_pair_hand_computed():
     (grad,) = torch.autograd.grad(loss, logp)
     assert torch.allclose(grad, torch.tensor([[0.0, -0.5 / 4], [0.0, 1.5 / 4]]), atol=1e-7)
     assert st["clipped_tokens"] == 2 and loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4, abs=1e-6)
+
+
+def test_grpo_dual_clip_bounds_negative_advantage_tokens_hand_computed():
+    # A = -1 on ratios 5, 2 and 0.5; A = +1 on ratio 5. With c = 3 the first token's loss is min(max(5, 1.2), 3) = 3
+    # (no gradient); ratio 2 stays -A rho = 2 (d/d logp = rho / N = 2 / 4); ratio 0.5 is held by the ordinary clip at
+    # 0.8; positive advantages are untouched by c (ratio 5: clipped at 1.2 as before).
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[5.0, 2.0, 0.5, 5.0]])).requires_grad_(True)
+    advantages = torch.tensor([[-1.0, -1.0, -1.0, 1.0]])
+    loss, st = grpo.policy_loss(logp, old, advantages, torch.ones(1, 4), clip_dual=3.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == pytest.approx((3.0 + 2.0 + 0.8 - 1.2) / 4, abs=1e-6)
+    assert torch.allclose(grad, torch.tensor([[0.0, 2.0 / 4, 0.0, 0.0]]), atol=1e-7)
+    assert st["clipped_tokens"] == 3
+    plain, st_plain = grpo.policy_loss(logp, old, advantages, torch.ones(1, 4))  # without it: -A rho = 5, unbounded
+    assert plain.item() == pytest.approx((5.0 + 2.0 + 0.8 - 1.2) / 4, abs=1e-6) and st_plain["clipped_tokens"] == 2
 
 
 def test_ppo_behaviour_ratio_reads_pi_old_on_the_image_each_response_was_sampled_on(rollouts):

@@ -74,6 +74,8 @@ lr_decay = False             # cosine decay from lr to lr / 10 over max_steps; t
 weight_decay = 1e-2
 clip_low = 0.2
 clip_high = 0.2
+clip_dual = 3.0              # dual-clip PPO: a negative-advantage token's loss is at most -A * 3, however far its ratio
+                             # rises (EasyR1's default, which the paper family trains with); 0: off
 kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of the initial policy
 entropy_coef = 0.0           # > 0 adds an entropy bonus (the released NoisyRollout scripts use 1e-3; the papers do not)
 pg_tokens = "all"            # tokens that get policy gradient: all | vepo (VEPO's top 20%) | top_entropy (80/20)
@@ -394,11 +396,14 @@ def check_config(cfg):
         "max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
         "updates_per_rollout": 1, "ppo_epochs": 1, "rollout_chunk": 0, "eval_samples": 0, "max_skipped_updates": 1,
         "attack_rows": 1, "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "pgd_steps": 0,
-        "logit_chunk": 1, "weight_decay": 0, "clip_low": 0, "clip_high": 0, "kl_coef": 0, "entropy_coef": 0,
+        "logit_chunk": 1, "weight_decay": 0, "clip_low": 0, "clip_high": 0, "clip_dual": 0, "kl_coef": 0, "entropy_coef": 0,
         "pgd_eps": 0})
     for key in ("lr", "temperature", "grad_clip"):
         if not getattr(cfg, key) > 0:  # also catches nan
             raise SystemExit(f"config error: {key} must be > 0, got {getattr(cfg, key)}")
+    if 0 < cfg.clip_dual <= 1 + cfg.clip_high:
+        raise SystemExit(f"config error: clip_dual must be 0 (off) or above 1 + clip_high ({1 + cfg.clip_high:g}): it "
+                         f"bounds ratios the clip leaves unbounded, got {cfg.clip_dual}")
     if cfg.clip_low >= 1:
         raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
