@@ -57,6 +57,12 @@ def all_reduce_max(t):
     return t
 
 
+def global_std(values):
+    """Unbiased standard deviation of (n,) values over every rank's values (one process: values.std())."""
+    s = all_reduce_sum(torch.stack([values.sum(), (values ** 2).sum(), torch.tensor(float(values.numel()))]).double())
+    return ((s[1] - s[0] ** 2 / s[2]) / (s[2] - 1)).clamp(min=0).sqrt().item()
+
+
 def load_on_rank0(name, rank, seed):
     """Rank 0 reads the model (load_policy, on the CPU); the other ranks build the same architecture on the meta
     device, which holds no memory. Returns (model, tokenizer, weights): weights is rank 0's {name: tensor} of every

@@ -8,19 +8,27 @@ import math
 import torch
 
 
-def group_advantages(rewards, group_size, eps=1e-6):
+def group_advantages(rewards, group_size, eps=1e-6, scale="group", batch_std=None):
     """Rewards (n_prompts * group_size,), laid out group by group -> advantages of the same shape.
 
-    A = (r - mean) / (std + eps) within each group, unbiased std. A group whose rewards are all equal (a
-    "dead group": nothing to learn from) gets A = 0 exactly.
+    A = (r - mean) / (std + eps), the mean within each group, the unbiased std within each group (scale "group",
+    GRPO), over the whole batch ("batch": `batch_std`, every rank's rewards, else these rewards'), or no division
+    at all ("none", Dr. GRPO: r - mean). A group whose rewards are all equal (a "dead group": nothing to learn
+    from) gets A = 0 exactly.
     """
     if group_size < 2:
         raise ValueError("group advantages need at least 2 responses per prompt (n_clean + n_adv >= 2)")
     r = rewards.view(-1, group_size)
-    advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    centered = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / ((rewards.std() if batch_std is None else batch_std) + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
     # the mean of equal rewards is not always exact in floating point (12 x 0.1), and std + eps is 1e-6:
     # zero dead groups explicitly, or they would push with |A| up to 0.06
-    return advantages.masked_fill(dead_groups(rewards, group_size)[:, None], 0.0).view(-1)
+    return centered.masked_fill(dead_groups(rewards, group_size)[:, None], 0.0).view(-1)
 
 
 def dead_groups(rewards, group_size):

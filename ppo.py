@@ -119,10 +119,15 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     the number of ranks. Returns (totals, entropy): summed loss/kl/clip/ratio statistics and (B, L) entropies.
     """
     resp_mask = rollouts["response_mask"]
-    n_tokens = all_reduce_sum(resp_mask.sum().float().cpu()).item()  # token-mean over every rank's tokens
+    keep = torch.ones(resp_mask.shape[0], 1, dtype=resp_mask.dtype, device=resp_mask.device)  # rows with gradient
+    if cfg.mask_truncated_completions:
+        keep = (~rollouts["truncated"])[:, None].to(resp_mask.dtype)
+    # token-mean over every rank's tokens (at least one: a batch of truncated rows alone gives a zero loss)
+    n_tokens = max(1.0, all_reduce_sum((resp_mask * keep).sum().float().cpu()).item())
     # the policy loss averages over the tokens that get gradient (pg_tokens): each response's top 20% is a
     # count fixed by its length, so the denominator is known before any forward pass
-    n_pg = n_tokens if cfg.pg_tokens == "all" else all_reduce_sum(vepo.n_top(resp_mask).sum().float().cpu()).item()
+    n_pg = n_tokens if cfg.pg_tokens == "all" else max(1.0, all_reduce_sum(
+        (vepo.n_top(resp_mask) * keep[:, 0]).sum().float().cpu()).item())
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0,
               "ratio_sum": 0.0, "approx_kl": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf,
               "clipped_tokens_adv": 0.0, "tokens_adv": 0.0, "ratio_sum_adv": 0.0, "ratio_min_adv": math.inf,
@@ -146,6 +151,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
                 totals["jsd"] += jsd.sum().item()
             elif cfg.pg_tokens == "top_entropy":
                 pg_mask = vepo.top_fraction(ent, mask)
+            pg_mask, mask = pg_mask * keep[rows], mask * keep[rows]  # (mask_truncated_completions)
             old = logp.detach() if old_logp is None else old_logp[rows, :width].to(logp.device)
             loss, st = grpo.policy_loss(logp, old, advantages[rows].to(logp.device), pg_mask, cfg.clip_low,
                                         cfg.clip_high, n_pg, cfg.clip_dual)

@@ -1614,6 +1614,22 @@ def test_grpo_group_advantages_hand_computed():
         grpo.group_advantages(torch.ones(4), 1)
 
 
+def test_grpo_reward_scaling_by_group_batch_or_none_hand_computed():
+    # two groups of 2: rewards (1, 0) and (1, 0.5). Centred: +-0.5 and +-0.25. "none" (Dr. GRPO) keeps them;
+    # "batch" divides by the std of all four rewards (mean 0.625); "group" by each group's own std
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.5])
+    centred = torch.tensor([0.5, -0.5, 0.25, -0.25])
+    assert torch.allclose(grpo.group_advantages(rewards, 2, scale="none"), centred)
+    batch_std = math.sqrt(sum((r - 0.625) ** 2 for r in (1.0, 0.0, 1.0, 0.5)) / 3)
+    assert torch.allclose(grpo.group_advantages(rewards, 2, scale="batch"), centred / (batch_std + 1e-6))
+    assert torch.allclose(grpo.group_advantages(rewards, 2, scale="batch", batch_std=2.0), centred / (2.0 + 1e-6))
+    group = grpo.group_advantages(rewards, 2)
+    assert torch.allclose(group, torch.tensor([0.5, -0.5, 0.25, -0.25]) / (torch.tensor([0.7071, 0.7071, 0.3536, 0.3536]) + 1e-6), atol=1e-3)
+    assert distributed.global_std(rewards) == pytest.approx(batch_std)  # one process: the plain std
+    with pytest.raises(ValueError, match="scale"):
+        grpo.group_advantages(rewards, 2, scale="rank")
+
+
 def test_grpo_equal_rewards_give_exact_zeros_and_count_as_dead():
     # all wrong but formatted (0.1), all right but unformatted (0.9), all right (1.0): 12 responses each, in fp32
     for value in (0.1, 0.9, 1.0, 0.3, 0.7):
@@ -1871,6 +1887,31 @@ def test_ppo_behaviour_ratio_reads_pi_old_on_the_image_each_response_was_sampled
     convention = ppo.update(policy.train(), None, optimizer, params, part, advantages, [x] * 3, cfg, 1, compute)
     policy.eval()
     assert convention["log"]["ratio_min_adv"] == convention["log"]["ratio_max_adv"] == 1.0
+
+
+def test_ppo_mask_truncated_completions_takes_truncated_responses_out_of_the_loss(rollouts):
+    # with mask_truncated_completions the loss and gradients are those of the batch without its truncated rows
+    policy, images, out = rollouts
+    rows = slice(0, 3)
+    part = {k: v[rows] for k, v in out.items()}
+    part["truncated"] = torch.tensor([False, True, False])
+    advantages = torch.tensor([1.0, -2.0, 0.5])
+    compute = lambda: torch.autocast("cpu", enabled=False)
+
+    def grads(batch, adv, masked):
+        cfg = train.get_config(SMALL + ["--n_clean=3", "--n_adv=0", f"--mask_truncated_completions={masked}"])
+        policy.train()
+        totals, _ = ppo.policy_update(policy, None, batch, adv, [images[0]] * adv.shape[0], cfg, 1, compute)
+        policy.eval()
+        g = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        policy.zero_grad(set_to_none=True)
+        return totals["loss"], g
+    loss, masked = grads(part, advantages, True)
+    kept = [0, 2]
+    loss_ref, ref = grads({k: v[kept] for k, v in part.items()}, advantages[kept], False)
+    loss_all, everything = grads(part, advantages, False)
+    assert loss == pytest.approx(loss_ref, abs=1e-7) and loss_all != pytest.approx(loss_ref, abs=1e-4)
+    assert all(torch.allclose(masked[n], ref[n], atol=1e-7) for n in ref)
 
 
 def test_ppo_non_finite_update_is_skipped_not_applied():

@@ -29,8 +29,8 @@ import eval as evaluation
 import grpo
 import ppo
 import rewards
-from distributed import (all_reduce_sum, global_mean, global_sum, leave_process_group, load_on_rank0, reshard,
-                         setup_distributed, shard)
+from distributed import (all_reduce_sum, global_mean, global_std, global_sum, leave_process_group, load_on_rank0,
+                         reshard, setup_distributed, shard)
 from model import load_policy, sample, sequences
 
 # ----------------------------------------------------------------------------- constants
@@ -72,6 +72,8 @@ adv_old_logprob = "clean"    # pi_old of the adversarial half, in its PPO ratio:
 lr = 1e-6                    # no warmup
 lr_decay = False             # cosine decay from lr to lr / 10 over max_steps; the papers keep lr constant
 weight_decay = 1e-2
+scale_rewards = "group"      # advantages divided by the group's reward std (GRPO), the batch's, or "none" (Dr. GRPO)
+mask_truncated_completions = False  # True: responses cut off at max_response_len get no gradient (TRL's option)
 clip_low = 0.2
 clip_high = 0.2
 clip_dual = 3.0              # dual-clip PPO: a negative-advantage token's loss is at most -A * 3, however far its ratio
@@ -180,7 +182,8 @@ def main(argv):
         scores = [rewards.score(t, records[i // group]["answer"], records[i // group].get("choices"))
                   for i, t in enumerate(texts)]
         # 7. advantages, one group of n_clean + n_adv per prompt
-        advantages = grpo.group_advantages(torch.tensor([s["overall"] for s in scores]), group)
+        reward = torch.tensor([s["overall"] for s in scores])
+        advantages = grpo.group_advantages(reward, group, scale=cfg.scale_rewards, batch_std=global_std(reward))
         # 8. update: every response conditioned on the clean image (or its own image, logprob_image="adversarial"),
         #    in updates_per_rollout mini-batch steps (x ppo_epochs) on the rollout batch
         policy.train()
@@ -385,6 +388,7 @@ def check_config(cfg):
     """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
                "attack_objective": ("bounded", "full_logits"), "adv_old_logprob": ("clean", "behaviour"),
+               "scale_rewards": ("group", "batch", "none"),
                "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
                "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
