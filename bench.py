@@ -42,7 +42,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-QWEN_VOCAB = 151936  # Qwen2.5-VL-3B's vocabulary (DESIGN §10)
+QWEN_VOCAB = 151936  # Qwen2.5-VL-3B's vocabulary (its published config.json)
 PROBLEM = "<image>In the figure, find x. Round to the nearest tenth if necessary."
 FULL = dict(steps=4, repeats=3, batch_size=2, response_len=64, image=224, mem_lengths=(256, 1024, 2048), mem_rows=1,
             mem_repeats=3, models=("tiny", "tiny-152k"), fresh_processes=True)
@@ -263,7 +263,7 @@ def attack_strength_table(alphas=(0, 2, 8, 32, 64), prompts=8, n=6, threads=2):
 
 # ----------------------------------------------------------------------------- (e): per-GPU memory estimate
 
-# Published config.json values (DESIGN §10; 32B: the Qwen2.5-32B text model, 64 layers, 40 heads, 8 kv heads).
+# Published config.json values (32B: the Qwen2.5-32B text model, 64 layers, 40 heads, 8 kv heads).
 # Every size shares the vision tower: depth 32, hidden 1280, intermediate 3420, patch 14, 2x2 merge, 2 frames.
 ARCHS = {
     "Qwen2.5-VL-3B": dict(vocab=151936, hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, tied=True,

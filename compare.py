@@ -60,7 +60,7 @@ retabulate = False           # True: only rewrite out_dir's tables from its runs
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
 
-# DESIGN §7: every method samples 12 responses per prompt, so they differ only in how and what they learn from
+# every method samples 12 responses per prompt, so they differ only in how and what they learn from
 SAEI = ["--n_clean=6", "--n_adv=6", "--perturb=egas"]
 GRPO = ["--n_clean=12", "--n_adv=0"]
 METHODS = {

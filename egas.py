@@ -95,7 +95,7 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
     trimmed to its own length), run their forward and backward, their share of the gradient accumulated into the
     prompt's keys/values; one backward through the prompt then reaches the pixels. More rows per pass: the same
     value and gradient, more memory, fewer passes (on a small model, much less time). The LM head runs on the
-    selected positions only, chunk by chunk (DESIGN §6).
+    selected positions only, chunk by chunk (Qwen's 152k-token vocabulary makes full logits the memory trap).
     Returns objective(img (3, H, W), grad=False) -> (J as a float, dJ/dimg (3, H, W) or None).
     """
     n = sequences.shape[0]

@@ -59,7 +59,7 @@ def tiny_tokenizer():
 
 
 def tiny_config(tok, text_layers=4, text_hidden=128, vision_depth=2, vision_hidden=64):
-    """A Qwen2.5-VL config with the real architecture at toy size (DESIGN §11: ~0.9M parameters)."""
+    """A Qwen2.5-VL config with the real architecture at toy size (1.27M parameters at the defaults)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
     half_head = text_hidden // 4 // 2  # multimodal rope splits each head's rotary half into (time, height, width)
     return Qwen2_5_VLConfig(
@@ -193,7 +193,8 @@ def check_model_folder(path):
 
 
 def vision_token_ids(tok):
-    """Token ids the policy must never generate (DESIGN §11: feeding them back crashes the vision merge)."""
+    """Token ids the policy must never generate: fed back, a sampled <|image_pad|> crashes the vision merge
+    ("Image features and image tokens do not match")."""
     return [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
 
 

@@ -917,6 +917,14 @@ SAMPLE_GATHER_SCRIPT = textwrap.dedent("""
         layer = policy.model.language_model.layers[0].mlp.up_proj.weight
         result[new_tokens] = dict(gathers=gathers[0], forwards=forwards[0], resharded=isinstance(layer, DTensor),
                                   longest=int(out["response_mask"].sum(1).max()))
+    # the ranks decode very different lengths: with the weights held no forward calls a collective, so neither
+    # waits for the other (and the next collective, below, meets both)
+    gathers[0] = forwards[0] = 0
+    out = sample(policy.eval(), tok, [prompt], [x], n=2, max_new_tokens=4 if rank == 0 else 40)
+    uneven = [None] * world
+    dist.all_gather_object(uneven, dict(gathers=gathers[0], forwards=forwards[0],
+                                        longest=int(out["response_mask"].sum(1).max())))
+    result["uneven"] = uneven
     if rank == 0:
         torch.save(result, sys.argv[1])
     distributed.leave_process_group()
@@ -937,6 +945,10 @@ def test_model_sample_gathers_each_layer_once_under_fsdp2(tmp_path):
     n_groups = 2 + 4 + 1  # vision blocks, decoder layers, root: each gathered once
     assert short["gathers"] == long["gathers"] == n_groups, (short, long)
     assert short["resharded"] and long["resharded"]  # the shards are back afterwards
+    four, forty = torch.load(tmp_path / "counts.pt")["uneven"]
+    assert four["longest"] <= 4 < 10 < forty["longest"]  # one forward per token: rank 1 ran many more
+    assert forty["forwards"] - four["forwards"] >= forty["longest"] - 4
+    assert four["gathers"] == forty["gathers"] == n_groups
 
 
 @pytest.fixture(scope="module")
