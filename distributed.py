@@ -6,6 +6,7 @@ decoder layer and per vision block (`shard`). Every rank samples its own prompts
 summed over ranks (`all_reduce_sum`, `global_mean`), so every number means the same on 1 GPU or 64. Without
 torchrun every function here is a no-op or the plain single-process path.
 """
+import datetime
 import os
 
 import torch
@@ -15,9 +16,20 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from model import Qwen2_5_VLForConditionalGeneration, load_policy, use_patch_projection
 
+LOAD_TIMEOUT = datetime.timedelta(hours=3)  # how long ranks wait for rank 0 to read the weights: 16 GB at 2 MB/s
+
+
+def use_expandable_segments(device, environ=os.environ):
+    """On CUDA, let the caching allocator grow segments in place (PyTorch's expandable_segments), unless the user set
+    PYTORCH_CUDA_ALLOC_CONF: the attack's per-response graphs and a growing KV cache otherwise fragment memory into
+    blocks too small to reuse. Must run before the first CUDA allocation."""
+    if device.startswith("cuda"):
+        environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 def setup_distributed(cfg):
     """Under torchrun: join the process group and pick this rank's device. Returns (rank, world_size)."""
+    use_expandable_segments(cfg.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -69,13 +81,16 @@ def load_on_rank0(name, rank, seed):
     parameter and buffer (None elsewhere), for `shard` to hand out. One full copy in host memory per node, not one
     per rank (7B: 33 GB each). A load error on rank 0 stops every rank with its one line."""
     shared = [None, None, None]  # tokenizer, config, error
+    # the other ranks wait while rank 0 reads, a first download included (7B: 16 GB), longer than a collective's
+    # default 30 minutes: on a group of their own with a longer timeout, so a hang elsewhere is still found soon
+    waiting = dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)
     if rank == 0:
         try:
             model, tok = load_policy(name, seed=seed)
             shared[:2] = tok, model.config
         except SystemExit as e:
             shared[2] = str(e)
-    dist.broadcast_object_list(shared, src=0)
+    dist.broadcast_object_list(shared, src=0, group=waiting)
     tok, config, error = shared
     if error:
         raise SystemExit(error)

@@ -2428,6 +2428,41 @@ def test_distributed_two_ranks_loss_and_gradients_equal_one_rank(tmp_path):
     assert math.isfinite(c["attack"]["objective_adv"]) and c["attack"]["objective_adv"] != c["attack"]["objective_clean"]
 
 
+LOAD_WAIT_SCRIPT = textwrap.dedent("""
+    # 2 ranks whose collectives time out after 3 s, while rank 0 takes 8 s to read the weights (a first download)
+    import datetime, os, sys, time, torch
+    sys.path.insert(0, {root!r})
+    import distributed
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+    rank = torch.distributed.get_rank()
+    real = distributed.load_policy
+    distributed.load_policy = lambda *a, **kw: (time.sleep(8), real(*a, **kw))[1]
+    model, tok, weights = distributed.load_on_rank0("tiny", rank, 0)
+    print("loaded", rank, weights is not None, flush=True)
+    distributed.leave_process_group()
+    os._exit(0)
+""")
+
+
+def test_distributed_ranks_wait_for_rank0s_load_past_the_collective_timeout(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text(LOAD_WAIT_SCRIPT.format(root=ROOT))
+    run = _torchrun([str(script)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "loaded 0 True" in run.stdout and "loaded 1 False" in run.stdout
+
+
+def test_distributed_expandable_segments_on_cuda_unless_the_user_chose():
+    env = {}
+    distributed.use_expandable_segments("cpu", env)
+    assert env == {}
+    distributed.use_expandable_segments("cuda:3", env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    distributed.use_expandable_segments("cuda", mine)
+    assert mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+
+
 # ----------------------------------------------------------------------------- checkpoint.py
 
 def test_checkpoint_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_checkpoint, tmp_path):
