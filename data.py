@@ -5,6 +5,7 @@ picks; `image_to_pixels` does everything after that as a differentiable torch fu
 so the clean rollouts, the EgAS attack and the policy update all see the image the same way, and gradients
 reach the raw pixels. A test holds it equal to transformers' Qwen2-VL image processor.
 """
+import functools
 import math
 
 import torch
@@ -101,27 +102,33 @@ def n_image_tokens(x):
 
 # ----------------------------------------------------------------------------- prompts
 
-def build_prompt(tok, problem, n_tokens, instruction=INSTRUCTION):
+def build_prompt(tok, problem, n_tokens, instruction=INSTRUCTION, role="user"):
     """Problem text with one <image> placeholder -> prompt token ids (list of int) through the chat template.
 
     The image goes where the placeholder is (first when there is none) and its single <|image_pad|> is
-    expanded to `n_tokens` copies, which is what Qwen's processor does.
+    expanded to `n_tokens` copies, which is what Qwen's processor does. The format instruction follows the
+    problem in the user message (role "user", the EasyR1 recipes) or is the system message (role "system", as
+    NoisyRollout's evaluation asks for it).
     """
     if problem.count(IMAGE_PLACEHOLDER) > 1:
         raise ValueError(f"problem has {problem.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders; one image per problem is supported")
     before, _, after = problem.partition(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in problem else ("", "", problem)
     content = [{"type": "text", "text": before.strip()}] if before.strip() else []
-    content += [{"type": "image"}, {"type": "text", "text": after.strip() + instruction}]
-    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    content += [{"type": "image"}, {"type": "text", "text": after.strip() + (instruction if role == "user" else "")}]
+    messages = [{"role": "user", "content": content}]
+    if role == "system":
+        messages.insert(0, {"role": "system", "content": instruction.strip()})
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens, 1)
     return tok(text, add_special_tokens=False).input_ids
 
 
-def prepare(record, tok, min_pixels, max_pixels):
-    """A record -> (x, prompt): its image as a (3, h, w) [0, 1] tensor and the prompt token ids that show it.
-    The one way every script (training, evaluation, warm start) turns a problem into model inputs."""
+def prepare(record, tok, min_pixels, max_pixels, role="user"):
+    """A record -> (x, prompt): its image as a (3, h, w) [0, 1] tensor and the prompt token ids that show it
+    (`role`: where the format instruction goes, build_prompt's). The one way every script (training, evaluation,
+    warm start) turns a problem into model inputs."""
     x = load_image(record["images"][0], min_pixels, max_pixels)
-    return x, build_prompt(tok, record["problem"], n_image_tokens(x))
+    return x, build_prompt(tok, record["problem"], n_image_tokens(x), role=role)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -154,53 +161,63 @@ def _inline_choices(question):
     return [text for _, text in found] if found and "ABCDEFGH".startswith(letters) else []
 
 
-def _problem_answer(row):
+def _problem_answer(row, prompts="question"):
     # hiyouga/geometry3k: images [Image], problem (starts with "<image>"), answer, id, choices [str], ground_truth
     # (the letter). xyliu6/k12-freeform (MMK12 in free form, as NoisyRollout trains; no card features, columns from
     # the training code that reads it): images [Image], problem, answer. Both are trained free-form: the problem
     # shows no options, so Geometry3K's `choices` are left out (a letter guessed blind would otherwise earn reward).
     return {"images": row["images"], "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
-            "choices": []}
+            "choices": [], "meta": {}}
 
 
-def _mathvista(row):
+def _mathvista(row, prompts="question"):
     # AI4Math/MathVista: pid, question, image (a file name), decoded_image (Image), choices [str] (None when
     # free-form), unit, precision, answer (the option's text for multiple choice), question_type (multi_choice |
-    # free_form), answer_type, metadata, query
+    # free_form), answer_type, metadata, query (the question with its answer-format hint and options, the prompt
+    # the benchmark's own evaluation and NoisyRollout's use)
     choices = row["choices"] if row["question_type"] == "multi_choice" else []
-    return {"images": [row["decoded_image"]], "problem": _with_image(row["question"] + _options(choices)),
-            "answer": row["answer"], "choices": choices}
+    problem = row["query"] if prompts == "query" else row["question"] + _options(choices)
+    return {"images": [row["decoded_image"]], "problem": _with_image(problem), "answer": row["answer"],
+            "choices": choices, "meta": {}}
 
 
-def _mathverse(row):
+def _mathverse(row, prompts="question"):
     # AI4Math/MathVerse, config testmini: sample_index, problem_index, problem_version, question, image (Image),
-    # answer (the letter for multi-choice), question_type (multi-choice | free-form), metadata, query_wo, query_cot,
-    # question_for_eval. The options are written inside `question`; in "Vision Only" everything is in the image.
+    # answer (the letter for multi-choice), question_type (multi-choice | free-form), metadata, query_wo, query_cot
+    # (the question with the benchmark's chain-of-thought instruction), question_for_eval. The options are written
+    # inside `question`; in "Vision Only" everything is in the image. Scored per problem_version too (eval.py).
     question = row["question"].strip() or "Answer the question shown in the image."
     choices = _inline_choices(question) if row["question_type"] == "multi-choice" else []
-    return {"images": [row["image"]], "problem": _with_image(question), "answer": row["answer"], "choices": choices}
+    problem = row["query_cot"] if prompts == "query" else question
+    return {"images": [row["image"]], "problem": _with_image(problem), "answer": row["answer"], "choices": choices,
+            "meta": {"problem_version": row["problem_version"]}}
 
 
-def _mathvision(row):
+def _mathvision(row, prompts="question"):
     # MathLLMs/MathVision: id, question (may name the figure "<image1>"), options [str] (empty when free-form),
     # image (a file name), decoded_image (Image), answer (the letter for multiple choice), solution, level, subject
     question = row["question"].replace("<image1>", IMAGE_PLACEHOLDER, 1)
     return {"images": [row["decoded_image"]], "problem": _with_image(question + _options(row["options"])),
-            "answer": row["answer"], "choices": row["options"]}
+            "answer": row["answer"], "choices": row["options"], "meta": {}}
 
 
-def _hallusionbench(row):
+HALLUSION_ASK = " Answer yes or no, as \\boxed{yes} or \\boxed{no}."  # prompts="query": the box holds one word
+
+
+def _hallusionbench(row, prompts="question"):
     # lmms-lab/HallusionBench: category, subcategory, visual_input, set_id, figure_id, sample_note, question_id,
-    # question, gt_answer_details, gt_answer ("1" yes, "0" no), filename, image (Image)
-    return {"images": [row["image"]], "problem": _with_image(row["question"]),
-            "answer": "yes" if row["gt_answer"] == "1" else "no", "choices": []}
+    # question, gt_answer_details, gt_answer ("1" yes, "0" no), filename, image (Image). The ids group the
+    # questions for fAcc (every question about one figure right) and qAcc (one question right on every figure).
+    meta = {key: str(row[key]) for key in ("category", "subcategory", "set_id", "figure_id", "question_id")}
+    return {"images": [row["image"]], "problem": _with_image(row["question"] + (HALLUSION_ASK if prompts == "query" else "")),
+            "answer": "yes" if row["gt_answer"] == "1" else "no", "choices": [], "meta": meta}
 
 
-def _ours(row):
+def _ours(row, prompts="question"):
     # a local dataset already in the record schema: images [Image] (or one image), problem, answer[, choices]
     images = row["images"] if "images" in row else [row["image"]]
     return {"images": images, "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
-            "choices": row.get("choices") or []}
+            "choices": row.get("choices") or [], "meta": {}}
 
 
 # name -> (hub id, config, split (None: the caller's), converter); sizes from the cards. MathVerse's text-only
@@ -214,15 +231,17 @@ SOURCES = {
     "hallusionbench": ("lmms-lab/HallusionBench", None, "image", _hallusionbench),  # 951 (non_image: 178, no figure)
 }
 ALIASES = {"geo3k": "geometry3k"}
-RECORD_KEYS = ("images", "problem", "answer", "choices")
+RECORD_KEYS = ("images", "problem", "answer", "choices", "meta")
 
 
-def load_records(name, split):
+def load_records(name, split, prompts="question"):
     """Dataset -> a sequence of records (indexable, with len), images decoded only when a record is read.
 
     name: "synthetic"; a SOURCES name (or alias), loaded from the hub; "name=path", a local copy of that dataset
     in its hub schema (a save_to_disk folder, a folder of parquet files or one .parquet file); or a local path
     alone, a dataset already in the record schema. `split` is ignored by the benchmarks that have one split.
+    prompts: "question", each benchmark's plain question (and options), or "query", the prompt fields the
+    papers' evaluations use (MathVista's query, MathVerse's query_cot, HallusionBench asked for a boxed yes/no).
     """
     import os
     import datasets
@@ -246,6 +265,7 @@ def load_records(name, split):
                                  f".parquet file)") from None
     else:
         rows, convert = _load_local(name, split), _ours
+    convert = functools.partial(convert, prompts=prompts)
     where = path or name
     if len(rows) == 0:
         raise SystemExit(f"dataset '{where}' (split {split}) has no rows")
@@ -313,7 +333,7 @@ SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>")
 
 
-def check_record(record, tok, min_pixels, max_pixels, max_prompt_len):
+def check_record(record, tok, min_pixels, max_pixels, max_prompt_len, role="user"):
     """Why a record cannot be used, or None when it can. Everything that would fail inside the model (or
     silently teach it nothing) is caught here, before training: the image is fully decoded once."""
     images = record.get("images") or []
@@ -332,12 +352,12 @@ def check_record(record, tok, min_pixels, max_pixels, max_prompt_len):
     except Exception as e:  # PIL raises many types for broken files; the reason is printed, nothing is lost
         return f"unreadable image ({type(e).__name__})"
     n_tokens = n_image_tokens(torch.empty(0, h, w))  # only the size matters: no need to resize the image
-    if len(build_prompt(tok, record["problem"], n_tokens)) > max_prompt_len:
+    if len(build_prompt(tok, record["problem"], n_tokens, role=role)) > max_prompt_len:
         return f"prompt over {max_prompt_len} tokens"
     return None
 
 
-def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="dataset"):
+def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="dataset", role="user"):
     """Keep the records `check_record` accepts; skip the others, never truncate, and print each reason's count.
 
     Grayscale, paletted and RGBA images are usable (load_image converts them, compositing alpha onto white).
@@ -350,7 +370,7 @@ def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="d
         except Exception as e:
             why = f"unreadable row ({type(e).__name__})"
         else:
-            why = check_record(record, tok, min_pixels, max_pixels, max_prompt_len)
+            why = check_record(record, tok, min_pixels, max_pixels, max_prompt_len, role)
         if why is None:
             keep.append(i)
         else:

@@ -186,10 +186,11 @@ def attack(model, images, rollouts, n, steps=1, alpha=2 / 255, eps=None, band=(1
     images: k (3, H, W) clean images in [0, 1]; rollouts: sample()'s dict for the k * n clean responses (prompt i's
     are rows i * n ... i * n + n - 1), whose `response_entropy` -- each token's entropy on the clean image, as
     sampling recorded it -- ranks the band. steps, alpha, eps: PGD (eps None: |alpha| * steps); band, scope:
-    tsec.select_band's, ranked within each prompt's group or per response. objective: "full_logits" computes J for
-    every prompt at once (full_logits_objective: plain, fast, the memory of every response's logits) or "bounded",
-    prompt by prompt in the memory of `rows_per_pass` responses (tsec_objective). The two give the same J and
-    gradient. Returns (attacked images, stats per prompt: the objective on the clean and on the attacked image
+    tsec.select_band's, ranked within each prompt's group or per response. objective: how each prompt's J and its
+    gradient are computed: "full_logits", the plain formula (full_logits_objective: the (n, L, V) logits of the
+    prompt's responses at once; small models, the demo) or "bounded", in the memory of `rows_per_pass` responses
+    (tsec_objective; any model size). The two give the same J and gradient (a test holds them equal).
+    Returns (attacked images, stats per prompt: the objective on the clean and on the attacked image
     (same tokens), their difference `gain`, and `fallback` = 1 when the band selected nothing and all tokens
     were used instead).
     """
@@ -223,8 +224,8 @@ def attack(model, images, rollouts, n, steps=1, alpha=2 / 255, eps=None, band=(1
         stats.setdefault("objective_clean", values)
         return values, grads
 
-    sharded = gather_weights(model)  # under FSDP2 every forward and backward of every prompt reuses each layer,
-    try:                             # gathered once
+    sharded = gather_weights(model)  # under FSDP2 each layer is gathered once for every prompt's passes
+    try:
         attacked = pgd(logged, images, steps, alpha, eps) if steps > 0 else [x.detach().clone() for x in images]
         if "objective_clean" not in stats:
             stats["objective_clean"] = value_and_grad(images, grad=False)[0]

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -31,6 +32,9 @@ max_prompt_len = 2048     # longer prompts are dropped (and counted), never trun
 max_response_len = 2048
 min_pixels = 262144
 max_pixels = 1000000
+instruction_role = "user"  # where the format instruction goes: after the problem (user) or as the system prompt
+prompts = "question"      # each benchmark's plain question, or "query": the fields the papers' evaluations use
+                          # (MathVista's query, MathVerse's query_cot, HallusionBench asked for a boxed yes or no)
 out_dir = "eval_out"
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +57,7 @@ def ks_for(n):
 
 
 def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch_size=16, n_samples=0,
-             temperature=1.0, chunk_rows=0):
+             temperature=1.0, chunk_rows=0, role="user"):
     """Greedy answers to `records`, and with n_samples > 0 also n_samples sampled answers per problem at
     `temperature` -> {"accuracy", "format", "samples": [per-problem dicts], and "pass@k" for k in ks_for(n_samples)}.
     At most `chunk_rows` responses go through one generate call (0: a batch's all at once).
@@ -68,7 +72,7 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
     policy.eval()
     for start in range(0, len(records), batch_size):
         batch = [records[i] for i in range(start, min(start + batch_size, len(records)))]
-        images, prompts = zip(*[data.prepare(r, tok, min_pixels, max_pixels) for r in batch])
+        images, prompts = zip(*[data.prepare(r, tok, min_pixels, max_pixels, role) for r in batch])
         out = sample(policy, tok, prompts, images, 1, max_new_tokens, greedy=True, chunk_rows=chunk_rows)
         sampled = [[] for _ in batch]
         if n_samples:
@@ -79,7 +83,7 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
             s = rewards.score(text, r["answer"], r.get("choices"))
             samples.append({"question": r["problem"], "answer": r["answer"], "choices": r.get("choices") or [],
                             "response": text, "extracted": rewards.extract_answer(text),
-                            "correct": bool(s["accuracy"]), "format": bool(s["format"])})
+                            "correct": bool(s["accuracy"]), "format": bool(s["format"]), "meta": r.get("meta") or {}})
             if n_samples:
                 correct = [rewards.score(t, r["answer"], r.get("choices"))["accuracy"] == 1.0 for t in drawn_texts]
                 samples[-1].update({"sampled": [rewards.extract_answer(t) for t in drawn_texts],
@@ -93,8 +97,30 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
     return result
 
 
+def benchmark_scores(name, samples):
+    """The scores a benchmark's own papers report besides accuracy (every sample's "correct" and "meta"):
+    HallusionBench's aAcc (every question), fAcc (figures whose questions are all right) and qAcc (questions right
+    on every figure they are asked about; VLMEvalKit's grouping: category, subcategory, set, figure or question);
+    MathVerse's accuracy per problem_version. {} for the others."""
+    def all_right(key):
+        groups = {}
+        for s in samples:
+            groups.setdefault(key(s["meta"]), []).append(s["correct"])
+        return sum(all(g) for g in groups.values()) / max(1, len(groups))
+    if name == "hallusionbench":
+        return {"aAcc": sum(s["correct"] for s in samples) / max(1, len(samples)),
+                "fAcc": all_right(lambda m: (m["category"], m["subcategory"], m["set_id"], m["figure_id"])),
+                "qAcc": all_right(lambda m: (m["category"], m["subcategory"], m["set_id"], m["question_id"]))}
+    if name == "mathverse":
+        versions = sorted({s["meta"]["problem_version"] for s in samples})
+        return {f"accuracy {v}": statistics.mean(s["correct"] for s in samples if s["meta"]["problem_version"] == v)
+                for v in versions}
+    return {}
+
+
 # what a checkpoint of train.py brings (its training_config.json): eval.py setting <- training constant
 FROM_TRAINING = {"min_pixels": "min_pixels", "max_pixels": "max_pixels", "max_response_len": "max_response_len",
+                 "instruction_role": "instruction_role",
                  "max_prompt_len": "max_prompt_len", "temperature": "temperature", "benchmarks": "dataset",
                  "split": "eval_split", "limit": "eval_limit"}
 
@@ -139,22 +165,24 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    rows = []
+    rows, scores = [], {}
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as samples_file:
         for spec in cfg.benchmarks.split(","):
             name = spec.partition("=")[0]
             print(f"evaluating {name}")
-            records = data.load_records(spec, cfg.split)
+            records = data.load_records(spec, cfg.split, cfg.prompts)
             if cfg.limit:
                 records = [records[i] for i in range(min(cfg.limit, len(records)))]
-            records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name)
+            records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name,
+                                                  cfg.instruction_role)
             result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
-                              cfg.batch_size, cfg.n_samples, cfg.temperature, cfg.rollout_chunk)
+                              cfg.batch_size, cfg.n_samples, cfg.temperature, cfg.rollout_chunk, cfg.instruction_role)
             for s in result["samples"]:
                 samples_file.write(json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n")
             rows.append({"benchmark": name, "accuracy": result["accuracy"], "format": result["format"],
                          **{k: v for k, v in result.items() if k.startswith("pass@")},
                          "problems": counts["kept"], "dropped": counts["dropped"]})
+            scores[name] = benchmark_scores(data.ALIASES.get(name, name), result["samples"])
     average = sum(r["accuracy"] for r in rows) / len(rows)  # unweighted: each benchmark counts once
 
     w = max(len(r["benchmark"]) for r in rows + [{"benchmark": "benchmark"}]) + 2
@@ -164,9 +192,14 @@ def main(argv):
         print(f"{r['benchmark']:<{w}}" + "".join(f"{100 * r[k]:>10.2f}" for k in rates) +
               f"{r['problems']:>10}{r['dropped']:>10}")
     print(f"{'average':<{w}}{100 * average:>10.2f}")
+    for name, extra in scores.items():
+        if extra:
+            print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in extra.items()))
+    print("grading: rule-based (mathruler's string and sympy equivalence), no LLM judge")
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump({"model": cfg.model, "n_samples": cfg.n_samples, "temperature": cfg.temperature, "benchmarks": rows,
-                   "average": average}, f, indent=2)
+                   "average": average, "scores": scores, "instruction_role": cfg.instruction_role,
+                   "prompts": cfg.prompts, "grading": "rule-based (mathruler), no LLM judge"}, f, indent=2)
     with open(os.path.join(cfg.out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

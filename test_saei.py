@@ -30,6 +30,7 @@ import configurator
 import data
 import distributed
 import egas
+import eval as evaluation
 import grpo
 import model as model_lib
 import ppo
@@ -121,10 +122,15 @@ def copies(tmp_path_factory):
     _table([{"pid": "1", "question": "What is the measure of angle B?", "image": "images/1.jpg",
              "decoded_image": _image("red"), "choices": ["30°", "45°", "60°", "90°"], "unit": None,
              "precision": None, "answer": "45°", "question_type": "multi_choice", "answer_type": "text",
-             "metadata": m, "query": "..."},
+             "metadata": m, "query": "Hint: Please answer the question and provide the correct option letter, e.g., "
+                                     "A, B, C, D, at the end.\nQuestion: What is the measure of angle B?\nChoices:\n"
+                                     "(A) 30°\n(B) 45°\n(C) 60°\n(D) 90°"},
             {"pid": "2", "question": "What is the value of the bar labeled x?", "image": "images/2.jpg",
              "decoded_image": _image("blue"), "choices": None, "unit": None, "precision": 1.0, "answer": "1.5",
-             "question_type": "free_form", "answer_type": "float", "metadata": m, "query": "..."}],
+             "question_type": "free_form", "answer_type": "float", "metadata": m,
+             "query": "Hint: Please answer the question requiring a floating-point number with one decimal place and "
+                      "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.\nQuestion: What is the value of the "
+                      "bar labeled x?"}],
            vista).to_parquet(str(root / "mathvista" / "data" / "testmini-00000-of-00001.parquet"))
     paths["mathvista"] = root / "mathvista"
 
@@ -139,7 +145,9 @@ def copies(tmp_path_factory):
           "Choices:\nA:40°\nB:50°\nC:130°\nD:140°")
     _table([{"sample_index": "1", "problem_index": "1", "problem_version": "Text Dominant", "question": mc,
              "image": _image("red"), "answer": "D", "question_type": "multi-choice", "metadata": vm,
-             "query_wo": "...", "query_cot": "...", "question_for_eval": mc},
+             "query_wo": "...", "query_cot": "Please first conduct reasoning, and then answer the question and "
+                                             "provide the correct option letter at the end.\nQuestion: " + mc,
+             "question_for_eval": mc},
             {"sample_index": "2", "problem_index": "2", "problem_version": "Text Lite",
              "question": "Find the length of AC.", "image": _image("blue"), "answer": "10",
              "question_type": "free-form", "metadata": vm, "query_wo": "...", "query_cot": "...",
@@ -186,7 +194,7 @@ def copies(tmp_path_factory):
 def _check_shape(records):
     for i in range(len(records)):
         r = records[i]
-        assert set(r) == {"images", "problem", "answer", "choices"}
+        assert set(r) == {"images", "problem", "answer", "choices", "meta"} and isinstance(r["meta"], dict)
         assert len(r["images"]) == 1 and isinstance(r["images"][0], Image.Image)
         assert r["problem"].count(data.IMAGE_PLACEHOLDER) == 1
         assert isinstance(r["answer"], str) and isinstance(r["choices"], list)
@@ -595,6 +603,34 @@ def test_data_hallusionbench_image_split(copies):
     _check_shape(records)
     assert [records[i]["answer"] for i in range(3)] == ["yes", "no", "no"]
     assert records[0]["problem"] == "<image>Is the left orange circle the same size as the right one?"
+
+
+def test_data_query_prompts_are_the_fields_the_papers_evaluate_with(copies):
+    # prompts="query": MathVista's query (its answer-format hint), MathVerse's query_cot, HallusionBench asked for a
+    # boxed yes or no; grading is unchanged (the same answers and options)
+    vista = data.load_records(f"mathvista={copies['mathvista']}", "test", prompts="query")
+    assert vista[0]["problem"].startswith("<image>Hint: Please answer the question and provide the correct option")
+    assert vista[0]["choices"] == ["30°", "45°", "60°", "90°"] and vista[0]["answer"] == "45°"
+    verse = data.load_records(f"mathverse={copies['mathverse']}", "test", prompts="query")
+    assert verse[0]["problem"].startswith("<image>Please first conduct reasoning") and verse[0]["answer"] == "D"
+    assert verse[0]["choices"] == ["40°", "50°", "130°", "140°"] and verse[0]["meta"] == {"problem_version": "Text Dominant"}
+    hallu = data.load_records(f"hallusionbench={copies['hallusionbench']}", "test", prompts="query")
+    assert hallu[0]["problem"].endswith("same size as the right one?" + data.HALLUSION_ASK)
+    assert hallu[0]["meta"] == {"category": "VD", "subcategory": "illusion", "set_id": "0", "figure_id": "0",
+                                "question_id": "0"}
+    plain = data.load_records(f"hallusionbench={copies['hallusionbench']}", "test")
+    assert plain[0]["problem"] == "<image>Is the left orange circle the same size as the right one?"
+
+
+def test_data_instruction_in_the_system_prompt_or_after_the_problem():
+    tok = model_lib.tiny_tokenizer()
+    user = tok.decode(data.build_prompt(tok, "<image>How many?", 2))
+    system = tok.decode(data.build_prompt(tok, "<image>How many?", 2, role="system"))
+    instruction = data.INSTRUCTION.strip()
+    assert user.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert f"How many? {instruction}<|im_end|>" in user
+    assert system.startswith(f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n")
+    assert "How many?<|im_end|>" in system and system.count(instruction) == 1
 
 
 def test_data_local_record_schema(tmp_path):
@@ -2719,6 +2755,28 @@ def test_eval_bare_checkpoint_is_measured_as_train_measured_it(demo_checkpoint, 
     (row,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path), "--limit=4"])
     assert row["problems"] == 4 and "from the command line: limit=4" in capsys.readouterr().out
 
+def test_eval_benchmark_scores_hand_computed():
+    # HallusionBench: two figures of one set, each asked the same two questions. Figure 0 all right; figure 1 wrong
+    # on question 1. aAcc 3/4; fAcc 1/2 (figure 0); qAcc 1/2 (question 0 is right on both figures)
+    def hallu(figure, question, correct):
+        return {"correct": correct, "meta": {"category": "VS", "subcategory": "chart", "set_id": "3",
+                                             "figure_id": str(figure), "question_id": str(question)}}
+    samples = [hallu(0, 0, True), hallu(0, 1, True), hallu(1, 0, True), hallu(1, 1, False)]
+    assert evaluation.benchmark_scores("hallusionbench", samples) == {"aAcc": 0.75, "fAcc": 0.5, "qAcc": 0.5}
+    verse = [{"correct": c, "meta": {"problem_version": v}} for c, v in
+             [(True, "Vision Only"), (False, "Vision Only"), (True, "Text Lite"), (True, "Text Lite"), (False, "Text Lite")]]
+    assert evaluation.benchmark_scores("mathverse", verse) == pytest.approx(
+        {"accuracy Text Lite": 2 / 3, "accuracy Vision Only": 0.5})
+    assert evaluation.benchmark_scores("geometry3k", verse) == {}
+
+
+def test_eval_uses_the_instruction_role_the_checkpoint_was_trained_with(tmp_path, capsys):
+    train.main(SMALL_ONE_STEP + ["--instruction_role=system", "--eval_limit=0", "--out_dir", str(tmp_path)])
+    cfg = evaluation.settings(["--model", str(tmp_path / "checkpoint")])
+    assert cfg.instruction_role == "system" and "instruction_role=system" in capsys.readouterr().out
+    assert evaluation.settings(["--model", str(tmp_path / "checkpoint"), "--instruction_role=user"]).instruction_role == "user"
+
+
 def test_eval_answer_styles(copies):
     def graded(spec, i, answer_text):
         r = data.load_records(spec, "test")[i]
@@ -2757,6 +2815,9 @@ def test_eval_writes_table_and_samples(copies, tmp_path, capsys):
     assert "geo3k" in printed and "hallusionbench" in printed and "average" in printed
     results = json.load(open(out / "results.json"))
     assert results["model"] == "tiny" and len(results["benchmarks"]) == 2
+    assert results["grading"] == "rule-based (mathruler), no LLM judge" and "no LLM judge" in printed
+    hallu = [s["correct"] for s in map(json.loads, open(out / "samples.jsonl")) if s["benchmark"] == "hallusionbench"]
+    assert results["scores"]["geo3k"] == {} and results["scores"]["hallusionbench"]["aAcc"] == sum(hallu) / 2
     assert results["average"] == pytest.approx(sum(r["accuracy"] for r in rows) / 2)
     table = list(csv.DictReader(open(out / "results.csv")))
     assert [t["benchmark"] for t in table] == ["geo3k", "hallusionbench", "average"]

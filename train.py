@@ -54,6 +54,8 @@ temperature = 1.0
 rollout_chunk = 64           # at most this many responses per generate call: bounds the KV cache (0: no limit)
 max_prompt_len = 2048        # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
+instruction_role = "user"    # the format instruction after the problem ("user", the EasyR1 recipes) or as the system
+                             # prompt ("system", as NoisyRollout's evaluation asks); eval.py uses the checkpoint's
 min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
 max_pixels = 1000000
 # SaEI
@@ -154,7 +156,8 @@ def main(argv):
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
         for param_group in optimizer.param_groups:
             param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1) if cfg.lr_decay else cfg.lr
-        images, prompts = zip(*[data.prepare(r, tok, cfg.min_pixels, cfg.max_pixels) for r in records])
+        images, prompts = zip(*[data.prepare(r, tok, cfg.min_pixels, cfg.max_pixels, cfg.instruction_role)
+                                for r in records])
         images = [x.to(cfg.device) for x in images]
         log = {"step": step}
 
@@ -279,7 +282,7 @@ def load_data(cfg, tok):
     """The train and held-out records; rows that would fail inside the model (bad image, empty answer, prompt
     too long...) are skipped and counted."""
     return [data.usable_records(data.load_records(cfg.dataset, split), tok, cfg.min_pixels, cfg.max_pixels,
-                                cfg.max_prompt_len, f"{cfg.dataset}/{split}")[0]
+                                cfg.max_prompt_len, f"{cfg.dataset}/{split}", cfg.instruction_role)[0]
             for split in (cfg.train_split, cfg.eval_split)]
 
 
@@ -290,7 +293,8 @@ def evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute):
     with compute():
         result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
                                      batch_size=cfg.rollout_chunk or len(subset), n_samples=cfg.eval_samples,
-                                     temperature=cfg.temperature, chunk_rows=cfg.rollout_chunk)
+                                     temperature=cfg.temperature, chunk_rows=cfg.rollout_chunk,
+                                     role=cfg.instruction_role)
     rates = ["accuracy", "format"] + [k for k in result if k.startswith("pass@")]
     sums = all_reduce_sum(torch.tensor([result[k] * len(subset) for k in rates] + [len(subset)], dtype=torch.float64))
     return {**{k: (s / sums[-1]).item() for k, s in zip(rates, sums)}, "problems": n}
@@ -388,7 +392,7 @@ def check_config(cfg):
     """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
     choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
                "attack_objective": ("bounded", "full_logits"), "adv_old_logprob": ("clean", "behaviour"),
-               "scale_rewards": ("group", "batch", "none"),
+               "scale_rewards": ("group", "batch", "none"), "instruction_role": ("user", "system"),
                "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
                "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
