@@ -38,6 +38,7 @@ prompts = "question"      # each benchmark's plain question, or "query": the fie
 out_dir = "eval_out"
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
+device_map = ""           # "auto": spread a checkpoint too big for one GPU over every GPU (needs accelerate)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, tuple))}
@@ -163,7 +164,8 @@ def main(argv):
                                       "max_response_len": 1, "max_prompt_len": 1})
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)
-    policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
+    policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed,
+                              device_map=cfg.device_map)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rows, scores = [], {}
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as samples_file:

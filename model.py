@@ -115,8 +115,10 @@ def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hi
     return model, tok
 
 
-def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
-    """Short name, hub id or local path -> (model, tokenizer). 'tiny' builds a random tiny model from `seed`."""
+def load_policy(name, dtype=torch.float32, device="cpu", seed=0, device_map=None):
+    """Short name, hub id or local path -> (model, tokenizer). 'tiny' builds a random tiny model from `seed`.
+    device_map="auto" (evaluation of a model too big for one GPU) lets transformers and accelerate spread the
+    layers over every visible GPU (and the CPU) instead of moving it all to `device`."""
     if name == "tiny":
         model, tok = build_tiny(seed)
         return model.to(device=device, dtype=dtype), tok
@@ -130,7 +132,8 @@ def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
     elif name.startswith((".", "/")) or os.sep in name and not name.count("/") == 1:
         raise SystemExit(f"model path '{name}' does not exist: check the path, or pass a hub id like Qwen/Qwen2.5-VL-3B-Instruct")
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, dtype=dtype, attn_implementation="sdpa",
+                                                                   device_map=device_map or None)
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         if local:
@@ -143,7 +146,8 @@ def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
     # would leak into every `generate` call; rollouts must be drawn from softmax(logits / T) exactly, as the
     # log-probs, the entropies and the ratio of the update assume. sample() states every setting it needs.
     model.generation_config = GenerationConfig()
-    return use_patch_projection(model).to(device), tok
+    model = use_patch_projection(model)
+    return (model if device_map else model.to(device)), tok
 
 
 def check_model_folder(path):

@@ -2407,6 +2407,17 @@ def test_train_saei_attacks_each_prompt_on_its_clean_rows_and_samples_on_the_res
     assert saei_step["log"]["attack_gain"] == pytest.approx(sum(s["gain"] for s in stats) / len(stats))
 
 
+def test_train_runs_under_accelerate_launch(tmp_path):
+    # `accelerate launch` is a wrapper: on CPU it starts one process (its precision and FSDP flags do not reach
+    # train.py); on GPUs it calls torchrun. The script must run under it unchanged.
+    import shutil
+    run = subprocess.run([shutil.which("accelerate"), "launch", "--num_processes=1", "--cpu", "train.py", *SMALL_ONE_STEP,
+                          "--eval_limit=0", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "checkpoint" / "config.json").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_train_behaviour_ratio_reads_each_response_on_the_image_it_was_sampled_on(tmp_path):
     step = _one_step(*_spied_run(tmp_path, "--adv_old_logprob=behaviour", f"--pgd_alpha={32 / 255}"))
     clean, adv = step["sample"]
@@ -2775,6 +2786,18 @@ def test_eval_uses_the_instruction_role_the_checkpoint_was_trained_with(tmp_path
     cfg = evaluation.settings(["--model", str(tmp_path / "checkpoint")])
     assert cfg.instruction_role == "system" and "instruction_role=system" in capsys.readouterr().out
     assert evaluation.settings(["--model", str(tmp_path / "checkpoint"), "--instruction_role=user"]).instruction_role == "user"
+
+
+def test_eval_device_map_auto_spreads_a_checkpoint_and_answers_alike(demo_checkpoint, tmp_path):
+    # transformers' device_map="auto" (through accelerate) is how a checkpoint too big for one GPU is evaluated;
+    # on CPU it places every layer on the CPU, and the answers are the plain load's
+    path, _ = demo_checkpoint
+    (plain,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path / "plain"), "--limit=4"])
+    (spread,) = evaluation.main(["--model", str(path), "--out_dir", str(tmp_path / "auto"), "--limit=4",
+                                 "--device_map=auto"])
+    assert spread == plain
+    samples = lambda d: [json.loads(line)["response"] for line in open(tmp_path / d / "samples.jsonl")]
+    assert samples("auto") == samples("plain")
 
 
 def test_eval_answer_styles(copies):
