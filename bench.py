@@ -39,7 +39,16 @@ import sys
 import tempfile
 import time
 
+import datasets
+import numpy as np
 import torch
+from PIL import Image
+
+import data
+import egas
+import train
+from data import build_prompt, n_image_tokens
+from model import build_tiny, load_policy, sample, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 QWEN_VOCAB = 151936  # Qwen2.5-VL-3B's vocabulary (its published config.json)
@@ -54,7 +63,6 @@ QUICK = dict(steps=2, repeats=1, batch_size=1, response_len=8, image=56, mem_len
 
 def build_model(vocab_size=None, seed=0):
     """The tiny Qwen2.5-VL in eval mode, optionally with a bigger vocabulary (model.build_tiny)."""
-    from model import build_tiny
     policy, tok = build_tiny(seed, vocab_size=vocab_size)
     return policy.eval(), tok
 
@@ -62,9 +70,6 @@ def build_model(vocab_size=None, seed=0):
 def write_inputs(folder, models, n_records=8, size=224):
     """A local parquet dataset in the record schema (noise images, one fixed problem) and, for tiny-152k, a saved
     checkpoint train.py can load by path. Returns {model name: what to pass as --model}, the dataset path."""
-    import datasets
-    import numpy as np
-    from PIL import Image
     images = [Image.fromarray(np.random.RandomState(i).randint(0, 256, (size, size, 3), dtype=np.uint8))
               for i in range(n_records)]
     features = datasets.Features({"images": datasets.List(datasets.Image()), "problem": datasets.Value("string"),
@@ -105,7 +110,6 @@ def run_train(model, dataset, out_dir, n_clean, n_adv, cfg):
         if run.returncode != 0:
             raise SystemExit(f"train.py failed ({' '.join(args)}):\n{run.stderr[-2000:]}")
     else:
-        import train
         train.main(args)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f][1:]
@@ -140,9 +144,6 @@ def attack_memory(method, length, rows, repeats, image):
     Honest only in a fresh process (`--memory-worker`): in a long-lived one, memory the allocator kept from
     earlier work can be reused without raising the resident set.
     """
-    import egas
-    import train
-    from data import build_prompt, n_image_tokens
     torch.manual_seed(0)
     policy, tok = build_model(QWEN_VOCAB)
     x = torch.randint(0, 256, (3, image, image)).float() / 255
@@ -174,10 +175,9 @@ def attack_memory(method, length, rows, repeats, image):
 
 
 def attack_memory_fresh(method, length, cfg):
-    """attack_memory in a fresh process (or in this one for --quick)."""
+    """attack_memory in a fresh process, --quick too: in a process that has run other work, the allocator reuses
+    freed memory and the peak can read 0."""
     args = (method, length, cfg["mem_rows"], cfg["mem_repeats"], cfg["image"])
-    if not cfg["fresh_processes"]:
-        return attack_memory(*args)
     run = subprocess.run([sys.executable, __file__, "--memory-worker", *map(str, args)], cwd=ROOT,
                          capture_output=True, text=True, env=_env(cfg))
     if run.returncode != 0:
@@ -200,8 +200,6 @@ def attack_responses_table(threads=1, length=256, responses=(1, 2, 4, 6)):
 def sampling_memory(rows, chunk, new_tokens=128, image=224):
     """Peak memory (MB) of sampling `rows` responses of `new_tokens` tokens in calls of at most `chunk` rows, with
     Qwen's 152k vocabulary (the per-step logits and the KV cache grow with the rows of a call). Fresh process only."""
-    from data import build_prompt, n_image_tokens
-    from model import sample
     torch.manual_seed(0)
     policy, tok = build_model(QWEN_VOCAB)
     policy.eval()
@@ -235,9 +233,6 @@ def sampling_table(threads=1, rows=48, chunks=(48, 24, 12, 6)):
 def attack_strength_table(alphas=(0, 2, 8, 32, 64), prompts=8, n=6, threads=2):
     """(g): what one PGD step of alpha/255 (T = 1, eps = alpha) does on the shipped warm start: the TsEC band's
     entropy gain, and the entropy of n fresh rollouts per prompt sampled on the attacked image (one seed)."""
-    import data
-    import egas
-    from model import load_policy, sample
     torch.set_num_threads(threads)
     policy, tok = load_policy(os.path.join(ROOT, "assets", "tiny-synthetic"))
     policy.eval()
@@ -309,7 +304,6 @@ def attack_bytes(a, prompt_len, response_len, patches, chunk, compute_bytes=2):
 
 def estimate(name, gpus, cfg=None):
     """Per-GPU peak memory in GiB by phase for train.py's recipe (cfg: train.DEFAULTS) on `gpus` GPUs."""
-    import train
     cfg = cfg or train.DEFAULTS
     a = ARCHS[name]
     H, I, V, layers = a["hidden"], a["intermediate"], a["vocab"], a["layers"]
@@ -349,8 +343,6 @@ def estimate_table(gpus=8, gpu_gb=80):
 
 def estimate_check(lengths=(256, 1024, 2048), image=224):
     """The attack estimate against the measured peak (bench (b), fresh processes) of the CPU models in fp32."""
-    from data import build_prompt, n_image_tokens
-    from model import tiny_tokenizer
     prompt_len = len(build_prompt(tiny_tokenizer(), PROBLEM, n_image_tokens(torch.zeros(3, image, image))))
     lines = ["| model, fp32 on CPU | response tokens | estimated attack MB | measured MB |", "|---|---|---|---|"]
     for L in lengths:

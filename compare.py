@@ -37,6 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import checkpoint
+import configurator
 
 # ----------------------------------------------------------------------------- constants
 train_config = "config/demo.py"  # base train.py config every method starts from
@@ -447,8 +448,7 @@ def write_index(results="results", figures="assets", configs="config"):
 
 
 def main(argv):
-    from configurator import get_config
-    cfg = get_config(DEFAULTS, argv)
+    cfg = configurator.get_config(DEFAULTS, argv)
     if cfg.retabulate:
         print(retabulate(cfg))
         write_index()

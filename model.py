@@ -8,12 +8,15 @@ else uses (`response_hidden`, the last hidden states that predict each response 
 the same with the prompt encoded once) and the one LM head on top of it (`token_logprobs`: each response token's
 log-prob and the entropy of its next-token distribution, chunked, never storing the vocabulary-wide logits).
 """
+import json
 import math
 import os
 import string
+import struct
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch.distributed.fsdp import FSDPModule
 from transformers import (AutoTokenizer, DynamicCache, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
@@ -45,7 +48,6 @@ CHAT_TEMPLATE = (
 
 def tiny_tokenizer():
     """A character-level tokenizer with Qwen2.5-VL's special tokens and chat layout (vocab 103)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
     chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
     vocab = {t: i for i, t in enumerate(specials + chars)}
@@ -153,9 +155,6 @@ def load_policy(name, dtype=torch.float32, device="cpu", seed=0, device_map=None
 def check_model_folder(path):
     """Stop with one line naming the folder and the file when a local model folder cannot load: a missing or
     corrupt config.json, missing or truncated weights, or no tokenizer files."""
-    import json
-    import struct
-
     def fail(why):
         raise SystemExit(f"model folder '{path}': {why}")
     config = os.path.join(path, "config.json")

@@ -16,6 +16,12 @@ import time
 
 import torch
 
+import data
+import eval as evaluation
+from configurator import get_config
+from model import build_tiny, load_policy, response_hidden, token_logprobs
+from train import get_lr
+
 # ----------------------------------------------------------------------------- constants
 out_dir = "assets/tiny-synthetic"
 seed = 0
@@ -50,7 +56,6 @@ def sft_batch(tok, records):
     Returns input_ids, attention_mask: (B, P + L); pixel_values: (B * 64, 1176); image_grid_thw: (B, 3);
     targets, target_mask: (B, L), the response tokens and which of them are real; prompt_len: P.
     """
-    import data
     images, prompts = zip(*[data.prepare(r, tok, SYN_PIXELS, SYN_PIXELS) for r in records])
     # the stop token is part of the target: the policy must learn to end its answer
     answers = [tok.encode(r["solution"], add_special_tokens=False) + [tok.eos_token_id] for r in records]
@@ -67,7 +72,6 @@ def sft_batch(tok, records):
 
 def sft_loss(policy, batch):
     """Mean cross-entropy over the batch's response tokens, through the same log-prob function as GRPO."""
-    from model import response_hidden, token_logprobs
     hidden = response_hidden(policy, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              batch["image_grid_thw"], batch["prompt_len"])  # (B, L, D)
     logp, _ = token_logprobs(hidden, policy.lm_head, batch["targets"], batch["target_mask"])  # (B, L)
@@ -76,8 +80,6 @@ def sft_loss(policy, batch):
 
 def greedy_eval(policy, tok, split, n, cfg):
     """Greedy accuracy and format rate on the first n problems of a synthetic split (eval.py's evaluation)."""
-    import data
-    import eval as evaluation
     records = data.synthetic_split(split, n=n)
     result = evaluation.evaluate(policy, tok, records, SYN_PIXELS, SYN_PIXELS, cfg.max_response_len)
     return result["accuracy"], result["format"]
@@ -85,10 +87,6 @@ def greedy_eval(policy, tok, split, n, cfg):
 
 def main(argv):
     """Train, evaluate on the test split, save to cfg.out_dir. Returns {"accuracy", "format", "loss", "seconds"}."""
-    from configurator import get_config
-    import data
-    from model import build_tiny
-    from train import get_lr
     cfg = get_config(DEFAULTS, argv)
     policy, tok = build_tiny(cfg.seed, cfg.text_layers, cfg.text_hidden, cfg.vision_depth, cfg.vision_hidden)
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters")
@@ -120,7 +118,6 @@ def main(argv):
     os.makedirs(cfg.out_dir, exist_ok=True)
     policy.to(getattr(torch, cfg.save_dtype)).save_pretrained(cfg.out_dir)
     tok.save_pretrained(cfg.out_dir)
-    from model import load_policy
     policy, tok = load_policy(cfg.out_dir)
     acc, fmt = greedy_eval(policy, tok, "test", cfg.test_n, cfg)
     result = {"accuracy": acc, "format": fmt, "loss": loss_avg, "steps": step + 1, "seconds": round(train_seconds, 1),
