@@ -1292,6 +1292,24 @@ def test_rewards_pathological_answers_stay_fast():
     assert time.time() - t0 < 2.0
 
 
+def test_rewards_grading_is_bounded_whatever_the_reference():
+    def timed(given, answer):
+        t0 = time.time()
+        return score(_resp(given), answer)["accuracy"], time.time() - t0
+    # the reference uses a factorial, so factorials in the answer reach sympy: the exploding ones never do
+    for given in ["(99!)!", "10000000!"]:
+        accuracy, seconds = timed(given, "5!")
+        assert accuracy == 0.0 and seconds < 1.0, (given, seconds)
+    # a blow-up no pattern catches (nested powers, allowed with any reference) is cut off after GRADE_SECONDS
+    accuracy, seconds = timed("((((((((((9^9)^9)^9)^9)^9)^9)^9)^9)^9)^9)", "5!")
+    assert accuracy == 0.0 and seconds < rewards.GRADE_SECONDS + 2.0, seconds
+    accuracy, seconds = timed("9**9**9", "2**10")  # a power the reference also uses
+    assert accuracy == 0.0 and seconds < rewards.GRADE_SECONDS + 2.0, seconds
+    # and grading goes on (in a new grading process): the number 5! stands for, and 5! itself, are right
+    assert timed("120", "5!")[0] == 1.0 and timed("5!", "5!")[0] == 1.0 and timed("121", "5!")[0] == 0.0
+    assert timed("1024", "2**10")[0] == 1.0 and is_correct("3", r"\frac{6}{2}")
+
+
 def test_rewards_real_geometry3k():
     ds = load_dataset("parquet", data_files=GEO3K_SAMPLE, split="train")
     assert len(ds) == 6
