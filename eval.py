@@ -127,7 +127,7 @@ def main(argv):
     """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
     import configurator
     import data
-    from model import load_policy
+    from model import check_device, load_policy
     cfg = settings(argv)
     for spec in cfg.benchmarks.split(","):  # every name before the model loads: a typo must not cost a whole run
         data.check_dataset(spec)
@@ -136,6 +136,7 @@ def main(argv):
     configurator.check_at_least(cfg, {"limit": 0, "n_samples": 0, "rollout_chunk": 0, "batch_size": 1,
                                       "max_response_len": 1, "max_prompt_len": 1})
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
+    check_device(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)

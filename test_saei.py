@@ -1914,6 +1914,18 @@ def test_configurator_file_errors_name_the_file_and_line(tmp_path, text, message
     assert "<string>" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_configurator_floats_must_be_finite(tmp_path):
+    from configurator import override
+    defaults = {"lr": 1e-6, "pgd_alpha": 2 / 255, "tsec_band": (1 / 3, 2 / 3)}
+    (tmp_path / "nan.py").write_text("pgd_alpha = float('nan')\n")
+    for argv, message in [(["--lr=1e999"], "lr must be finite, got inf"), (["--lr=-1e999"], "lr must be finite"),
+                          ([str(tmp_path / "nan.py")], "pgd_alpha must be finite, got nan"),
+                          (["--tsec_band=(0.0, 1e999)"], "tsec_band must be finite")]:
+        with pytest.raises(SystemExit, match=message):
+            override(defaults, argv)
+    assert override(defaults, ["--lr=1e-300"])["lr"] == 1e-300  # tiny is finite
+
+
 # ----------------------------------------------------------------------------- train.py
 
 
@@ -2104,6 +2116,11 @@ def two_mini_batch_runs(tmp_path_factory):
     (["--ppo_epochs=0"], "ppo_epochs must be >= 1"),
     (["--rollout_chunk=-1"], "rollout_chunk must be >= 0"),
     (["--max_skipped_updates=0"], "max_skipped_updates must be >= 1"),
+    (["--lr=1e999"], "lr must be finite"),
+    (["--temperature=1e999"], "temperature must be finite"),
+    (["--weight_decay=1e999"], "weight_decay must be finite"),
+    (["--device=cuda:99"], "device 'cuda:99' is not available on this machine .* use --device=cpu"),
+    (["--device=gpu"], "device 'gpu' is not a torch device"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -2735,6 +2752,8 @@ def test_eval_n_samples_reports_pass_at_k_everywhere(tmp_path, capsys):
     (["--limit=-1"], "limit must be >= 0, got -1"),
     (["--n_samples=-2"], "n_samples must be >= 0, got -2"),
     (["--max_pixels=100", "--min_pixels=200"], "max_pixels .100. must be >= min_pixels"),
+    (["--temperature=1e999"], "temperature must be finite"),
+    (["--device=cuda:99"], "device 'cuda:99' is not available"),
 ])
 def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path, monkeypatch):
     import eval as evaluation

@@ -31,7 +31,7 @@ import ppo
 import rewards
 from distributed import (all_reduce_sum, global_mean, global_sum, leave_process_group, load_on_rank0, reshard,
                          setup_distributed, shard)
-from model import load_policy, sample, sequences
+from model import check_device, load_policy, sample, sequences
 
 # ----------------------------------------------------------------------------- constants
 # The constants are the paper-family recipe (Geometry3K, DESIGN §4). Given neither a config file nor --model,
@@ -402,6 +402,7 @@ def check_config(cfg):
     if cfg.clip_low >= 1:
         raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
+    check_device(cfg.device)
     if len(cfg.tsec_band) != 2 or not 0.0 <= cfg.tsec_band[0] <= cfg.tsec_band[1] <= 1.0:
         raise SystemExit(f"config error: tsec_band must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.tsec_band}")
     data.check_dataset(cfg.dataset)
