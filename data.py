@@ -14,6 +14,7 @@ PATCH, MERGE, TEMPORAL = 14, 2, 2  # Qwen2.5-VL: 14-px patches, 2x2 merge window
 FACTOR = PATCH * MERGE  # both sides of a resized image are multiples of 28
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses longer / shorter side over this
 IMAGE_PLACEHOLDER = "<image>"
 # The format instruction the paper family (EasyR1 / NoisyRollout recipes) appends to every problem.
 INSTRUCTION = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -25,8 +26,8 @@ INSTRUCTION = (" You FIRST think about the reasoning process as an internal mono
 
 def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
     """(height, width) -> (h, w): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over Qwen2.5-VL's limit of 200")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over Qwen2.5-VL's limit of {MAX_ASPECT}")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:  # shrink, rounding down so the area stays under the cap
         scale = math.sqrt(height * width / max_pixels)
@@ -132,8 +133,13 @@ def prepare(record, tok, min_pixels, max_pixels):
 # are the `dataset_info` features of that dataset's card on the Hugging Face hub.
 
 def _with_image(text):
-    """Put the <image> placeholder first unless the text already places it."""
-    return text if IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + text
+    """Put the <image> placeholder first unless the text already places it (no text: check_record skips the row)."""
+    return text if not isinstance(text, str) or IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + text
+
+
+def _as_list(images):
+    """An `images` column holds a list of images; one that holds single images is read the same way."""
+    return images if isinstance(images, list) else [images]
 
 
 def _options(choices):
@@ -159,7 +165,7 @@ def _problem_answer(row):
     # (the letter). xyliu6/k12-freeform (MMK12 in free form, as NoisyRollout trains; no card features, columns from
     # the training code that reads it): images [Image], problem, answer. Both are trained free-form: the problem
     # shows no options, so Geometry3K's `choices` are left out (a letter guessed blind would otherwise earn reward).
-    return {"images": row["images"], "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
+    return {"images": _as_list(row["images"]), "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
             "choices": []}
 
 
@@ -197,10 +203,10 @@ def _hallusionbench(row):
 
 
 def _ours(row):
-    # a local dataset already in the record schema: images [Image] (or one image), problem, answer[, choices]
-    images = row["images"] if "images" in row else [row["image"]]
-    return {"images": images, "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
-            "choices": row.get("choices") or []}
+    # a local dataset already in the record schema: images [Image] (or one image, in `images` or `image`), problem,
+    # answer[, choices]
+    return {"images": _as_list(row["images"] if "images" in row else row["image"]),
+            "problem": _with_image(row["problem"]), "answer": str(row["answer"]), "choices": row.get("choices") or []}
 
 
 # name -> (hub id, config, split (None: the caller's), converter); sizes from the cards. MathVerse's text-only
@@ -254,6 +260,8 @@ def load_records(name, split):
     except KeyError as e:
         raise SystemExit(f"dataset '{where}' has no column {e} (it has {', '.join(rows.column_names)}); "
                          f"see data.py for the columns each dataset needs") from None
+    except Exception:  # a bad value (an image that does not decode...): usable_records skips it like any other row
+        pass
 
     def transform(batch):  # datasets hands over a batch of columns; convert row by row
         records = [convert(dict(zip(batch, values))) for values in zip(*batch.values())]
@@ -317,8 +325,10 @@ def check_record(record, tok, min_pixels, max_pixels, max_prompt_len):
     """Why a record cannot be used, or None when it can. Everything that would fail inside the model (or
     silently teach it nothing) is caught here, before training: the image is fully decoded once."""
     images = record.get("images") or []
-    if not images or images[0] is None:
+    if not isinstance(images, list) or not images or images[0] is None:
         return "missing image"
+    if not isinstance(record.get("problem"), str):
+        return "missing problem"
     if len(images) > 1 or record["problem"].count(IMAGE_PLACEHOLDER) > 1:
         return "more than one image"  # one image per problem: the pixel pipeline and the attack assume it
     if not str(record.get("answer") or "").strip():
@@ -328,9 +338,11 @@ def check_record(record, tok, min_pixels, max_pixels, max_prompt_len):
     image = images[0]
     try:
         image.load()  # a lazy PIL image only reads its pixels here: truncated or corrupt files fail now
-        h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
     except Exception as e:  # PIL raises many types for broken files; the reason is printed, nothing is lost
         return f"unreadable image ({type(e).__name__})"
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        return f"aspect ratio over {MAX_ASPECT}"
+    h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
     n_tokens = n_image_tokens(torch.empty(0, h, w))  # only the size matters: no need to resize the image
     if len(build_prompt(tok, record["problem"], n_tokens)) > max_prompt_len:
         return f"prompt over {max_prompt_len} tokens"

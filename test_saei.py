@@ -690,7 +690,7 @@ def test_data_bad_rows_are_skipped_with_counted_reasons(tmp_path, capsys):
     kept, counts = data.usable_records(rows, tok, 56 * 56, 28 * 28 * 16, 10 ** 6, name="fixture")
     assert [r["problem"] for r in kept] == ["<image>ok", "gray", "rgba"]
     assert counts == {"kept": 3, "dropped": 7, "missing image": 1, "unreadable image (OSError)": 1,
-                      "unreadable image (ValueError)": 1, "empty answer": 1, "more than one image": 2,
+                      "aspect ratio over 200": 1, "empty answer": 1, "more than one image": 2,
                       "special token in the problem text": 1}
     assert "fixture: 3 of 10 rows usable; skipped: " in capsys.readouterr().out
     for r in kept:  # and what is kept really goes through the pixel pipeline
@@ -698,6 +698,43 @@ def test_data_bad_rows_are_skipped_with_counted_reasons(tmp_path, capsys):
         assert x.shape[0] == 3 and data.image_to_pixels(x)[0].shape[1] == 1176
     with pytest.raises(SystemExit, match="fixture: no usable row"):
         data.usable_records(rows[3:], tok, 56 * 56, 28 * 28 * 16, 10 ** 6, name="fixture")
+
+
+def _bad_first_rows(tmp_path):
+    """Local datasets in the record schema whose first row is bad in each way a row can be, the second one good.
+    Returns name -> path."""
+    import io
+    png = io.BytesIO()
+    Image.new("RGB", (60, 40), "red").save(png, format="PNG")
+    good = {"bytes": png.getvalue(), "path": None}
+    schema = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    bad = {"undecodable": ({"images": [{"bytes": b"not an image", "path": None}], "problem": "<image>a", "answer": "1"},
+                           schema),
+           "no_problem": ({"images": [good], "problem": None, "answer": "1"}, schema),
+           "strip": ({"images": [Image.new("RGB", (3000, 10))], "problem": "<image>a", "answer": "1"}, schema),
+           # an `images` column of single images, not lists: read as one image each
+           "single_images": ({"images": good, "problem": "<image>a", "answer": "1"}, dict(schema, images=IMAGE))}
+    paths = {}
+    for name, (row, features) in bad.items():
+        second = dict(row, images=good if features["images"] == IMAGE else [good], problem="<image>b", answer="2")
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        _table([row, second], features).to_parquet(paths[name])
+    return paths
+
+
+def test_data_a_bad_first_row_is_skipped_and_counted_like_any_other(tmp_path):
+    from model import tiny_tokenizer
+    tok = tiny_tokenizer()
+    expected = {"undecodable": "unreadable row (UnidentifiedImageError)", "no_problem": "missing problem",
+                "strip": "aspect ratio over 200", "single_images": None}
+    for name, path in _bad_first_rows(tmp_path).items():
+        kept, counts = data.usable_records(data.load_records(path, "test"), tok, 3136, 12544, 10 ** 6, name=name)
+        if expected[name] is None:
+            assert counts == {"kept": 2, "dropped": 0}, name
+        else:
+            assert counts == {"kept": 1, "dropped": 1, expected[name]: 1}, name
+        assert kept[len(kept) - 1]["problem"] == "<image>b"
+        _check_shape(kept)
 
 
 def test_data_configs_assign_train_constants():
