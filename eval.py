@@ -110,14 +110,17 @@ def settings(argv):
     trained = checkpoint.training_config(cfg.model) if os.path.isdir(cfg.model) else None
     if trained is None:
         return cfg
-    ours = {key: trained["config"][name] for key, name in FROM_TRAINING.items()}
+    # (a config of an older train.py may lack some: eval.py's defaults stand in)
+    ours = {key: trained["config"][name] for key, name in FROM_TRAINING.items() if name in trained["config"]}
     plain = cfg
     cfg = get_config(dict(DEFAULTS, **ours), argv)
     given = [key for key in ours if getattr(cfg, key) != ours[key] or getattr(plain, key) != DEFAULTS[key]]
-    used = " ".join(f"{key}={getattr(cfg, key)}" for key in ours if key not in given)
-    print(f"from {cfg.model}'s training config: {used}"
-          + (f"; from the command line: {' '.join(f'{key}={getattr(cfg, key)}' for key in given)}" if given else ""))
-    if trained["instruction"] != data.INSTRUCTION:  # the chat template comes with the checkpoint; this does not
+    missing = [key for key in FROM_TRAINING if key not in ours]
+    listed = lambda keys: " ".join(f"{key}={getattr(cfg, key)}" for key in keys)
+    print(f"from {cfg.model}'s training config: {listed(k for k in ours if k not in given)}"
+          + (f"; from the command line: {listed(given)}" if given else "")
+          + (f"; not in it, eval.py's own: {listed(missing)}" if missing else ""))
+    if trained.get("instruction", data.INSTRUCTION) != data.INSTRUCTION:  # the chat template comes with the checkpoint; this does not
         print(f"warning: {cfg.model} was trained with another format instruction than data.INSTRUCTION; "
               f"its answers may not be in the format graded here")
     return cfg
@@ -137,26 +140,30 @@ def main(argv):
                                       "max_response_len": 1, "max_prompt_len": 1})
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
     check_device(cfg.device)
+    benchmarks = []  # every benchmark read before the model loads: a failure costs no model load and no evaluation
+    for spec in cfg.benchmarks.split(","):
+        records = data.load_records(spec, cfg.split)
+        if cfg.limit:  # (a bad row among them is skipped and counted below, not read here)
+            n = min(cfg.limit, len(records))
+            records = records.select(range(n)) if hasattr(records, "select") else records[:n]
+        benchmarks.append((spec.partition("=")[0], records))
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rows = []
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as samples_file:
-        for spec in cfg.benchmarks.split(","):
-            name = spec.partition("=")[0]
+        for name, records in benchmarks:
             print(f"evaluating {name}")
-            records = data.load_records(spec, cfg.split)
-            if cfg.limit:
-                records = [records[i] for i in range(min(cfg.limit, len(records)))]
             records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name)
             result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
                               cfg.batch_size, cfg.n_samples, cfg.temperature, cfg.rollout_chunk)
             for s in result["samples"]:
                 samples_file.write(json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n")
+            samples_file.flush()
             rows.append({"benchmark": name, "accuracy": result["accuracy"], "format": result["format"],
                          **{k: v for k, v in result.items() if k.startswith("pass@")},
                          "problems": counts["kept"], "dropped": counts["dropped"]})
-    average = sum(r["accuracy"] for r in rows) / len(rows)  # unweighted: each benchmark counts once
+            average = write_results(cfg, rows)  # after each benchmark: a later one that fails loses none of these
 
     w = max(len(r["benchmark"]) for r in rows + [{"benchmark": "benchmark"}]) + 2
     rates = [k for k in rows[0] if k not in ("benchmark", "problems", "dropped")]  # accuracy, format, pass@k...
@@ -165,6 +172,14 @@ def main(argv):
         print(f"{r['benchmark']:<{w}}" + "".join(f"{100 * r[k]:>10.2f}" for k in rates) +
               f"{r['problems']:>10}{r['dropped']:>10}")
     print(f"{'average':<{w}}{100 * average:>10.2f}")
+    print(f"wrote {cfg.out_dir}/results.json, results.csv and samples.jsonl")
+    return rows
+
+
+def write_results(cfg, rows):
+    """results.json and results.csv: the table of `rows` (one per benchmark) and their average. Returns the average
+    accuracy, unweighted: each benchmark counts once."""
+    average = sum(r["accuracy"] for r in rows) / len(rows)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump({"model": cfg.model, "n_samples": cfg.n_samples, "temperature": cfg.temperature, "benchmarks": rows,
                    "average": average}, f, indent=2)
@@ -173,8 +188,7 @@ def main(argv):
         writer.writeheader()
         writer.writerows(rows + [{"benchmark": "average", "accuracy": average,
                                   **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("pass@")}}])
-    print(f"wrote {cfg.out_dir}/results.json, results.csv and samples.jsonl")
-    return rows
+    return average
 
 
 if __name__ == "__main__":

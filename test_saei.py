@@ -2803,6 +2803,36 @@ def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path,
     assert not os.path.exists(tmp_path / "results.json")
 
 
+def test_eval_reads_every_benchmark_first_and_keeps_the_results_of_those_it_finished(tmp_path, monkeypatch):
+    import eval as evaluation
+    k12 = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    _table([{"images": [_image("red")], "problem": "<image>How many?", "answer": " "}], k12).to_parquet(
+        str(tmp_path / "unanswered.parquet"))
+    (tmp_path / "zero.parquet").write_bytes(b"")  # not a parquet file
+    args = ["--model", "tiny", "--limit", "2", "--max_response_len", "4", "--min_pixels", "12544",
+            "--max_pixels", "12544", "--out_dir", str(tmp_path / "eval")]
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before every benchmark was read")
+    with monkeypatch.context() as m:
+        m.setattr(model_lib, "load_policy", no_load)
+        with pytest.raises(SystemExit, match="cannot read dataset .*zero.parquet"):
+            evaluation.main(args + ["--benchmarks", f"synthetic,mmk12={tmp_path / 'zero.parquet'}"])
+    with pytest.raises(SystemExit, match=r"no usable row \(1 empty answer\)"):
+        evaluation.main(args + ["--benchmarks", f"synthetic,{tmp_path / 'unanswered.parquet'}"])
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert [(r["benchmark"], r["problems"]) for r in results["benchmarks"]] == [("synthetic", 2)]
+    assert [t["benchmark"] for t in csv.DictReader(open(tmp_path / "eval" / "results.csv"))] == ["synthetic", "average"]
+
+
+def test_eval_a_bad_first_row_is_counted_not_fatal(tmp_path):
+    import eval as evaluation
+    (row,) = evaluation.main(["--model", "tiny", "--benchmarks", _bad_first_rows(tmp_path)["undecodable"], "--limit",
+                              "2", "--max_response_len", "4", "--min_pixels", "3136", "--max_pixels", "12544",
+                              "--out_dir", str(tmp_path / "eval")])
+    assert row["problems"] == 1 and row["dropped"] == 1
+
+
 # ----------------------------------------------------------------------------- compare.py
 
 def test_compare_method_names_become_train_arguments():
