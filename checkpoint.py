@@ -22,6 +22,7 @@ import socket
 import warnings
 
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from distributed import all_reduce_sum
 
@@ -34,6 +35,8 @@ SAVE_TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait this long for
 # (max_steps too, unless a schedule depends on it: see check_resume)
 FREE_ON_RESUME = {"out_dir", "resume", "overwrite", "max_steps", "eval_interval", "eval_limit", "save_interval",
                   "max_skipped_updates", "device"}
+# a failed read or write: torch.distributed.checkpoint's exception is a BaseException, which `except Exception` misses
+FAILED_IO = (Exception, CheckpointException)
 
 _group = None   # a gloo process group with a long timeout for the coordination around saves (CPU objects only)
 _lock = None    # the lock file this process holds
@@ -54,7 +57,6 @@ def start(cfg, rank, world):
             step = _start_rank0(cfg, world)
         except SystemExit as e:
             error = str(e)
-            unlock()
     error, step = _from_rank0((error, step), world)
     if error:
         raise SystemExit(error)
@@ -64,8 +66,6 @@ def start(cfg, rank, world):
     # rank 0 resumes from `path`; each rank must read that same folder (its optimizer shards and RNG state)
     blind = [r for r, ok in enumerate(_gather(_step_of(path) == step, world)) if not ok]
     if blind:
-        if rank == 0:
-            unlock()
         raise SystemExit(f"resume: rank(s) {', '.join(map(str, blind))} cannot see {path} (step {step}) that rank 0 "
                          f"resumes from; out_dir must be on a filesystem every node shares")
     return path
@@ -218,7 +218,7 @@ def _alive(pid):
 
 
 def unlock():
-    """Release the lock this process holds (every exit path calls it; a second call does nothing)."""
+    """Release the lock this process holds (train.py's teardown calls it; a second call does nothing)."""
     global _lock
     if _lock is not None:
         try:
@@ -247,46 +247,55 @@ def save(policy, tok, optimizer, step, cfg, rank, world, held_out=None):
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = _gather(rng, world)
     error = None
-    if rank == 0:
-        try:
-            remove(tmp)
-            policy.save_pretrained(tmp, state_dict=model_state)
-            write_model_files(tmp, cfg, tok, step, world, held_out)
-        except Exception as e:  # a full disk shows as OSError, safetensors' own error, torch's RuntimeError...
-            error = _reason(e)
-    del model_state
-    _raise_failed(_from_rank0(error, world), tmp, live, rank)
     try:
-        os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
-        with _quiet():
-            dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "optimizer"), process_group=_group,
-                     no_dist=world == 1)
-    except Exception as e:  # torch.distributed.checkpoint raises the same CheckpointException on every rank
-        error = _reason(e)
-    _raise_failed(error, tmp, live, rank)
-    _barrier(world)  # every rank's shards are on disk
-    if rank == 0:
+        if rank == 0:
+            try:
+                remove(tmp)
+                policy.save_pretrained(tmp, state_dict=model_state)
+                write_model_files(tmp, cfg, tok, step, world, held_out)
+            except FAILED_IO as e:  # a full disk shows as OSError, safetensors' own error, torch's RuntimeError...
+                error = _reason(e)
+        del model_state
+        _raise_failed(_from_rank0(error, world), tmp, live)
         try:
-            torch.save({"step": step, "rng": rngs, "world_size": world}, os.path.join(tmp, MARKER))
-            _commit(out_dir)
-        except Exception as e:
+            os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
+            with _quiet():
+                dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "optimizer"),
+                         process_group=_group, no_dist=world == 1)
+        except FAILED_IO as e:  # torch.distributed.checkpoint raises the same CheckpointException on every rank
             error = _reason(e)
-    _raise_failed(_from_rank0(error, world), tmp, live, rank)
+        _raise_failed(error, tmp, live)
+        _barrier(world)  # every rank's shards are on disk
+        if rank == 0:
+            try:
+                torch.save({"step": step, "rng": rngs, "world_size": world}, os.path.join(tmp, MARKER))
+                _commit(out_dir)
+            except FAILED_IO as e:
+                error = _reason(e)
+        _raise_failed(_from_rank0(error, world), tmp, live)
+    except BaseException:  # a failed write, or a second Ctrl-C mid-save: no partial copy stays behind
+        if rank == 0 and _step_of(tmp) is None:  # (a complete one is the newest checkpoint: `start` finds it)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _raise_failed(error, tmp, live, rank):
-    if error is None:
-        return
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial copy took
-        unlock()
-    kept = f"the previous checkpoint {live} (step {_step_of(live)}) is intact" if _step_of(live) else "no checkpoint kept"
-    raise SystemExit(f"cannot write the checkpoint to {tmp}: {error}; {kept}")
+def _raise_failed(error, tmp, live):
+    if error is not None:
+        kept = f"the previous checkpoint {live} (step {_step_of(live)}) is intact" if _step_of(live) else "no checkpoint kept"
+        raise SystemExit(f"cannot write the checkpoint to {tmp}: {error}; {kept}")
 
 
 def _reason(e):
-    """An exception -> one line (OSError's own words, e.g. 'No space left on device')."""
-    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An exception -> one line: the words of the OSError behind it (e.g. 'No space left on device'; torch's writer
+    wraps it in a RuntimeError, torch.distributed.checkpoint that in its own exception), else its first line."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # the first rank's
+    cause = e
+    while cause is not None:
+        if getattr(cause, "strerror", None):
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load(policy, optimizer, path, rank):
@@ -412,7 +421,8 @@ def model_card(trained, base):
     else:
         detail = f"{c['n_clean'] + c['n_adv']} rollouts per prompt"
     accuracy = (f"{100 * held['accuracy']:.1f}% (format {100 * held['format']:.1f}%), greedy, on {held['problems']} "
-                f"problems of {c['dataset']}/{c['eval_split']}, measured at step {held['step']}" if held else "not measured")
+                f"problems of {c['dataset']}/{c['eval_split']}, measured at step {held['step']}"
+                if held and held["problems"] else "not measured")
     hub = f"base_model: {base}\n" if "/" in base and not os.path.isdir(base) else ""
     return f"""---
 {hub}library_name: transformers

@@ -284,6 +284,19 @@ SAEI_STEP = ["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--datas
 
 
 @pytest.fixture(scope="module")
+def one_saved_step(tmp_path_factory):
+    """A finished one-step SMALL run: its checkpoint (step 1) and metrics line. Tests damage copies of it."""
+    out = tmp_path_factory.mktemp("one_saved_step")
+    train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
+    return out
+
+
+def _copy(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+@pytest.fixture(scope="module")
 def saei_step(tmp_path_factory):
     return _one_step(*_spied_run(tmp_path_factory.mktemp("saei_step"), *SAEI_STEP))
 
@@ -2384,6 +2397,131 @@ def test_train_behaviour_ratio_reads_each_response_on_the_image_it_was_sampled_o
     assert default["ratio_min_adv"] == default["ratio_max_adv"] == 1.0 and default["clip_frac_adv"] == 0
 
 
+def test_train_near_zero_temperature_logs_finite_numbers_only(tmp_path):
+    (log,) = _run(tmp_path, "--temperature=1e-9")  # the band's entropy is 0: its relative gain has no value
+    assert not {k: v for k, v in log.items() if isinstance(v, float) and not math.isfinite(v)}
+    assert "attack_gain_rel" not in log and log["attack_gain"] == 0.0
+
+
+def test_train_without_held_out_problems_reports_no_accuracy_rather_than_nan(tmp_path, capsys):
+    start, end = train.main(SMALL_ONE_STEP + ["--eval_limit=0", "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert start == {"problems": 0, "step": 0} and end == {"problems": 0, "step": 1}
+    assert not re.search(r"\bnan\b", printed) and printed.count("not measured (no held-out problems)") == 2
+    assert "held-out accuracy: not measured" in (tmp_path / "checkpoint" / "README.md").read_text()
+    assert not [k for k in json.loads((tmp_path / "metrics.jsonl").read_text()) if k.startswith("eval_")]
+
+
+def test_train_wandb_without_a_login_stops_before_the_model_loads(tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc holding a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home"))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before wandb started")
+    monkeypatch.setattr(train, "load_policy", no_load)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="--wandb_log=True, but wandb could not start: .*wandb login") as e:
+        train.main(SMALL_ONE_STEP + ["--wandb_log=True", "--out_dir", str(out)])
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])  # nothing of the failed start is in the way
+    assert _steps(out) == [1]
+
+
+@pytest.mark.parametrize("end", ["finished", "signal", "skipped_updates", "bad_input", "failed_save", "error"])
+def test_train_every_way_a_run_ends_goes_through_one_teardown(end, tmp_path, monkeypatch):
+    import resource
+    import signal
+    import threading
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    args, raises, message = SMALL_ONE_STEP, None, None
+    done, limits, xfsz = threading.Event(), resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    if end == "signal":  # a SIGTERM once step 1 is logged, as a scheduler sends it
+        args, raises, message = SMALL + ["--max_steps=100", "--save_interval=100"], SystemExit, "stopped by SIGTERM"
+
+        def send():
+            while not done.is_set():
+                if (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text():
+                    return os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+        threading.Thread(target=send, daemon=True).start()
+    elif end == "skipped_updates":  # lr 1e3: step 1 wrecks the weights, step 2's update is non-finite
+        args, raises, message = (SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--max_skipped_updates=1"],
+                                 SystemExit, "1 updates in a row skipped")
+    elif end == "bad_input":  # found once out_dir is locked
+        args, raises, message = SMALL_ONE_STEP + ["--resume=True"], SystemExit, "holds no complete checkpoint"
+    elif end == "failed_save":  # files over 1 MB fail like a full disk
+        raises, message = SystemExit, "cannot write the checkpoint"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (both restored below, whatever happens)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    elif end == "error":  # a bug: not one of the run's own one-line stops
+        def bug(*a, **k):
+            raise RuntimeError("a bug in the training loop")
+        monkeypatch.setattr(train, "step_metrics", bug)
+        raises, message = RuntimeError, "a bug in the training loop"
+    try:
+        if raises is None:
+            train.main(args + ["--out_dir", str(tmp_path)])
+        else:
+            with pytest.raises(raises, match=message):
+                train.main(args + ["--out_dir", str(tmp_path)])
+    finally:
+        done.set()
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # the run's handlers are gone
+    assert not (tmp_path / "LOCK").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+
+TEARDOWN_SCRIPT = textwrap.dedent("""
+    # train.main on each rank, then what its end left behind: the process group, the signal handlers, out_dir's LOCK
+    import json, os, signal, sys, threading, time
+    sys.path.insert(0, {root!r})
+    import torch.distributed as dist
+    import train
+    out, args = sys.argv[1], sys.argv[2:]
+    rank = int(os.environ["RANK"])
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    if "--max_steps=100" in args and rank == 1:  # a SIGTERM to rank 1 alone once step 1 is logged
+        def send():
+            metrics = os.path.join(out, "metrics.jsonl")
+            while not (os.path.exists(metrics) and open(metrics).read()):
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=send, daemon=True).start()
+    try:
+        train.main(args + ["--out_dir", out])
+        end = "finished"
+    except SystemExit as e:
+        end = str(e)
+    print(json.dumps({{"rank": rank, "end": end, "process_group": dist.is_initialized(),
+                      "handlers": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers,
+                      "lock": os.path.exists(os.path.join(out, "LOCK"))}}))
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def test_train_two_ranks_end_through_the_teardown_on_a_signal_and_on_skipped_updates(tmp_path):
+    script = tmp_path / "ends.py"
+    script.write_text(TEARDOWN_SCRIPT.format(root=ROOT))
+    base = SMALL + ["--batch_size=4", "--eval_limit=1"]  # one held-out problem for two ranks: none to measure
+    for end, args, message in [
+            ("signal", ["--max_steps=100", "--save_interval=100"], "stopped by SIGTERM after step"),
+            ("skipped", ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--max_skipped_updates=1"],
+             "1 updates in a row skipped")]:
+        run = _torchrun([str(script), str(tmp_path / end)] + base + args)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+        left = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")),
+                      key=lambda r: r["rank"])
+        assert [r["rank"] for r in left] == [0, 1] and message in left[0]["end"] and left[1]["end"] == "1", left
+        assert all(not r["process_group"] and r["handlers"] and not r["lock"] for r in left), left
+        held_out = [line for line in run.stdout.splitlines() if line.startswith("held-out")]  # not nan
+        assert held_out and all(line.endswith("not measured (no held-out problems)") for line in held_out), held_out
+
+
 def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path):
     step = _one_step(*_spied_run(tmp_path, "--perturb", "none", "--max_response_len", "8"))
     clean, adv = step["sample"]
@@ -2665,6 +2803,72 @@ def test_checkpoint_is_a_model_folder_transformers_alone_can_use(demo_checkpoint
     card = (path / "README.md").read_text()
     assert "tiny-synthetic" in card and "SaEI" in card and "steps: 1 of 1" in card
     assert f"{100 * end['accuracy']:.1f}%" in card and "16 problems of synthetic/test" in card
+
+
+def test_checkpoint_a_last_update_skipped_is_a_non_zero_exit_not_a_finished_run(tmp_path):
+    # lr 1e3: step 1 wrecks the weights, the updates of steps 2 and 3 (the last) are skipped; no save_interval step
+    with pytest.raises(SystemExit, match=r"update of the last step \(3\) was skipped as non-finite \(2 in a row\), so "
+                                         r"the final weights were not saved; there is no checkpoint"):
+        train.main(SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=3", "--out_dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_checkpoint_a_failed_optimizer_write_leaves_no_partial_folder(one_saved_step, tmp_path):
+    import resource
+    import signal
+    # files over 6 MB fail like a full disk: the model (5 MB) is written, the optimizer state (8 MB) is not, and
+    # torch.distributed.checkpoint's error is a BaseException (not caught by `except Exception`)
+    fresh, resumed = tmp_path / "fresh", _copy(one_saved_step, tmp_path / "resumed")
+    before = _weights(resumed)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match=r"cannot write the checkpoint .*: File too large; no checkpoint kept$"):
+            train.main(SMALL_ONE_STEP + ["--out_dir", str(fresh)])
+        with pytest.raises(SystemExit, match=r": File too large; the previous checkpoint .* \(step 1\) is intact$"):
+            train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(resumed)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(os.listdir(fresh)) == ["metrics.jsonl"]
+    assert sorted(os.listdir(resumed)) == ["checkpoint", "metrics.jsonl"]
+    after = _weights(resumed)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_a_full_disk_while_logging_is_one_line_and_leaves_no_torn_line(tmp_path):
+    import resource
+    import signal
+
+    def small_files():  # in the child: files over 300 bytes fail like a full disk (a metrics line is ~900)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--dataset", "synthetic", "--min_pixels=12544", "--max_pixels=12544",
+            "--max_response_len=24", "--batch_size=2", "--n_clean=2", "--n_adv=2", "--eval_limit=2",
+            "--updates_per_rollout=1", "--max_steps=2", "--out_dir", str(out)]
+    run = subprocess.run([sys.executable, "train.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_files, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.fullmatch(r"cannot write step 1 to .*metrics.jsonl: File too large; there is no checkpoint; free some "
+                        r"space, then start again with --overwrite=True", run.stderr.strip().splitlines()[-1])
+    assert (out / "metrics.jsonl").read_text() == "" and sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+def test_checkpoint_resume_is_exact_with_sampled_evaluations(tmp_path):
+    # with eval_samples every evaluation samples, and a resumed run also evaluates where it resumes: the training
+    # stream must not see those draws
+    args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--eval_samples=2", "--save_interval=1"]
+    train.main(args + ["--max_steps=2", "--out_dir", str(tmp_path / "straight")])
+    train.main(args + ["--max_steps=1", "--out_dir", str(tmp_path / "resumed")])
+    train.main(args + ["--max_steps=2", "--resume=True", "--out_dir", str(tmp_path / "resumed")])
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    def last(run):  # the step-2 line, timings aside
+        line = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+        return {k: v for k, v in line.items() if not k.startswith("t_")}
+    assert last("straight") == last("resumed") and "eval_pass@2" in last("straight")
 
 
 # ----------------------------------------------------------------------------- eval.py

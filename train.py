@@ -29,8 +29,8 @@ import eval as evaluation
 import grpo
 import ppo
 import rewards
-from distributed import (all_reduce_sum, global_mean, global_sum, leave_process_group, load_on_rank0, reshard,
-                         setup_distributed, shard)
+from distributed import (all_reduce_sum, from_rank0, global_mean, global_sum, leave_process_group, load_on_rank0,
+                         reshard, setup_distributed, shard)
 from model import check_device, load_policy, sample, sequences
 
 # ----------------------------------------------------------------------------- constants
@@ -119,10 +119,39 @@ def get_config(argv):
 
 
 def main(argv):
+    """Train; returns (start, end), the held-out evaluations before and after. However the run ends -- finished,
+    stopped by a signal or by skipped updates, a bad input, a failed save, an error -- it leaves through teardown."""
+    opened, error = {}, None  # what the run has set up that teardown must undo
+    try:
+        return run(argv, opened)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        teardown(opened, error)
+
+
+def teardown(opened, error):
+    """The one way out of a run: restore the signal handlers, close the wandb run, unlock out_dir (rank 0 holds the
+    lock), leave the process group. Our one-line stops (SystemExit) come on every rank at the same point; any other
+    error may be this rank's alone, so the process group is left without waiting for the others, which may never
+    come."""
+    if "restore" in opened:
+        opened["restore"]()
+    if "wandb" in opened:
+        opened["wandb"].finish(exit_code=0 if error is None else 1)
+    checkpoint.unlock()
+    leave_process_group(wait=error is None or isinstance(error, SystemExit))
+
+
+def run(argv, opened):
+    """main's run; `opened` gets the signal handlers' restore and the wandb run as they are set up."""
     cfg = get_config(argv)
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
     resume_from = checkpoint.start(cfg, rank, world)  # lock out_dir; the checkpoint to continue, or None
+    if cfg.wandb_log and rank == 0:  # before the model loads: a missing login must not cost a load and an evaluation
+        opened["wandb"] = start_wandb(cfg)
     policy, ref, tok = build_policy(cfg, rank, world, resume_from)
     params = [p for p in policy.parameters() if p.requires_grad]
     # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
@@ -134,17 +163,19 @@ def main(argv):
     train_set, eval_set = load_data(cfg, tok)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group, per_rank = cfg.n_clean + cfg.n_adv, cfg.batch_size // world
-    evaluate_now = lambda: evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute)
+    evaluate_now = lambda step: dict(evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute), step=step)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
     stop = checkpoint.install_stop_handlers()
-    start = held_out = dict(evaluate_now(), step=first_step - 1)
+    opened["restore"] = stop["restore"]
+    if rank == 0 and resume_from:
+        print(f"resuming {resume_from} at step {first_step - 1} of {cfg.max_steps}")
+    start = held_out = evaluate_now(first_step - 1)
+    saved = first_step - 1 if resume_from else None  # the step of the last checkpoint
     skipped = 0  # updates skipped in a row
     if rank == 0:
-        print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    if cfg.wandb_log and rank == 0:
-        import wandb  # optional: only a run that asks for it needs it
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg), dir=cfg.out_dir)
+        when = f"at step {first_step - 1}, where this run resumes" if resume_from else "before training"
+        print(f"held-out greedy accuracy {when}: {measured(start)}")
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
@@ -204,46 +235,85 @@ def main(argv):
                 tqdm.write(f"warning: step {step}: update skipped, loss {update['loss']:.4g} or gradient norm "
                            f"{update['grad_norm']:.4g} is not finite ({skipped} in a row)")
         if cfg.eval_interval and step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            held_out = dict(evaluate_now(), step=step)  # the model card of the next save reports it
+            held_out = evaluate_now(step)  # the model card of the next save reports it
             log.update({f"eval_{k}": v for k, v in held_out.items() if k == "accuracy" or k.startswith("pass@")})
+        unwritten = None
         if rank == 0:
-            metrics_file.write(json.dumps(log) + "\n")
-            metrics_file.flush()
+            unwritten = append_line(metrics_path, log)
             if cfg.wandb_log:
-                wandb.log(log, step=step)
+                opened["wandb"].log(log, step=step)
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+        unwritten = from_rank0(unwritten)  # every rank stops together
+        if unwritten:
+            again = "continue with --resume=True" if saved is not None else "start again with --overwrite=True"
+            raise SystemExit(1 if rank else f"cannot write step {step} to {metrics_path}: {unwritten}; "
+                             f"{last_checkpoint(saved)}; free some space, then {again}")
 
         # a checkpoint every save_interval steps, at the end, and when a signal stops the run
         if skipped >= cfg.max_skipped_updates:  # the weights may be wrecked: keep the last checkpoint as it is
-            stop["restore"]()
-            checkpoint.unlock()
             raise SystemExit(1 if rank else f"stopped: {skipped} updates in a row skipped as non-finite (steps "
-                             f"{step - skipped + 1}-{step}); the last checkpoint is kept as it was; lower lr (now "
+                             f"{step - skipped + 1}-{step}); {last_checkpoint(saved)}; lower lr (now "
                              f"{cfg.lr:g}) or raise max_skipped_updates")
         stopped_by = checkpoint.signal_on_any_rank(stop)
         if (step % cfg.save_interval == 0 or step == cfg.max_steps or stopped_by) and skipped == 0:
             reshard(policy)  # the state-dict API finds parameters by identity: they must be the sharded ones
             checkpoint.save(policy, tok, optimizer, step, cfg, rank, world, held_out)
+            saved = step
         if stopped_by:
-            stop["restore"]()
-            if world > 1:
-                leave_process_group()
-            checkpoint.unlock()
-            saved = "checkpoint saved" if skipped == 0 else "last update skipped, so the checkpoint was left as it was"
-            raise SystemExit(1 if rank else f"stopped by {stopped_by} after step {step}; {saved}; continue with "
+            done = "checkpoint saved" if skipped == 0 else f"last update skipped, so {last_checkpoint(saved)}"
+            raise SystemExit(1 if rank else f"stopped by {stopped_by} after step {step}; {done}; continue with "
                              f"--resume=True")
+    if skipped:  # the final weights were not saved: this must not pass for a finished run (train.py && eval.py)
+        raise SystemExit(1 if rank else f"stopped: the update of the last step ({cfg.max_steps}) was skipped as "
+                         f"non-finite ({skipped} in a row), so the final weights were not saved; "
+                         f"{last_checkpoint(saved)}; lower lr (now {cfg.lr:g})")
 
-    stop["restore"]()
-    end = held_out if held_out["step"] == cfg.max_steps else evaluate_now()
-    if rank == 0:
+    end = held_out if held_out["step"] == cfg.max_steps else evaluate_now(cfg.max_steps)
+    if rank == 0 and not start["problems"]:
+        print(f"held-out greedy accuracy: {measured(end)}")
+    elif rank == 0:
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
-              f"(format {start['format']:.3f} -> {end['format']:.3f})")
-    if cfg.wandb_log and rank == 0:
-        wandb.finish()
-    if world > 1:
-        leave_process_group()
-    checkpoint.unlock()
+              f"(format {start['format']:.3f} -> {end['format']:.3f})"
+              + (f"; before = step {start['step']}, where this run resumed" if resume_from else ""))
     return start, end
+
+
+def start_wandb(cfg):
+    """The Weights & Biases run to log to, or one line on why there is none (no login, no wandb installed...)."""
+    try:
+        import wandb  # optional: only a run that asks for it needs it
+        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg),
+                          dir=cfg.out_dir)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"--wandb_log=True, but wandb could not start: {why}; run `wandb login`, set "
+                         f"WANDB_MODE=offline, or drop --wandb_log") from None
+
+
+def append_line(path, log):
+    """Append `log` as one JSON line. Returns None, or why it could not (a full disk): whatever part of the line got
+    written is cut off again, so that the file never ends in a torn line."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(log) + "\n")
+    except OSError as e:
+        os.truncate(path, size)
+        return e.strerror or str(e)
+    return None
+
+
+def last_checkpoint(step):
+    """What is kept, in words: the checkpoint of `step` (None: no checkpoint yet)."""
+    return "there is no checkpoint" if step is None else f"the last checkpoint (step {step}) is kept as it was"
+
+
+def measured(held_out):
+    """An evaluation in words: '0.438 (format 1.000)', or 'not measured' when it had no problem (eval_limit=0, or
+    fewer held-out problems than ranks) rather than the nan of 0 / 0."""
+    if not held_out["problems"]:
+        return "not measured (no held-out problems)"
+    return f"{held_out['accuracy']:.3f} (format {held_out['format']:.3f})"
 
 
 def build_policy(cfg, rank, world, resume_from):
@@ -279,10 +349,16 @@ def load_data(cfg, tok):
 
 
 def evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute):
-    """Greedy accuracy (and with eval_samples, pass@k) on the first eval_limit held-out problems, over all ranks."""
+    """Greedy accuracy (and with eval_samples, pass@k) on the first eval_limit held-out problems, over all ranks:
+    {"accuracy", "format", "pass@k"..., "problems"}, or only {"problems": 0} when there is nothing to measure.
+    The samples draw from a copy of the random state: the training stream is the same whether (and how often) a run
+    evaluated, so a resumed run, which evaluates where it resumes, continues the uninterrupted one exactly."""
     n = min(cfg.eval_limit, len(eval_set)) // world * world  # equal shares: ranks generate in lockstep
+    if n == 0:  # eval_limit=0, or fewer problems than ranks
+        return {"problems": 0}
     subset = [eval_set[i] for i in range(rank, n, world)]
-    with compute():
+    cuda = [torch.cuda.current_device()] if cfg.device.startswith("cuda") else []
+    with compute(), torch.random.fork_rng(devices=cuda):
         result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
                                      batch_size=cfg.rollout_chunk or len(subset), n_samples=cfg.eval_samples,
                                      temperature=cfg.temperature, chunk_rows=cfg.rollout_chunk)
@@ -357,17 +433,20 @@ def attack_metrics(images, adv_images, attacks, cfg):
     """How far the second half's images moved, and what the attack did to its objective (means over prompts).
 
     attack_linf, attack_l2: distance of the perturbed image from the clean one in 1/255 units; attack_gain: the
-    TsEC objective's rise in nats, attack_gain_rel: that rise over the objective on the clean image.
+    TsEC objective's rise in nats, attack_gain_rel: that rise over the objective on the clean image (over the
+    prompts where that is > 0; not logged when none is).
     """
     if cfg.n_adv == 0 or cfg.perturb == "none":
         return {}
     distances = torch.tensor([egas.perturbation_size(x, x_adv) for x, x_adv in zip(images, adv_images)])  # (n, 2)
     m = {"attack_linf": global_mean(distances[:, 0]), "attack_l2": global_mean(distances[:, 1])}
     if attacks:
-        gain = torch.tensor([a["gain"] for a in attacks])
-        m.update({"attack_gain": global_mean(gain),
-                  "attack_gain_rel": global_mean(gain / torch.tensor([a["objective_clean"] for a in attacks])),
-                  "tsec_fallback": int(global_sum(sum(a["fallback"] for a in attacks)))})
+        gain, before = torch.tensor([a["gain"] for a in attacks]), torch.tensor([a["objective_clean"] for a in attacks])
+        m["attack_gain"] = global_mean(gain)
+        some = before > 0  # a band with no entropy at all (a near-zero temperature) has no relative gain, not 0 / 0
+        if global_sum(some.sum()):
+            m["attack_gain_rel"] = global_mean((gain / before)[some])
+        m["tsec_fallback"] = int(global_sum(sum(a["fallback"] for a in attacks)))
     return m
 
 
@@ -434,7 +513,6 @@ if __name__ == "__main__":
         status = 0
     except SystemExit as e:  # one line: a bad input, a stop by signal, a failed save (exit status 1)
         status = e.code
-    checkpoint.unlock()
     if isinstance(status, str):
         print(status, file=sys.stderr)
         status = 1
