@@ -11,11 +11,16 @@ A save writes `checkpoint.tmp` and renames it into place (`checkpoint` -> `check
 `checkpoint`, then `checkpoint.old` is deleted), so a kill at any moment leaves at least one complete folder, and
 `start` finds the newest. Only rank 0 decides what to resume; every rank must see the same folder (out_dir on a
 filesystem every node shares). A lock file keeps a second run out of a busy `out_dir`.
+
+Resuming trusts the checkpoint folder: `trainer_state.pt` is read with `weights_only=True` and the optimizer's
+`.metadata` (a pickle) may only name the classes torch.distributed.checkpoint writes there, but the weights and
+tokenizer are read by transformers as they come.
 """
 import contextlib
 import datetime
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -34,7 +39,9 @@ SAVE_TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait this long for
 # values that may change on --resume=True: they change what is logged or kept, not the updates
 # (max_steps too, unless a schedule depends on it: see check_resume)
 FREE_ON_RESUME = {"out_dir", "resume", "overwrite", "max_steps", "eval_interval", "eval_limit", "save_interval",
-                  "max_skipped_updates", "device"}
+                  "max_skipped_updates", "device",
+                  # memory settings: the same computation in other pieces (equal up to float rounding)
+                  "micro_batch_size", "gradient_checkpointing", "rollout_chunk", "attack_rows"}
 # a failed read or write: torch.distributed.checkpoint's exception is a BaseException, which `except Exception` misses
 FAILED_IO = (Exception, CheckpointException)
 
@@ -80,35 +87,63 @@ def _start_rank0(cfg, world):
     lock(out_dir)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     found = [name for name in NAMES if os.path.exists(os.path.join(out_dir, name))]
-    if not cfg.resume:
-        if (found or os.path.exists(metrics)) and not cfg.overwrite:
-            raise SystemExit(f"{out_dir} already holds a run ({', '.join(found + ['metrics.jsonl'] * os.path.exists(metrics))}): "
-                             f"continue it with --resume=True, pick another --out_dir, or --overwrite=True to replace it")
-        for name in found:
-            remove(os.path.join(out_dir, name))
-        if os.path.exists(metrics):
-            os.remove(metrics)
-        return None
+    held = found + ["metrics.jsonl"] * os.path.exists(metrics)
     path = newest(out_dir)
+    if not cfg.resume:
+        if held and not cfg.overwrite:  # (with --overwrite=True, `clear` deletes it once the new run has started)
+            what, resume = ("a run", "continue it with --resume=True, ") if path else ("a run with no checkpoint", "")
+            raise SystemExit(f"{out_dir} already holds {what} ({', '.join(held)}): {resume}pick another --out_dir, "
+                             f"or --overwrite=True to replace it")
+        return None
     if path is None:
+        start_over = ("--overwrite=True instead of --resume=True starts over there" if held
+                      else "drop --resume to start a new run")
         raise SystemExit(f"--resume=True but {out_dir} holds no complete checkpoint"
-                         f"{' (only incomplete ' + ', '.join(found) + ')' if found else ''}: drop --resume to start a new run")
+                         f"{' (only incomplete ' + ', '.join(found) + ')' if found else ''}: {start_over}")
     check_resume(path, cfg, world)
     promote(out_dir, path)
     step = _step_of(os.path.join(out_dir, NAMES[0]))
     if os.path.exists(metrics):  # steps logged after the checkpoint will run again: drop their lines
-        lines = [line for line in open(metrics) if line.strip() and json.loads(line)["step"] <= step]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(metrics + ".tmp", metrics)
+        _cut_metrics(metrics, step)
     return step
+
+
+def _cut_metrics(metrics, step):
+    """Keep the lines of metrics.jsonl up to `step`, and drop a line a kill cut short (it is not JSON)."""
+    lines, torn = [], 0
+    for line in open(metrics):
+        try:
+            if json.loads(line)["step"] <= step:
+                lines.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            torn += line.strip() != ""
+    if torn:
+        print(f"{metrics}: dropped {torn} line(s) that a kill or a full disk cut short")
+    with open(metrics + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(metrics + ".tmp", metrics)
+
+
+def clear(out_dir):
+    """Delete the run a new one replaces (--overwrite=True), once the new one has started: its inputs checked and
+    its model loaded, so that a typo in them does not cost the old run."""
+    old = [name for name in (*NAMES, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    for name in old:
+        path = os.path.join(out_dir, name)
+        remove(path) if os.path.isdir(path) else os.remove(path)
+    if old:
+        print(f"--overwrite=True: deleted the previous run's {', '.join(old)} in {out_dir}")
 
 
 def check_resume(path, cfg, world):
     """Stop with one line if the run being resumed had another config: the same flags must continue the same run."""
     trained = training_config(path)
-    if trained is None:
-        raise SystemExit(f"resume: {path} has no {CONFIG_FILE} (written by an older train.py); start a new run")
+    if trained is None or "world_size" not in trained:
+        raise SystemExit(f"resume: {path} has no {CONFIG_FILE} with the run's config and world_size (written by an "
+                         f"older train.py); start a new run")
+    damage = _optimizer_damage(path)
+    if damage:
+        raise SystemExit(f"resume: {path} is damaged ({damage}); start a new run, or resume from a copy of the run")
     saved, now = trained["config"], json.loads(json.dumps(config_dict(cfg)))  # tuples as lists, like the file
     if trained["world_size"] != world:
         raise SystemExit(f"resume: {path} was trained on {trained['world_size']} rank(s), this run has {world}; "
@@ -126,9 +161,47 @@ def config_dict(cfg):
 
 
 def training_config(path):
-    """{config, world_size, step, instruction, ...} a checkpoint folder was trained with, or None if it has none."""
+    """{config, world_size, step, instruction, ...} a checkpoint folder was trained with, or None if it has none; a
+    damaged file stops with one line."""
     file = os.path.join(path, CONFIG_FILE)
-    return json.load(open(file)) if os.path.isfile(file) else None
+    if not os.path.isfile(file):
+        return None
+    try:
+        trained = json.load(open(file))
+    except (ValueError, UnicodeDecodeError) as e:  # a JSONDecodeError is a ValueError
+        raise SystemExit(f"{file} is damaged (not JSON: {e}); delete it to use the folder as a plain model") from None
+    if not isinstance(trained, dict) or not isinstance(trained.get("config"), dict):
+        raise SystemExit(f"{file} holds no training config; delete it to use the folder as a plain model")
+    return trained
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads torch.distributed.checkpoint's `.metadata` (a pickle) allowing only what it writes there: its own
+    record classes, torch sizes, dtypes and layouts, paths. Anything else (os.system...) is refused unread."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which torch.distributed.checkpoint does not write")
+
+
+def _optimizer_damage(path):
+    """Why `path`'s optimizer state cannot be resumed (an unreadable `.metadata`, a missing shard), or None."""
+    folder = os.path.join(path, "optimizer")
+    try:
+        with open(os.path.join(folder, ".metadata"), "rb") as f:
+            shards = {info.relative_path for info in _MetadataUnpickler(f).load().storage_data.values()}
+    except OSError as e:
+        return f"optimizer/.metadata: {e.strerror}"
+    except Exception as e:  # a crafted or cut-short pickle
+        return f"optimizer/.metadata is unreadable: {_reason(e)}"
+    missing = sorted(name for name in shards if not os.path.isfile(os.path.join(folder, name)))
+    return f"optimizer/{missing[0]} is missing" if missing else None
 
 
 # ----------------------------------------------------------------------------- finding the newest checkpoint
@@ -136,7 +209,7 @@ def training_config(path):
 def _step_of(path):
     """The step of a complete checkpoint folder, None if it is missing or incomplete (a kill mid-write)."""
     try:
-        return torch.load(os.path.join(path, MARKER), weights_only=False)["step"]
+        return torch.load(os.path.join(path, MARKER), weights_only=True)["step"]  # data only: no code runs
     except Exception:
         return None
 
@@ -305,10 +378,13 @@ def load(policy, optimizer, path, rank):
                                                          set_optimizer_state_dict)
     options = StateDictOptions(ignore_frozen_params=True)
     state = {"optimizer": get_optimizer_state_dict(policy, optimizer, options=options)}  # the shapes to fill
-    with _quiet():
-        dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), process_group=_group, no_dist=_group is None)
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), process_group=_group, no_dist=_group is None)
+    except FAILED_IO as e:  # a shard cut short (start checked that every one is there)
+        raise SystemExit(f"resume: cannot read the optimizer state in {path}: {_reason(e)}") from None
     set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
-    trainer = torch.load(os.path.join(path, MARKER), weights_only=False)
+    trainer = torch.load(os.path.join(path, MARKER), weights_only=True)
     rng = trainer["rng"][rank]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():

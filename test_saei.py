@@ -2568,7 +2568,7 @@ def test_checkpoint_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_chec
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(SystemExit, match="already holds a run .*--resume=True.*--overwrite=True"):
+    with pytest.raises(SystemExit, match="already holds a run .*--overwrite=True"):
         train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "LOCK").exists()
     # --overwrite=True replaces the run; the base is a local folder whose image processor config is carried over
@@ -2813,6 +2813,19 @@ def test_checkpoint_a_last_update_skipped_is_a_non_zero_exit_not_a_finished_run(
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
 
 
+def test_checkpoint_overwrite_deletes_the_old_run_only_once_the_new_one_has_started(one_saved_step, tmp_path):
+    out = _copy(one_saved_step, tmp_path / "run")
+    before, logged = _weights(out), (out / "metrics.jsonl").read_text()
+    # a typo in the model, a dataset with no usable row: found after out_dir is locked, before the new run starts
+    for args, message in [(["--model=Qwen2.5-VL-3b"], "unknown model 'Qwen2.5-VL-3b'"),
+                          (["--max_prompt_len=10"], "no usable row")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(SMALL_ONE_STEP + args + ["--overwrite=True", "--out_dir", str(out)])
+        after = _weights(out)
+        assert all(torch.equal(before[k], after[k]) for k in before) and (out / "metrics.jsonl").read_text() == logged
+        assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+
+
 def test_checkpoint_a_failed_optimizer_write_leaves_no_partial_folder(one_saved_step, tmp_path):
     import resource
     import signal
@@ -2837,6 +2850,20 @@ def test_checkpoint_a_failed_optimizer_write_leaves_no_partial_folder(one_saved_
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_checkpoint_resume_mends_a_torn_metrics_line_and_takes_new_memory_settings(one_saved_step, tmp_path, capsys):
+    out = _copy(one_saved_step, tmp_path / "run")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "reward_clean": 0.')  # a kill (or a full disk) mid-line
+    capsys.readouterr()
+    memory = ["--micro_batch_size=1", "--gradient_checkpointing=False", "--rollout_chunk=3", "--attack_rows=2"]
+    train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)] + memory)
+    assert _steps(out) == [1, 2]
+    printed = capsys.readouterr().out
+    assert "dropped 1 line(s)" in printed and f"resuming {out / 'checkpoint'} at step 1 of 2" in printed
+    assert "held-out greedy accuracy at step 1, where this run resumes: " in printed
+    assert "before training" not in printed
+
+
 def test_checkpoint_a_full_disk_while_logging_is_one_line_and_leaves_no_torn_line(tmp_path):
     import resource
     import signal
@@ -2854,6 +2881,70 @@ def test_checkpoint_a_full_disk_while_logging_is_one_line_and_leaves_no_torn_lin
     assert re.fullmatch(r"cannot write step 1 to .*metrics.jsonl: File too large; there is no checkpoint; free some "
                         r"space, then start again with --overwrite=True", run.stderr.strip().splitlines()[-1])
     assert (out / "metrics.jsonl").read_text() == "" and sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+def test_checkpoint_a_run_that_died_before_its_first_checkpoint_gets_advice_that_works(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit) as new:
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as resumed:
+        train.main(SMALL_ONE_STEP + ["--resume=True", "--out_dir", str(tmp_path)])
+    assert "--overwrite=True" in str(new.value) and "--resume" not in str(new.value)
+    assert "--overwrite=True" in str(resumed.value) and "drop --resume" not in str(resumed.value)
+    train.main(SMALL_ONE_STEP + ["--overwrite=True", "--out_dir", str(tmp_path)])
+    assert _steps(tmp_path) == [1]
+
+
+class _Crafted:
+    """What a crafted pickle can do when it is loaded: run a shell command (here, create a file)."""
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.mark}",)
+
+
+def test_checkpoint_resume_runs_no_code_from_the_checkpoint_folder(one_saved_step, tmp_path):
+    import pickle
+    out, ran = _copy(one_saved_step, tmp_path / "run"), tmp_path / "ran"
+    marker = out / "checkpoint" / "trainer_state.pt"
+    state = torch.load(marker, weights_only=True)
+    torch.save(dict(state, step=_Crafted(ran)), marker)
+    with pytest.raises(SystemExit, match="holds no complete checkpoint"):
+        train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)])
+    assert not ran.exists()
+    torch.save(state, marker)
+    (out / "checkpoint" / "optimizer" / ".metadata").write_bytes(pickle.dumps(_Crafted(ran)))
+    with pytest.raises(SystemExit, match=r"is damaged \(optimizer/.metadata is unreadable: it names .*system"):
+        train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)])
+    assert not ran.exists()
+
+
+def test_checkpoint_a_damaged_checkpoint_stops_resume_with_one_line(one_saved_step, tmp_path, monkeypatch):
+    out = _copy(one_saved_step, tmp_path / "run")
+    ckpt = out / "checkpoint"
+    args = SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)]
+    shard, metadata = ckpt / "optimizer" / "__0_0.distcp", ckpt / "optimizer" / ".metadata"
+    config = ckpt / "training_config.json"
+    kept = {f: f.read_bytes() for f in (shard, metadata, config)}
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+    with monkeypatch.context() as m:
+        m.setattr(train, "load_policy", no_load)
+        for damage, message in [(shard.unlink, r"optimizer/__0_0.distcp is missing"),
+                                (metadata.unlink, r"optimizer/.metadata: No such file"),
+                                (lambda: config.write_text("{"), r"training_config.json is damaged \(not JSON"),
+                                (lambda: config.write_text('{"config": {}}'), "with the run's config and world_size")]:
+            damage()
+            with pytest.raises(SystemExit, match=message) as e:
+                train.main(args)
+            assert "\n" not in str(e.value) and not (out / "LOCK").exists()
+            for f, content in kept.items():
+                f.write_bytes(content)
+    shard.write_bytes(kept[shard][:1000])  # cut short: every file is there, reading it fails
+    with pytest.raises(SystemExit, match="resume: cannot read the optimizer state in "):
+        train.main(args)
 
 
 def test_checkpoint_resume_is_exact_with_sampled_evaluations(tmp_path):
@@ -3035,6 +3126,20 @@ def test_eval_a_bad_first_row_is_counted_not_fatal(tmp_path):
                               "2", "--max_response_len", "4", "--min_pixels", "3136", "--max_pixels", "12544",
                               "--out_dir", str(tmp_path / "eval")])
     assert row["problems"] == 1 and row["dropped"] == 1
+
+
+def test_eval_a_damaged_or_older_training_config(one_saved_step, tmp_path, capsys):
+    import eval as evaluation
+    ckpt = _copy(one_saved_step / "checkpoint", tmp_path / "checkpoint")
+    trained = json.load(open(ckpt / "training_config.json"))
+    del trained["config"]["max_prompt_len"], trained["instruction"]  # what an older train.py did not write
+    json.dump(trained, open(ckpt / "training_config.json", "w"))
+    (row,) = evaluation.main(["--model", str(ckpt), "--limit=1", "--out_dir", str(tmp_path / "eval")])
+    assert row["problems"] == 1 and "not in it, eval.py's own: max_prompt_len=2048" in capsys.readouterr().out
+    (ckpt / "training_config.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"training_config.json is damaged \(not JSON") as e:
+        evaluation.main(["--model", str(ckpt), "--out_dir", str(tmp_path / "eval")])
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- compare.py

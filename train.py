@@ -161,6 +161,8 @@ def run(argv, opened):
     compute = lambda: torch.autocast(cfg.device.split(":")[0], getattr(torch, cfg.dtype),
                                      enabled=world == 1 and cfg.dtype != "float32")
     train_set, eval_set = load_data(cfg, tok)
+    if rank == 0 and not resume_from:
+        checkpoint.clear(cfg.out_dir)  # --overwrite=True: the old run goes now that this one has started
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group, per_rank = cfg.n_clean + cfg.n_adv, cfg.batch_size // world
     evaluate_now = lambda step: dict(evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute), step=step)
