@@ -138,7 +138,7 @@ def teardown(opened, error):
     come."""
     if "restore" in opened:
         opened["restore"]()
-    if "wandb" in opened:
+    if opened.get("wandb"):
         opened["wandb"].finish(exit_code=0 if error is None else 1)
     checkpoint.unlock()
     leave_process_group(wait=error is None or isinstance(error, SystemExit))
@@ -150,8 +150,8 @@ def run(argv, opened):
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
     resume_from = checkpoint.start(cfg, rank, world)  # lock out_dir; the checkpoint to continue, or None
-    if cfg.wandb_log and rank == 0:  # before the model loads: a missing login must not cost a load and an evaluation
-        opened["wandb"] = start_wandb(cfg)
+    if cfg.wandb_log:  # before the model loads: a missing login must not cost a load and an evaluation
+        opened["wandb"] = start_wandb(cfg, rank)
     policy, ref, tok = build_policy(cfg, rank, world, resume_from)
     params = [p for p in policy.parameters() if p.requires_grad]
     # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
@@ -280,16 +280,22 @@ def run(argv, opened):
     return start, end
 
 
-def start_wandb(cfg):
-    """The Weights & Biases run to log to, or one line on why there is none (no login, no wandb installed...)."""
-    try:
-        import wandb  # optional: only a run that asks for it needs it
-        return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg),
-                          dir=cfg.out_dir)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+def start_wandb(cfg, rank):
+    """Rank 0's Weights & Biases run (None on the other ranks). When it cannot start (no login, no wandb
+    installed...), every rank stops with one line."""
+    run, why = None, None
+    if rank == 0:
+        try:
+            import wandb  # optional: only a run that asks for it needs it
+            run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg),
+                             dir=cfg.out_dir)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    why = from_rank0(why)
+    if why:
         raise SystemExit(f"--wandb_log=True, but wandb could not start: {why}; run `wandb login`, set "
-                         f"WANDB_MODE=offline, or drop --wandb_log") from None
+                         f"WANDB_MODE=offline, or drop --wandb_log")
+    return run
 
 
 def append_line(path, log):
