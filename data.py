@@ -27,7 +27,8 @@ INSTRUCTION = (" You FIRST think about the reasoning process as an internal mono
 def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
     """(height, width) -> (h, w): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
     if max(height, width) / min(height, width) > MAX_ASPECT:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over Qwen2.5-VL's limit of {MAX_ASPECT}")
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over Qwen2.5-VL's limit of "
+                         f"{MAX_ASPECT}")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:  # shrink, rounding down so the area stays under the cap
         scale = math.sqrt(height * width / max_pixels)

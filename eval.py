@@ -120,7 +120,8 @@ def settings(argv):
     print(f"from {cfg.model}'s training config: {listed(k for k in ours if k not in given)}"
           + (f"; from the command line: {listed(given)}" if given else "")
           + (f"; not in it, eval.py's own: {listed(missing)}" if missing else ""))
-    if trained.get("instruction", data.INSTRUCTION) != data.INSTRUCTION:  # the chat template comes with the checkpoint; this does not
+    # the chat template comes with the checkpoint; the instruction does not (an older config may not hold it)
+    if trained.get("instruction", data.INSTRUCTION) != data.INSTRUCTION:
         print(f"warning: {cfg.model} was trained with another format instruction than data.INSTRUCTION; "
               f"its answers may not be in the format graded here")
     return cfg
