@@ -11,19 +11,34 @@ A save writes `checkpoint.tmp` and renames it into place (`checkpoint` -> `check
 `checkpoint`, then `checkpoint.old` is deleted), so a kill at any moment leaves at least one complete folder, and
 `start` finds the newest. Only rank 0 decides what to resume; every rank must see the same folder (out_dir on a
 filesystem every node shares). A lock file keeps a second run out of a busy `out_dir`.
+
+Resuming trusts the checkpoint folder: `trainer_state.pt` is read with `weights_only=True` and the optimizer's
+`.metadata` (a pickle) may only name the classes torch.distributed.checkpoint writes there, but the weights and
+tokenizer are read by transformers as they come.
 """
 import contextlib
 import datetime
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
 import warnings
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from transformers import GenerationConfig
+from transformers.utils import cached_file
 
+import data
+import egas
 from distributed import all_reduce_sum
+from model import HUB_MODELS, stop_token_ids, vision_token_ids
 
 NAMES = ("checkpoint", "checkpoint.tmp", "checkpoint.old")  # the live folder, the one being written, the previous
 MARKER = "trainer_state.pt"      # written last: a folder without it is incomplete
@@ -33,7 +48,11 @@ SAVE_TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait this long for
 # values that may change on --resume=True: they change what is logged or kept, not the updates
 # (max_steps too, unless a schedule depends on it: see check_resume)
 FREE_ON_RESUME = {"out_dir", "resume", "overwrite", "max_steps", "eval_interval", "eval_limit", "save_interval",
-                  "max_skipped_updates", "device"}
+                  "max_skipped_updates", "device",
+                  # memory settings: the same computation in other pieces (equal up to float rounding)
+                  "micro_batch_size", "gradient_checkpointing", "rollout_chunk", "attack_rows"}
+# a failed read or write: torch.distributed.checkpoint's exception is a BaseException, which `except Exception` misses
+FAILED_IO = (Exception, CheckpointException)
 
 _group = None   # a gloo process group with a long timeout for the coordination around saves (CPU objects only)
 _lock = None    # the lock file this process holds
@@ -46,7 +65,6 @@ def start(cfg, rank, world):
     to resume from, or None for a new run. Every problem is one line (SystemExit) on every rank."""
     global _group
     if world > 1 and _group is None:
-        import torch.distributed as dist
         _group = dist.new_group(backend="gloo", timeout=SAVE_TIMEOUT)
     error, step = None, None
     if rank == 0:
@@ -54,7 +72,6 @@ def start(cfg, rank, world):
             step = _start_rank0(cfg, world)
         except SystemExit as e:
             error = str(e)
-            unlock()
     error, step = _from_rank0((error, step), world)
     if error:
         raise SystemExit(error)
@@ -64,8 +81,6 @@ def start(cfg, rank, world):
     # rank 0 resumes from `path`; each rank must read that same folder (its optimizer shards and RNG state)
     blind = [r for r, ok in enumerate(_gather(_step_of(path) == step, world)) if not ok]
     if blind:
-        if rank == 0:
-            unlock()
         raise SystemExit(f"resume: rank(s) {', '.join(map(str, blind))} cannot see {path} (step {step}) that rank 0 "
                          f"resumes from; out_dir must be on a filesystem every node shares")
     return path
@@ -80,35 +95,63 @@ def _start_rank0(cfg, world):
     lock(out_dir)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     found = [name for name in NAMES if os.path.exists(os.path.join(out_dir, name))]
-    if not cfg.resume:
-        if (found or os.path.exists(metrics)) and not cfg.overwrite:
-            raise SystemExit(f"{out_dir} already holds a run ({', '.join(found + ['metrics.jsonl'] * os.path.exists(metrics))}): "
-                             f"continue it with --resume=True, pick another --out_dir, or --overwrite=True to replace it")
-        for name in found:
-            remove(os.path.join(out_dir, name))
-        if os.path.exists(metrics):
-            os.remove(metrics)
-        return None
+    held = found + ["metrics.jsonl"] * os.path.exists(metrics)
     path = newest(out_dir)
+    if not cfg.resume:
+        if held and not cfg.overwrite:  # (with --overwrite=True, `clear` deletes it once the new run has started)
+            what, resume = ("a run", "continue it with --resume=True, ") if path else ("a run with no checkpoint", "")
+            raise SystemExit(f"{out_dir} already holds {what} ({', '.join(held)}): {resume}pick another --out_dir, "
+                             f"or --overwrite=True to replace it")
+        return None
     if path is None:
+        start_over = ("--overwrite=True instead of --resume=True starts over there" if held
+                      else "drop --resume to start a new run")
         raise SystemExit(f"--resume=True but {out_dir} holds no complete checkpoint"
-                         f"{' (only incomplete ' + ', '.join(found) + ')' if found else ''}: drop --resume to start a new run")
+                         f"{' (only incomplete ' + ', '.join(found) + ')' if found else ''}: {start_over}")
     check_resume(path, cfg, world)
     promote(out_dir, path)
     step = _step_of(os.path.join(out_dir, NAMES[0]))
     if os.path.exists(metrics):  # steps logged after the checkpoint will run again: drop their lines
-        lines = [line for line in open(metrics) if line.strip() and json.loads(line)["step"] <= step]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(metrics + ".tmp", metrics)
+        _cut_metrics(metrics, step)
     return step
+
+
+def _cut_metrics(metrics, step):
+    """Keep the lines of metrics.jsonl up to `step`, and drop a line a kill cut short (it is not JSON)."""
+    lines, torn = [], 0
+    for line in open(metrics):
+        try:
+            if json.loads(line)["step"] <= step:
+                lines.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            torn += line.strip() != ""
+    if torn:
+        print(f"{metrics}: dropped {torn} line(s) that a kill or a full disk cut short")
+    with open(metrics + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(metrics + ".tmp", metrics)
+
+
+def clear(out_dir):
+    """Delete the run a new one replaces (--overwrite=True), once the new one has started: its inputs checked and
+    its model loaded, so that a typo in them does not cost the old run."""
+    old = [name for name in (*NAMES, "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
+    for name in old:
+        path = os.path.join(out_dir, name)
+        remove(path) if os.path.isdir(path) else os.remove(path)
+    if old:
+        print(f"--overwrite=True: deleted the previous run's {', '.join(old)} in {out_dir}")
 
 
 def check_resume(path, cfg, world):
     """Stop with one line if the run being resumed had another config: the same flags must continue the same run."""
     trained = training_config(path)
-    if trained is None:
-        raise SystemExit(f"resume: {path} has no {CONFIG_FILE} (written by an older train.py); start a new run")
+    if trained is None or "world_size" not in trained:
+        raise SystemExit(f"resume: {path} has no {CONFIG_FILE} with the run's config and world_size (written by an "
+                         f"older train.py); start a new run")
+    damage = _optimizer_damage(path)
+    if damage:
+        raise SystemExit(f"resume: {path} is damaged ({damage}); start a new run, or resume from a copy of the run")
     saved, now = trained["config"], json.loads(json.dumps(config_dict(cfg)))  # tuples as lists, like the file
     if trained["world_size"] != world:
         raise SystemExit(f"resume: {path} was trained on {trained['world_size']} rank(s), this run has {world}; "
@@ -126,9 +169,47 @@ def config_dict(cfg):
 
 
 def training_config(path):
-    """{config, world_size, step, instruction, ...} a checkpoint folder was trained with, or None if it has none."""
+    """{config, world_size, step, instruction, ...} a checkpoint folder was trained with, or None if it has none; a
+    damaged file stops with one line."""
     file = os.path.join(path, CONFIG_FILE)
-    return json.load(open(file)) if os.path.isfile(file) else None
+    if not os.path.isfile(file):
+        return None
+    try:
+        trained = json.load(open(file))
+    except (ValueError, UnicodeDecodeError) as e:  # a JSONDecodeError is a ValueError
+        raise SystemExit(f"{file} is damaged (not JSON: {e}); delete it to use the folder as a plain model") from None
+    if not isinstance(trained, dict) or not isinstance(trained.get("config"), dict):
+        raise SystemExit(f"{file} holds no training config; delete it to use the folder as a plain model")
+    return trained
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads torch.distributed.checkpoint's `.metadata` (a pickle) allowing only what it writes there: its own
+    record classes, torch sizes, dtypes and layouts, paths. Anything else (os.system...) is refused unread."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which torch.distributed.checkpoint does not write")
+
+
+def _optimizer_damage(path):
+    """Why `path`'s optimizer state cannot be resumed (an unreadable `.metadata`, a missing shard), or None."""
+    folder = os.path.join(path, "optimizer")
+    try:
+        with open(os.path.join(folder, ".metadata"), "rb") as f:
+            shards = {info.relative_path for info in _MetadataUnpickler(f).load().storage_data.values()}
+    except OSError as e:
+        return f"optimizer/.metadata: {e.strerror}"
+    except Exception as e:  # a crafted or cut-short pickle
+        return f"optimizer/.metadata is unreadable: {_reason(e)}"
+    missing = sorted(name for name in shards if not os.path.isfile(os.path.join(folder, name)))
+    return f"optimizer/{missing[0]} is missing" if missing else None
 
 
 # ----------------------------------------------------------------------------- finding the newest checkpoint
@@ -136,7 +217,7 @@ def training_config(path):
 def _step_of(path):
     """The step of a complete checkpoint folder, None if it is missing or incomplete (a kill mid-write)."""
     try:
-        return torch.load(os.path.join(path, MARKER), weights_only=False)["step"]
+        return torch.load(os.path.join(path, MARKER), weights_only=True)["step"]  # data only: no code runs
     except Exception:
         return None
 
@@ -218,7 +299,7 @@ def _alive(pid):
 
 
 def unlock():
-    """Release the lock this process holds (every exit path calls it; a second call does nothing)."""
+    """Release the lock this process holds (train.py's teardown calls it; a second call does nothing)."""
     global _lock
     if _lock is not None:
         try:
@@ -236,9 +317,6 @@ def save(policy, tok, optimizer, step, cfg, rank, world, held_out=None):
     held_out: {"accuracy", "format", "problems", "step"} of the latest evaluation, for the model card, or None.
     Every rank must call it with FSDP2 groups resharded. A failed write (disk full...) stops with one line on
     every rank; the previous checkpoint stays whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
     out_dir = cfg.out_dir
     live, tmp = os.path.join(out_dir, NAMES[0]), os.path.join(out_dir, NAMES[1])
     model_state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -247,59 +325,68 @@ def save(policy, tok, optimizer, step, cfg, rank, world, held_out=None):
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = _gather(rng, world)
     error = None
-    if rank == 0:
-        try:
-            remove(tmp)
-            policy.save_pretrained(tmp, state_dict=model_state)
-            write_model_files(tmp, cfg, tok, step, world, held_out)
-        except Exception as e:  # a full disk shows as OSError, safetensors' own error, torch's RuntimeError...
-            error = _reason(e)
-    del model_state
-    _raise_failed(_from_rank0(error, world), tmp, live, rank)
     try:
-        os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
-        with _quiet():
-            dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "optimizer"), process_group=_group,
-                     no_dist=world == 1)
-    except Exception as e:  # torch.distributed.checkpoint raises the same CheckpointException on every rank
-        error = _reason(e)
-    _raise_failed(error, tmp, live, rank)
-    _barrier(world)  # every rank's shards are on disk
-    if rank == 0:
+        if rank == 0:
+            try:
+                remove(tmp)
+                policy.save_pretrained(tmp, state_dict=model_state)
+                write_model_files(tmp, cfg, tok, step, world, held_out)
+            except FAILED_IO as e:  # a full disk shows as OSError, safetensors' own error, torch's RuntimeError...
+                error = _reason(e)
+        del model_state
+        _raise_failed(_from_rank0(error, world), tmp, live)
         try:
-            torch.save({"step": step, "rng": rngs, "world_size": world}, os.path.join(tmp, MARKER))
-            _commit(out_dir)
-        except Exception as e:
+            os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
+            with _quiet():
+                dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "optimizer"),
+                         process_group=_group, no_dist=world == 1)
+        except FAILED_IO as e:  # torch.distributed.checkpoint raises the same CheckpointException on every rank
             error = _reason(e)
-    _raise_failed(_from_rank0(error, world), tmp, live, rank)
+        _raise_failed(error, tmp, live)
+        _barrier(world)  # every rank's shards are on disk
+        if rank == 0:
+            try:
+                torch.save({"step": step, "rng": rngs, "world_size": world}, os.path.join(tmp, MARKER))
+                _commit(out_dir)
+            except FAILED_IO as e:
+                error = _reason(e)
+        _raise_failed(_from_rank0(error, world), tmp, live)
+    except BaseException:  # a failed write, or a second Ctrl-C mid-save: no partial copy stays behind
+        if rank == 0 and _step_of(tmp) is None:  # (a complete one is the newest checkpoint: `start` finds it)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _raise_failed(error, tmp, live, rank):
-    if error is None:
-        return
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial copy took
-        unlock()
-    kept = f"the previous checkpoint {live} (step {_step_of(live)}) is intact" if _step_of(live) else "no checkpoint kept"
-    raise SystemExit(f"cannot write the checkpoint to {tmp}: {error}; {kept}")
+def _raise_failed(error, tmp, live):
+    if error is not None:
+        kept = f"the previous checkpoint {live} (step {_step_of(live)}) is intact" if _step_of(live) else "no checkpoint kept"
+        raise SystemExit(f"cannot write the checkpoint to {tmp}: {error}; {kept}")
 
 
 def _reason(e):
-    """An exception -> one line (OSError's own words, e.g. 'No space left on device')."""
-    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An exception -> one line: the words of the OSError behind it (e.g. 'No space left on device'; torch's writer
+    wraps it in a RuntimeError, torch.distributed.checkpoint that in its own exception), else its first line."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # the first rank's
+    cause = e
+    while cause is not None:
+        if getattr(cause, "strerror", None):
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load(policy, optimizer, path, rank):
     """Restore the optimizer (this rank's shards only) and this rank's RNG state. Returns the checkpoint's step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
     options = StateDictOptions(ignore_frozen_params=True)
     state = {"optimizer": get_optimizer_state_dict(policy, optimizer, options=options)}  # the shapes to fill
-    with _quiet():
-        dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), process_group=_group, no_dist=_group is None)
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), process_group=_group, no_dist=_group is None)
+    except FAILED_IO as e:  # a shard cut short (start checked that every one is there)
+        raise SystemExit(f"resume: cannot read the optimizer state in {path}: {_reason(e)}") from None
     set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
-    trainer = torch.load(os.path.join(path, MARKER), weights_only=False)
+    trainer = torch.load(os.path.join(path, MARKER), weights_only=True)
     rng = trainer["rng"][rank]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():
@@ -320,7 +407,6 @@ def _quiet():
 def _from_rank0(obj, world):
     if world == 1:
         return obj
-    import torch.distributed as dist
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_group)
     return box[0]
@@ -329,7 +415,6 @@ def _from_rank0(obj, world):
 def _gather(obj, world):
     if world == 1:
         return [obj]
-    import torch.distributed as dist
     out = [None] * world
     dist.all_gather_object(out, obj, group=_group)
     return out
@@ -337,7 +422,6 @@ def _gather(obj, world):
 
 def _barrier(world):
     if world > 1:
-        import torch.distributed as dist
         dist.barrier(group=_group)
 
 
@@ -346,9 +430,6 @@ def _barrier(world):
 def write_model_files(path, cfg, tok, step, world, held_out):
     """Everything besides the weights that a Hugging Face user (and eval.py) needs: tokenizer and chat template,
     the image processor config, a greedy generation config, the training config and the model card."""
-    import data
-    from model import HUB_MODELS, stop_token_ids, vision_token_ids
-    from transformers import GenerationConfig
     tok.save_pretrained(path)
     base = HUB_MODELS.get(cfg.model, cfg.model)
     processor = {"image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
@@ -383,7 +464,6 @@ def _base_file(base, name):
     if base == "tiny":
         return None
     try:
-        from transformers.utils import cached_file
         return cached_file(base, name, _raise_exceptions_for_missing_entries=False)
     except Exception:  # offline and not cached: write ours
         return None
@@ -394,7 +474,7 @@ def method_name(c):
     if c["n_adv"] == 0:
         name = "GRPO"
     else:
-        name = {"egas": "SaEI", "noise": "NoisyRollout", "none": "GRPO"}[c["perturb"]]
+        name = egas.PERTURBATIONS[c["perturb"]][0] if c["perturb"] in egas.PERTURBATIONS else c["perturb"]
     extra = {"vepo": " + VEPO token selection", "top_entropy": " + top-20% entropy tokens", "all": ""}[c["pg_tokens"]]
     return name + extra
 
@@ -412,7 +492,8 @@ def model_card(trained, base):
     else:
         detail = f"{c['n_clean'] + c['n_adv']} rollouts per prompt"
     accuracy = (f"{100 * held['accuracy']:.1f}% (format {100 * held['format']:.1f}%), greedy, on {held['problems']} "
-                f"problems of {c['dataset']}/{c['eval_split']}, measured at step {held['step']}" if held else "not measured")
+                f"problems of {c['dataset']}/{c['eval_split']}, measured at step {held['step']}"
+                if held and held["problems"] else "not measured")
     hub = f"base_model: {base}\n" if "/" in base and not os.path.isdir(base) else ""
     return f"""---
 {hub}library_name: transformers
@@ -421,7 +502,7 @@ tags: [qwen2.5-vl, grpo, {method.split()[0].lower()}]
 ---
 # {method} fine-tune of {base}
 
-Trained with `train.py` of the SaEI reference implementation (RL fine-tuning with GRPO, DESIGN.md §4).
+Trained with `train.py` of the SaEI reference implementation (RL fine-tuning with GRPO).
 
 - base model: {base}
 - method: {method}: {detail}; lr {c['lr']:g}, temperature {c['temperature']:g}, clip {c['clip_low']}/{c['clip_high']}

@@ -5,10 +5,13 @@ object (`cfg.lr`) after `override(defaults, argv)` has applied, in order:
 config files (`config/name.py`, plain Python assigning the same names, optionally starting from another
 file with `include("base.py")`) and `--key=value` or `--key value`
 arguments. Values are parsed as Python literals (falling back to a plain string) and must keep the type of
-the default (an int is accepted where a float is expected). Any mistake ends the run with one line that
-names the problem and the fix.
+the default (an int is accepted where a float is expected); a float must be finite. Any mistake ends the run
+with one line that names the problem and the fix.
+
+A config file is Python and runs as such: run only config files you trust.
 """
 import ast
+import math
 import os
 import traceback
 import types
@@ -30,6 +33,8 @@ def _check(key, value, default):
     if default is not None and type(value) is not type(default):
         raise SystemExit(f"config error: {key} must be {type(default).__name__} (default {default!r}), "
                          f"got {type(value).__name__} {value!r}; fix the value")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+        raise SystemExit(f"config error: {key} must be finite, got {value!r}")  # 1e999 parses as inf
     return value
 
 

@@ -1,20 +1,28 @@
 """Images and text -> model inputs, and the datasets they come from.
 
-One pixel pipeline (DESIGN §5): `load_image` resizes once in PIL, outside autograd, to a size `smart_resize`
+One pixel pipeline: `load_image` resizes once in PIL, outside autograd, to a size `smart_resize`
 picks; `image_to_pixels` does everything after that as a differentiable torch function of the [0, 1] image,
 so the clean rollouts, the EgAS attack and the policy update all see the image the same way, and gradients
 reach the raw pixels. A test holds it equal to transformers' Qwen2-VL image processor.
 """
 import functools
+import itertools
 import math
+import os
+import random
+import re
+import zlib
 
+import datasets
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 PATCH, MERGE, TEMPORAL = 14, 2, 2  # Qwen2.5-VL: 14-px patches, 2x2 merge windows, frames duplicated to 2
 FACTOR = PATCH * MERGE  # both sides of a resized image are multiples of 28
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses longer / shorter side over this
 IMAGE_PLACEHOLDER = "<image>"
 # The format instruction the paper family (EasyR1 / NoisyRollout recipes) appends to every problem.
 INSTRUCTION = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -26,8 +34,9 @@ INSTRUCTION = (" You FIRST think about the reasoning process as an internal mono
 
 def smart_resize(height, width, factor=FACTOR, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
     """(height, width) -> (h, w): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over Qwen2.5-VL's limit of 200")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over Qwen2.5-VL's limit of "
+                         f"{MAX_ASPECT}")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:  # shrink, rounding down so the area stays under the cap
         scale = math.sqrt(height * width / max_pixels)
@@ -51,7 +60,6 @@ def to_rgb(image):
     """PIL image of any mode -> RGB, transparency composited onto white (as transformers does), 16-bit images
     scaled to 8 bits (PIL's own conversion clips them: a mid-grey 16-bit PNG would come out white)."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        import numpy as np
         values = np.asarray(image, dtype=np.float64)
         if image.mode != "I" or values.max() > 255:  # a 32-bit "I" image holding 8-bit values stays as it is
             values = values / 257  # 65535 -> 255
@@ -139,8 +147,13 @@ def prepare(record, tok, min_pixels, max_pixels, role="user"):
 # are the `dataset_info` features of that dataset's card on the Hugging Face hub.
 
 def _with_image(text):
-    """Put the <image> placeholder first unless the text already places it."""
-    return text if IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + text
+    """Put the <image> placeholder first unless the text already places it (no text: check_record skips the row)."""
+    return text if not isinstance(text, str) or IMAGE_PLACEHOLDER in text else IMAGE_PLACEHOLDER + text
+
+
+def _as_list(images):
+    """An `images` column holds a list of images; one that holds single images is read the same way."""
+    return images if isinstance(images, list) else [images]
 
 
 def _options(choices):
@@ -155,7 +168,6 @@ def _inline_choices(question):
 
     Returns [] unless the lines after the last "Choice" read A, B, C, ... without a gap.
     """
-    import re
     found = re.findall(r"^\s*\(?([A-H])\)?\s*[:.]\s*(.+?)\s*$", question.rpartition("Choice")[2], re.MULTILINE)
     letters = "".join(letter for letter, _ in found)
     return [text for _, text in found] if found and "ABCDEFGH".startswith(letters) else []
@@ -166,7 +178,7 @@ def _problem_answer(row, prompts="question"):
     # (the letter). xyliu6/k12-freeform (MMK12 in free form, as NoisyRollout trains; no card features, columns from
     # the training code that reads it): images [Image], problem, answer. Both are trained free-form: the problem
     # shows no options, so Geometry3K's `choices` are left out (a letter guessed blind would otherwise earn reward).
-    return {"images": row["images"], "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
+    return {"images": _as_list(row["images"]), "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
             "choices": [], "meta": {}}
 
 
@@ -214,10 +226,11 @@ def _hallusionbench(row, prompts="question"):
 
 
 def _ours(row, prompts="question"):
-    # a local dataset already in the record schema: images [Image] (or one image), problem, answer[, choices]
-    images = row["images"] if "images" in row else [row["image"]]
-    return {"images": images, "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
-            "choices": row.get("choices") or [], "meta": {}}
+    # a local dataset already in the record schema: images [Image] (or one image, in `images` or `image`), problem,
+    # answer[, choices]
+    return {"images": _as_list(row["images"] if "images" in row else row["image"]),
+            "problem": _with_image(row["problem"]), "answer": str(row["answer"]), "choices": row.get("choices") or [],
+            "meta": {}}
 
 
 # name -> (hub id, config, split (None: the caller's), converter); sizes from the cards. MathVerse's text-only
@@ -243,8 +256,6 @@ def load_records(name, split, prompts="question"):
     prompts: "question", each benchmark's plain question (and options), or "query", the prompt fields the
     papers' evaluations use (MathVista's query, MathVerse's query_cot, HallusionBench asked for a boxed yes/no).
     """
-    import os
-    import datasets
     check_dataset(name)
     if name == "synthetic":
         return synthetic_split(split)
@@ -274,6 +285,8 @@ def load_records(name, split, prompts="question"):
     except KeyError as e:
         raise SystemExit(f"dataset '{where}' has no column {e} (it has {', '.join(rows.column_names)}); "
                          f"see data.py for the columns each dataset needs") from None
+    except Exception:  # a bad value (an image that does not decode...): usable_records skips it like any other row
+        pass
 
     def transform(batch):  # datasets hands over a batch of columns; convert row by row
         records = [convert(dict(zip(batch, values))) for values in zip(*batch.values())]
@@ -283,7 +296,6 @@ def load_records(name, split, prompts="question"):
 
 def check_dataset(spec):
     """Stop with one line unless `spec` names a dataset load_records can read (no data is read here)."""
-    import os
     name, has_path, path = spec.partition("=")
     name = ALIASES.get(name, name)
     if has_path and name not in SOURCES:
@@ -297,8 +309,6 @@ def check_dataset(spec):
 
 def _load_local(path, split, config=None):
     """A local copy of a dataset -> the `split` rows (a one-split copy is that split, whatever its files say)."""
-    import os
-    import datasets
     if not os.path.exists(path):
         raise SystemExit(f"dataset path '{path}' does not exist")
     try:
@@ -312,8 +322,6 @@ def _load_local(path, split, config=None):
 
 def _read_local(path, split, config):
     """_load_local without the error messages: a parquet file, a save_to_disk folder or a folder of parquet files."""
-    import os
-    import datasets
     if os.path.isfile(path):
         return datasets.load_dataset("parquet", data_files=path, split="train")
     if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
@@ -337,8 +345,10 @@ def check_record(record, tok, min_pixels, max_pixels, max_prompt_len, role="user
     """Why a record cannot be used, or None when it can. Everything that would fail inside the model (or
     silently teach it nothing) is caught here, before training: the image is fully decoded once."""
     images = record.get("images") or []
-    if not images or images[0] is None:
+    if not isinstance(images, list) or not images or images[0] is None:
         return "missing image"
+    if not isinstance(record.get("problem"), str):
+        return "missing problem"
     if len(images) > 1 or record["problem"].count(IMAGE_PLACEHOLDER) > 1:
         return "more than one image"  # one image per problem: the pixel pipeline and the attack assume it
     if not str(record.get("answer") or "").strip():
@@ -348,9 +358,11 @@ def check_record(record, tok, min_pixels, max_pixels, max_prompt_len, role="user
     image = images[0]
     try:
         image.load()  # a lazy PIL image only reads its pixels here: truncated or corrupt files fail now
-        h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
     except Exception as e:  # PIL raises many types for broken files; the reason is printed, nothing is lost
         return f"unreadable image ({type(e).__name__})"
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        return f"aspect ratio over {MAX_ASPECT}"
+    h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
     n_tokens = n_image_tokens(torch.empty(0, h, w))  # only the size matters: no need to resize the image
     if len(build_prompt(tok, record["problem"], n_tokens, role=role)) > max_prompt_len:
         return f"prompt over {max_prompt_len} tokens"
@@ -385,7 +397,7 @@ def usable_records(records, tok, min_pixels, max_pixels, max_prompt_len, name="d
 
 
 # ----------------------------------------------------------------------------- synthetic task
-# The offline demo's task (DESIGN §8, §11): a 4x4 grid of 28-px cells, each empty or holding a red, green or
+# The offline demo's task: a 4x4 grid of 28-px cells, each empty or holding a red, green or
 # blue square; "how many <colour> squares?". A 28-px cell is exactly one 2x2 merge window, so each cell is one
 # visual token. The worked solution reads the grid row by row in <think> ("g.r. .rgr ..b. b...") and then boxes
 # the count: the shipped tiny warm start reads the grid imperfectly and counts imperfectly (45% greedy), which
@@ -402,14 +414,12 @@ SYN_HELD_OUT = 5  # a grid belongs to one split by a hash of its content: 1/5 of
 def _synthetic_split_of(cells, letter):
     """Which split a (grid, asked colour) belongs to. Hashing the content, not the seed, makes the splits disjoint
     by construction however many problems each draws: test = crc % 5 == 0, validation = 1, train = the rest."""
-    import zlib
     h = zlib.crc32(f"{cells}|{letter}".encode()) % SYN_HELD_OUT
     return {0: "test", 1: "validation"}.get(h, "train")
 
 
 def synthetic_image(cells):
     """16-character grid string, row by row ('.' empty, r/g/b a square) -> 112x112 RGB PIL image."""
-    from PIL import ImageDraw
     size = SYN_GRID * SYN_CELL
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -440,7 +450,6 @@ def synthetic_problem(rng, split):
 
 def synthetic_stream(split, seed=0):
     """Endless problems of `split` (train | validation | test), deterministic in (split, seed)."""
-    import random
     if split not in SYN_SIZES:
         raise SystemExit(f"synthetic task has no split '{split}': use one of {', '.join(SYN_SIZES)}")
     rng = random.Random(f"synthetic/{split}/{seed}")  # a string seed: each split its own stream
@@ -450,6 +459,5 @@ def synthetic_stream(split, seed=0):
 
 def synthetic_split(split, n=None, seed=0):
     """The first n problems (default: SYN_SIZES[split]) of synthetic_stream(split, seed), as a list of records."""
-    import itertools
     stream = synthetic_stream(split, seed)
     return list(itertools.islice(stream, SYN_SIZES[split] if n is None else n))

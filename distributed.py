@@ -47,10 +47,22 @@ def setup_distributed(cfg):
     return dist.get_rank(), world
 
 
-def leave_process_group():
-    """Every rank waits for the others before tearing down; a rank leaving early can abort its peer in gloo."""
-    dist.barrier()
-    dist.destroy_process_group()
+def leave_process_group(wait=True):
+    """Leave the process group, if this process is in one. wait: first wait for the other ranks (a rank leaving
+    early can abort its peer in gloo); not after an error that may be this rank's alone, when they may never come."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` (any picklable object) on every rank; `obj` itself in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
 
 
 def all_reduce_sum(t):

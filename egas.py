@@ -234,3 +234,31 @@ def attack(model, images, rollouts, n, steps=1, alpha=2 / 255, eps=None, band=(1
         release_weights(sharded)
     return attacked, [{"objective_clean": c, "objective_adv": a, "gain": a - c, "fallback": f}
                       for c, a, f in zip(stats["objective_clean"], stats["objective_adv"], fallback)]
+
+
+# ----------------------------------------------------------------------------- the perturbations train.py can use
+
+def perturb_egas(policy, images, clean, step, cfg):
+    """SaEI: one PGD attack per prompt on the TsEC band of its clean responses."""
+    attacked, stats = attack(policy, images, clean, cfg.n_clean, steps=cfg.pgd_steps, alpha=cfg.pgd_alpha,
+                             eps=cfg.pgd_eps, band=cfg.tsec_band, scope=cfg.tsec_scope, temperature=cfg.temperature,
+                             objective=cfg.attack_objective, rows_per_pass=cfg.attack_rows, chunk_size=cfg.logit_chunk)
+    return attacked, stats, {}
+
+
+def perturb_noise(policy, images, clean, step, cfg):
+    """NoisyRollout: annealed random noise, strong early in the run and ~0 at its end."""
+    k = noise_level(step, cfg.max_steps)
+    return [add_noise(x, k) for x in images], [], {"noise_k": k}
+
+
+def perturb_none(policy, images, clean, step, cfg):
+    """The second half sees the clean image too."""
+    return list(images), [], {}
+
+
+# perturb = name -> (the method, as a model card names it; the function). A perturbation is a function of (policy,
+# the k clean images, sample()'s dict of their clean rollouts, the step, the run's config) -> (the images the n_adv
+# rollouts see, attack stats per prompt or [], metrics to log); adding one is a function and an entry here.
+PERTURBATIONS = {"egas": ("SaEI", perturb_egas), "noise": ("NoisyRollout", perturb_noise), "none": ("GRPO", perturb_none)}
+

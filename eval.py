@@ -18,6 +18,12 @@ import sys
 
 import torch
 
+import checkpoint
+import configurator
+import data
+import rewards
+from model import check_device, load_policy, sample
+
 # ----------------------------------------------------------------------------- constants
 model = "tiny"            # checkpoint path, short name (Qwen2.5-VL-7B), hub id or tiny
 benchmarks = "synthetic"  # comma-separated names (geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench),
@@ -65,9 +71,6 @@ def evaluate(policy, tok, records, min_pixels, max_pixels, max_new_tokens, batch
 
     pass@1 is the mean accuracy of the samples; pass@k the mean over problems of the unbiased estimator.
     """
-    import data
-    import rewards
-    from model import sample
     samples = []
     was_training = policy.training
     policy.eval()
@@ -130,21 +133,22 @@ def settings(argv):
     """The command line over the defaults; for a checkpoint of train.py, over the settings it was trained and
     evaluated with (image bounds, response length, temperature, held-out set), so it is measured as train.py
     measured it. Says which it used."""
-    import checkpoint
-    import data
-    from configurator import get_config
-    cfg = get_config(DEFAULTS, argv)
+    cfg = configurator.get_config(DEFAULTS, argv)
     trained = checkpoint.training_config(cfg.model) if os.path.isdir(cfg.model) else None
     if trained is None:
         return cfg
-    ours = {key: trained["config"][name] for key, name in FROM_TRAINING.items()}
+    # (a config of an older train.py may lack some: eval.py's defaults stand in)
+    ours = {key: trained["config"][name] for key, name in FROM_TRAINING.items() if name in trained["config"]}
     plain = cfg
-    cfg = get_config(dict(DEFAULTS, **ours), argv)
+    cfg = configurator.get_config(dict(DEFAULTS, **ours), argv)
     given = [key for key in ours if getattr(cfg, key) != ours[key] or getattr(plain, key) != DEFAULTS[key]]
-    used = " ".join(f"{key}={getattr(cfg, key)}" for key in ours if key not in given)
-    print(f"from {cfg.model}'s training config: {used}"
-          + (f"; from the command line: {' '.join(f'{key}={getattr(cfg, key)}' for key in given)}" if given else ""))
-    if trained["instruction"] != data.INSTRUCTION:  # the chat template comes with the checkpoint; this does not
+    missing = [key for key in FROM_TRAINING if key not in ours]
+    listed = lambda keys: " ".join(f"{key}={getattr(cfg, key)}" for key in keys)
+    print(f"from {cfg.model}'s training config: {listed(k for k in ours if k not in given)}"
+          + (f"; from the command line: {listed(given)}" if given else "")
+          + (f"; not in it, eval.py's own: {listed(missing)}" if missing else ""))
+    # the chat template comes with the checkpoint; the instruction does not (an older config may not hold it)
+    if trained.get("instruction", data.INSTRUCTION) != data.INSTRUCTION:
         print(f"warning: {cfg.model} was trained with another format instruction than data.INSTRUCTION; "
               f"its answers may not be in the format graded here")
     return cfg
@@ -152,9 +156,6 @@ def settings(argv):
 
 def main(argv):
     """Evaluate cfg.model on every benchmark; print and write the table. Returns the table's rows."""
-    import configurator
-    import data
-    from model import load_policy
     cfg = settings(argv)
     for spec in cfg.benchmarks.split(","):  # every name before the model loads: a typo must not cost a whole run
         data.check_dataset(spec)
@@ -163,29 +164,34 @@ def main(argv):
     configurator.check_at_least(cfg, {"limit": 0, "n_samples": 0, "rollout_chunk": 0, "batch_size": 1,
                                       "max_response_len": 1, "max_prompt_len": 1})
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
+    check_device(cfg.device)
+    benchmarks = []  # every benchmark read before the model loads: a failure costs no model load and no evaluation
+    for spec in cfg.benchmarks.split(","):
+        records = data.load_records(spec, cfg.split, cfg.prompts)
+        if cfg.limit:  # (a bad row among them is skipped and counted below, not read here)
+            n = min(cfg.limit, len(records))
+            records = records.select(range(n)) if hasattr(records, "select") else records[:n]
+        benchmarks.append((spec.partition("=")[0], records))
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device, seed=cfg.seed,
                               device_map=cfg.device_map)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rows, scores = [], {}
     with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as samples_file:
-        for spec in cfg.benchmarks.split(","):
-            name = spec.partition("=")[0]
+        for name, records in benchmarks:
             print(f"evaluating {name}")
-            records = data.load_records(spec, cfg.split, cfg.prompts)
-            if cfg.limit:
-                records = [records[i] for i in range(min(cfg.limit, len(records)))]
             records, counts = data.usable_records(records, tok, cfg.min_pixels, cfg.max_pixels, cfg.max_prompt_len, name,
                                                   cfg.instruction_role)
             result = evaluate(policy, tok, records, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
                               cfg.batch_size, cfg.n_samples, cfg.temperature, cfg.rollout_chunk, cfg.instruction_role)
             for s in result["samples"]:
                 samples_file.write(json.dumps({"benchmark": name, **s}, ensure_ascii=False) + "\n")
+            samples_file.flush()
             rows.append({"benchmark": name, "accuracy": result["accuracy"], "format": result["format"],
                          **{k: v for k, v in result.items() if k.startswith("pass@")},
                          "problems": counts["kept"], "dropped": counts["dropped"]})
             scores[name] = benchmark_scores(data.ALIASES.get(name, name), result["samples"])
-    average = sum(r["accuracy"] for r in rows) / len(rows)  # unweighted: each benchmark counts once
+            average = write_results(cfg, rows, scores)  # after each benchmark: a later failure loses none of these
 
     w = max(len(r["benchmark"]) for r in rows + [{"benchmark": "benchmark"}]) + 2
     rates = [k for k in rows[0] if k not in ("benchmark", "problems", "dropped")]  # accuracy, format, pass@k...
@@ -198,6 +204,14 @@ def main(argv):
         if extra:
             print(f"{name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in extra.items()))
     print("grading: rule-based (mathruler's string and sympy equivalence), no LLM judge")
+    print(f"wrote {cfg.out_dir}/results.json, results.csv and samples.jsonl")
+    return rows
+
+
+def write_results(cfg, rows, scores):
+    """results.json and results.csv: the table of `rows` (one per benchmark) and their average, and each
+    benchmark's own scores. Returns the average accuracy, unweighted: each benchmark counts once."""
+    average = sum(r["accuracy"] for r in rows) / len(rows)
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
         json.dump({"model": cfg.model, "n_samples": cfg.n_samples, "temperature": cfg.temperature, "benchmarks": rows,
                    "average": average, "scores": scores, "instruction_role": cfg.instruction_role,
@@ -207,8 +221,7 @@ def main(argv):
         writer.writeheader()
         writer.writerows(rows + [{"benchmark": "average", "accuracy": average,
                                   **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("pass@")}}])
-    print(f"wrote {cfg.out_dir}/results.json, results.csv and samples.jsonl")
-    return rows
+    return average
 
 
 if __name__ == "__main__":

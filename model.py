@@ -117,6 +117,19 @@ def build_tiny(seed=0, text_layers=4, text_hidden=128, vision_depth=2, vision_hi
     return model, tok
 
 
+def check_device(device):
+    """Stop with one line unless this machine can compute on `device` (cpu, cuda, cuda:N, mps)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"config error: device {device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from None
+    usable = {"cpu": True, "mps": torch.backends.mps.is_available(),
+              "cuda": torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()}
+    if not usable.get(d.type, False):
+        raise SystemExit(f"config error: device {device!r} is not available on this machine "
+                         f"({torch.cuda.device_count()} CUDA device(s)); use --device=cpu")
+
+
 def load_policy(name, dtype=torch.float32, device="cpu", seed=0, device_map=None):
     """Short name, hub id or local path -> (model, tokenizer). 'tiny' builds a random tiny model from `seed`.
     device_map="auto" (evaluation of a model too big for one GPU) lets transformers and accelerate spread the

@@ -293,6 +293,19 @@ SAEI_STEP = ["--model", os.path.join(ROOT, "assets", "tiny-synthetic"), "--datas
 
 
 @pytest.fixture(scope="module")
+def one_saved_step(tmp_path_factory):
+    """A finished one-step SMALL run: its checkpoint (step 1) and metrics line. Tests damage copies of it."""
+    out = tmp_path_factory.mktemp("one_saved_step")
+    train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
+    return out
+
+
+def _copy(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+@pytest.fixture(scope="module")
 def saei_step(tmp_path_factory):
     return _one_step(*_spied_run(tmp_path_factory.mktemp("saei_step"), *SAEI_STEP))
 
@@ -358,11 +371,15 @@ UPDATE_SCRIPT = textwrap.dedent("""
     if world > 1:  # the process group of a GPU run, with gloo standing in for NCCL on the one device NCCL serves:
         # a collective handed a tensor on a device the group has no backend for fails here as under NCCL
         from torch.distributed.distributed_c10d import BackendConfig
-        init = torch.distributed.init_process_group
+        init, calls = torch.distributed.init_process_group, []
         def gpu_like(backend, **kw):
+            # NCCL learns this rank's GPU from the group, after torch.cuda.set_device picked it (a CPU build of
+            # torch refuses a CUDA device_id, so it is checked here and not passed on)
+            assert calls == [f"cuda:{{os.environ['LOCAL_RANK']}}"], calls
+            assert kw.pop("device_id") == torch.device(calls[0])
             served = BackendConfig(backend).get_device_backend_map()  # "nccl" -> {{"cuda": "nccl"}}
             init(",".join(f"{{d}}:{{'gloo' if b == 'nccl' else b}}" for d, b in served.items()), **kw)
-        torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, lambda device: None
+        torch.distributed.init_process_group, torch.cuda.set_device = gpu_like, calls.append
         cfg.device = "cuda"
     rank, world = distributed.setup_distributed(cfg)
     loads = []  # how many times this rank reads the model: under torchrun, rank 0 alone
@@ -727,7 +744,7 @@ def test_data_bad_rows_are_skipped_with_counted_reasons(tmp_path, capsys):
     kept, counts = data.usable_records(rows, tok, 56 * 56, 28 * 28 * 16, 10 ** 6, name="fixture")
     assert [r["problem"] for r in kept] == ["<image>ok", "gray", "rgba"]
     assert counts == {"kept": 3, "dropped": 7, "missing image": 1, "unreadable image (OSError)": 1,
-                      "unreadable image (ValueError)": 1, "empty answer": 1, "more than one image": 2,
+                      "aspect ratio over 200": 1, "empty answer": 1, "more than one image": 2,
                       "special token in the problem text": 1}
     assert "fixture: 3 of 10 rows usable; skipped: " in capsys.readouterr().out
     for r in kept:  # and what is kept really goes through the pixel pipeline
@@ -735,6 +752,43 @@ def test_data_bad_rows_are_skipped_with_counted_reasons(tmp_path, capsys):
         assert x.shape[0] == 3 and data.image_to_pixels(x)[0].shape[1] == 1176
     with pytest.raises(SystemExit, match="fixture: no usable row"):
         data.usable_records(rows[3:], tok, 56 * 56, 28 * 28 * 16, 10 ** 6, name="fixture")
+
+
+def _bad_first_rows(tmp_path):
+    """Local datasets in the record schema whose first row is bad in each way a row can be, the second one good.
+    Returns name -> path."""
+    import io
+    png = io.BytesIO()
+    Image.new("RGB", (60, 40), "red").save(png, format="PNG")
+    good = {"bytes": png.getvalue(), "path": None}
+    schema = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    bad = {"undecodable": ({"images": [{"bytes": b"not an image", "path": None}], "problem": "<image>a", "answer": "1"},
+                           schema),
+           "no_problem": ({"images": [good], "problem": None, "answer": "1"}, schema),
+           "strip": ({"images": [Image.new("RGB", (3000, 10))], "problem": "<image>a", "answer": "1"}, schema),
+           # an `images` column of single images, not lists: read as one image each
+           "single_images": ({"images": good, "problem": "<image>a", "answer": "1"}, dict(schema, images=IMAGE))}
+    paths = {}
+    for name, (row, features) in bad.items():
+        second = dict(row, images=good if features["images"] == IMAGE else [good], problem="<image>b", answer="2")
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        _table([row, second], features).to_parquet(paths[name])
+    return paths
+
+
+def test_data_a_bad_first_row_is_skipped_and_counted_like_any_other(tmp_path):
+    from model import tiny_tokenizer
+    tok = tiny_tokenizer()
+    expected = {"undecodable": "unreadable row (UnidentifiedImageError)", "no_problem": "missing problem",
+                "strip": "aspect ratio over 200", "single_images": None}
+    for name, path in _bad_first_rows(tmp_path).items():
+        kept, counts = data.usable_records(data.load_records(path, "test"), tok, 3136, 12544, 10 ** 6, name=name)
+        if expected[name] is None:
+            assert counts == {"kept": 2, "dropped": 0}, name
+        else:
+            assert counts == {"kept": 1, "dropped": 1, expected[name]: 1}, name
+        assert kept[len(kept) - 1]["problem"] == "<image>b"
+        _check_shape(kept)
 
 
 def test_data_configs_assign_train_constants():
@@ -1346,6 +1400,24 @@ def test_rewards_pathological_answers_stay_fast():
     assert not is_correct("1" * 300, "1" * 300)  # too long: wrong, even if equal
     assert is_correct("1,\\!000", "1000")  # LaTeX thin space \! is not a factorial
     assert time.time() - t0 < 2.0
+
+
+def test_rewards_grading_is_bounded_whatever_the_reference():
+    def timed(given, answer):
+        t0 = time.time()
+        return score(_resp(given), answer)["accuracy"], time.time() - t0
+    # the reference uses a factorial, so factorials in the answer reach sympy: the exploding ones never do
+    for given in ["(99!)!", "10000000!"]:
+        accuracy, seconds = timed(given, "5!")
+        assert accuracy == 0.0 and seconds < 1.0, (given, seconds)
+    # a blow-up no pattern catches (nested powers, allowed with any reference) is cut off after GRADE_SECONDS
+    accuracy, seconds = timed("((((((((((9^9)^9)^9)^9)^9)^9)^9)^9)^9)^9)", "5!")
+    assert accuracy == 0.0 and seconds < rewards.GRADE_SECONDS + 2.0, seconds
+    accuracy, seconds = timed("9**9**9", "2**10")  # a power the reference also uses
+    assert accuracy == 0.0 and seconds < rewards.GRADE_SECONDS + 2.0, seconds
+    # and grading goes on (in a new grading process): the number 5! stands for, and 5! itself, are right
+    assert timed("120", "5!")[0] == 1.0 and timed("5!", "5!")[0] == 1.0 and timed("121", "5!")[0] == 0.0
+    assert timed("1024", "2**10")[0] == 1.0 and is_correct("3", r"\frac{6}{2}")
 
 
 def test_rewards_real_geometry3k():
@@ -2009,6 +2081,18 @@ def test_configurator_file_errors_name_the_file_and_line(tmp_path, text, message
     assert "<string>" not in str(e.value) and "\n" not in str(e.value)
 
 
+def test_configurator_floats_must_be_finite(tmp_path):
+    from configurator import override
+    defaults = {"lr": 1e-6, "pgd_alpha": 2 / 255, "tsec_band": (1 / 3, 2 / 3)}
+    (tmp_path / "nan.py").write_text("pgd_alpha = float('nan')\n")
+    for argv, message in [(["--lr=1e999"], "lr must be finite, got inf"), (["--lr=-1e999"], "lr must be finite"),
+                          ([str(tmp_path / "nan.py")], "pgd_alpha must be finite, got nan"),
+                          (["--tsec_band=(0.0, 1e999)"], "tsec_band must be finite")]:
+        with pytest.raises(SystemExit, match=message):
+            override(defaults, argv)
+    assert override(defaults, ["--lr=1e-300"])["lr"] == 1e-300  # tiny is finite
+
+
 # ----------------------------------------------------------------------------- train.py
 
 
@@ -2199,6 +2283,11 @@ def two_mini_batch_runs(tmp_path_factory):
     (["--ppo_epochs=0"], "ppo_epochs must be >= 1"),
     (["--rollout_chunk=-1"], "rollout_chunk must be >= 0"),
     (["--max_skipped_updates=0"], "max_skipped_updates must be >= 1"),
+    (["--lr=1e999"], "lr must be finite"),
+    (["--temperature=1e999"], "temperature must be finite"),
+    (["--weight_decay=1e999"], "weight_decay must be finite"),
+    (["--device=cuda:99"], "device 'cuda:99' is not available on this machine .* use --device=cpu"),
+    (["--device=gpu"], "device 'gpu' is not a torch device"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -2436,6 +2525,147 @@ def test_train_behaviour_ratio_reads_each_response_on_the_image_it_was_sampled_o
     assert default["ratio_min_adv"] == default["ratio_max_adv"] == 1.0 and default["clip_frac_adv"] == 0
 
 
+def test_train_near_zero_temperature_logs_finite_numbers_only(tmp_path):
+    (log,) = _run(tmp_path, "--temperature=1e-9")  # the band's entropy is 0: its relative gain has no value
+    assert not {k: v for k, v in log.items() if isinstance(v, float) and not math.isfinite(v)}
+    assert "attack_gain_rel" not in log and log["attack_gain"] == 0.0
+
+
+def test_train_without_held_out_problems_reports_no_accuracy_rather_than_nan(tmp_path, capsys):
+    start, end = train.main(SMALL_ONE_STEP + ["--eval_limit=0", "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert start == {"problems": 0, "step": 0} and end == {"problems": 0, "step": 1}
+    assert not re.search(r"\bnan\b", printed) and printed.count("not measured (no held-out problems)") == 2
+    assert "held-out accuracy: not measured" in (tmp_path / "checkpoint" / "README.md").read_text()
+    assert not [k for k in json.loads((tmp_path / "metrics.jsonl").read_text()) if k.startswith("eval_")]
+
+
+def test_train_wandb_without_a_login_stops_before_the_model_loads(tmp_path):
+    # a process of its own: wandb keeps the settings of the first run in a process (the offline test's)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")  # no ~/.netrc holding a key
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "train.py"] + SMALL_ONE_STEP + ["--wandb_log=True", "--out_dir", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.match(r"--wandb_log=True, but wandb could not start: .*wandb login", run.stderr.strip().splitlines()[-1])
+    assert "held-out" not in run.stdout  # stopped before the model loaded and evaluated
+    train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])  # nothing of the failed start is in the way
+    assert _steps(out) == [1]
+
+
+@pytest.mark.parametrize("end", ["finished", "signal", "skipped_updates", "bad_input", "failed_save", "error"])
+def test_train_every_way_a_run_ends_goes_through_one_teardown(end, tmp_path, monkeypatch):
+    import resource
+    import signal
+    import threading
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    args, raises, message = SMALL_ONE_STEP, None, None
+    done, limits, xfsz = threading.Event(), resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    if end == "signal":  # a SIGTERM once step 1 is logged, as a scheduler sends it
+        args, raises, message = SMALL + ["--max_steps=100", "--save_interval=100"], SystemExit, "stopped by SIGTERM"
+
+        def send():
+            while not done.is_set():
+                if (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text():
+                    return os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+        threading.Thread(target=send, daemon=True).start()
+    elif end == "skipped_updates":  # lr 1e3: step 1 wrecks the weights, step 2's update is non-finite
+        args, raises, message = (SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--max_skipped_updates=1"],
+                                 SystemExit, "1 updates in a row skipped")
+    elif end == "bad_input":  # found once out_dir is locked
+        args, raises, message = SMALL_ONE_STEP + ["--resume=True"], SystemExit, "holds no complete checkpoint"
+    elif end == "failed_save":  # files over 1 MB fail like a full disk
+        raises, message = SystemExit, "cannot write the checkpoint"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (both restored below, whatever happens)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    elif end == "error":  # a bug: not one of the run's own one-line stops
+        def bug(*a, **k):
+            raise RuntimeError("a bug in the training loop")
+        monkeypatch.setattr(train, "step_metrics", bug)
+        raises, message = RuntimeError, "a bug in the training loop"
+    try:
+        if raises is None:
+            train.main(args + ["--out_dir", str(tmp_path)])
+        else:
+            with pytest.raises(raises, match=message):
+                train.main(args + ["--out_dir", str(tmp_path)])
+    finally:
+        done.set()
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # the run's handlers are gone
+    assert not (tmp_path / "LOCK").exists() and not (tmp_path / "checkpoint.tmp").exists()
+
+
+TEARDOWN_SCRIPT = textwrap.dedent("""
+    # train.main on each rank, then what its end left behind: the process group, the signal handlers, out_dir's LOCK
+    import json, os, signal, sys, threading, time
+    sys.path.insert(0, {root!r})
+    import torch.distributed as dist
+    import train
+    out, args = sys.argv[1], sys.argv[2:]
+    rank = int(os.environ["RANK"])
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    if "--max_steps=100" in args and rank == 1:  # a SIGTERM to rank 1 alone once step 1 is logged
+        def send():
+            metrics = os.path.join(out, "metrics.jsonl")
+            while not (os.path.exists(metrics) and open(metrics).read()):
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=send, daemon=True).start()
+    try:
+        train.main(args + ["--out_dir", out])
+        end = "finished"
+    except SystemExit as e:
+        end = str(e)
+    print(json.dumps({{"rank": rank, "end": end, "process_group": dist.is_initialized(),
+                      "handlers": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers,
+                      "lock": os.path.exists(os.path.join(out, "LOCK"))}}))
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def test_train_two_ranks_end_through_the_teardown_on_a_signal_and_on_skipped_updates(tmp_path):
+    script = tmp_path / "ends.py"
+    script.write_text(TEARDOWN_SCRIPT.format(root=ROOT))
+    base = SMALL + ["--batch_size=4", "--eval_limit=1"]  # one held-out problem for two ranks: none to measure
+    for end, args, message in [
+            ("signal", ["--max_steps=100", "--save_interval=100"], "stopped by SIGTERM after step"),
+            ("skipped", ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=6", "--max_skipped_updates=1"],
+             "1 updates in a row skipped")]:
+        run = _torchrun([str(script), str(tmp_path / end)] + base + args)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+        left = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")),
+                      key=lambda r: r["rank"])
+        assert [r["rank"] for r in left] == [0, 1] and message in left[0]["end"] and left[1]["end"] == "1", left
+        assert all(not r["process_group"] and r["handlers"] and not r["lock"] for r in left), left
+        held_out = [line for line in run.stdout.splitlines() if line.startswith("held-out")]  # not nan
+        assert held_out and all(line.endswith("not measured (no held-out problems)") for line in held_out), held_out
+
+
+def test_train_a_new_perturbation_is_one_function_and_one_entry(tmp_path, monkeypatch):
+    # egas.PERTURBATIONS is the one place a perturbation is named: an entry added at runtime is accepted by the
+    # config check, used for the second half of the rollouts, logged, saved and named in the model card
+    def flip(policy, images, clean, step, cfg):
+        return [x.flip(-1) for x in images], [], {"flipped": 1.0}
+    monkeypatch.setitem(egas.PERTURBATIONS, "flip", ("SaEI's flip control", flip))
+    seen = []
+    real_sample = train.sample
+    monkeypatch.setattr(train, "sample", lambda *a, **kw: seen.append(kw["images"]) or real_sample(*a, **kw))
+    train.main(SMALL + ["--perturb=flip", "--max_steps=2", "--save_interval=1", "--eval_limit=0",
+                        "--out_dir", str(tmp_path)])
+    logs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [l["flipped"] for l in logs] == [1.0, 1.0] and all(l["attack_linf"] > 0 for l in logs)
+    clean, adv = seen[0], seen[1]  # step 1's two sampling calls
+    assert all(torch.equal(a, c.flip(-1)) for a, c in zip(adv, clean, strict=True))
+    assert "SaEI's flip control" in (tmp_path / "checkpoint" / "README.md").read_text()
+    with pytest.raises(SystemExit, match="perturb must be one of"):
+        train.get_config(SMALL + ["--perturb=blur"])
+
+
 def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path):
     step = _one_step(*_spied_run(tmp_path, "--perturb", "none", "--max_response_len", "8"))
     clean, adv = step["sample"]
@@ -2517,7 +2747,7 @@ def test_checkpoint_new_run_in_a_used_out_dir_refuses_unless_overwrite(demo_chec
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(SystemExit, match="already holds a run .*--resume=True.*--overwrite=True"):
+    with pytest.raises(SystemExit, match="already holds a run .*--overwrite=True"):
         train.main(SMALL_ONE_STEP + ["--out_dir", str(out)])
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / "LOCK").exists()
     # --overwrite=True replaces the run; the base is a local folder whose image processor config is carried over
@@ -2754,6 +2984,163 @@ def test_checkpoint_is_a_model_folder_transformers_alone_can_use(demo_checkpoint
     assert f"{100 * end['accuracy']:.1f}%" in card and "16 problems of synthetic/test" in card
 
 
+def test_checkpoint_a_last_update_skipped_is_a_non_zero_exit_not_a_finished_run(tmp_path):
+    # lr 1e3: step 1 wrecks the weights, the updates of steps 2 and 3 (the last) are skipped; no save_interval step
+    with pytest.raises(SystemExit, match=r"update of the last step \(3\) was skipped as non-finite \(2 in a row\), so "
+                                         r"the final weights were not saved; there is no checkpoint"):
+        train.main(SMALL + ["--lr=1e3", "--entropy_coef=0.1", "--max_steps=3", "--out_dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_checkpoint_overwrite_deletes_the_old_run_only_once_the_new_one_has_started(one_saved_step, tmp_path):
+    out = _copy(one_saved_step, tmp_path / "run")
+    before, logged = _weights(out), (out / "metrics.jsonl").read_text()
+    # a typo in the model, a dataset with no usable row: found after out_dir is locked, before the new run starts
+    for args, message in [(["--model=Qwen2.5-VL-3b"], "unknown model 'Qwen2.5-VL-3b'"),
+                          (["--max_prompt_len=10"], "no usable row")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(SMALL_ONE_STEP + args + ["--overwrite=True", "--out_dir", str(out)])
+        after = _weights(out)
+        assert all(torch.equal(before[k], after[k]) for k in before) and (out / "metrics.jsonl").read_text() == logged
+        assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+
+
+def test_checkpoint_a_failed_optimizer_write_leaves_no_partial_folder(one_saved_step, tmp_path):
+    import resource
+    import signal
+    # files over 6 MB fail like a full disk: the model (5 MB) is written, the optimizer state (8 MB) is not, and
+    # torch.distributed.checkpoint's error is a BaseException (not caught by `except Exception`)
+    fresh, resumed = tmp_path / "fresh", _copy(one_saved_step, tmp_path / "resumed")
+    before = _weights(resumed)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match=r"cannot write the checkpoint .*: File too large; no checkpoint kept$"):
+            train.main(SMALL_ONE_STEP + ["--out_dir", str(fresh)])
+        with pytest.raises(SystemExit, match=r": File too large; the previous checkpoint .* \(step 1\) is intact$"):
+            train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(resumed)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(os.listdir(fresh)) == ["metrics.jsonl"]
+    assert sorted(os.listdir(resumed)) == ["checkpoint", "metrics.jsonl"]
+    after = _weights(resumed)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_resume_mends_a_torn_metrics_line_and_takes_new_memory_settings(one_saved_step, tmp_path, capsys):
+    out = _copy(one_saved_step, tmp_path / "run")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "reward_clean": 0.')  # a kill (or a full disk) mid-line
+    capsys.readouterr()
+    memory = ["--micro_batch_size=1", "--gradient_checkpointing=False", "--rollout_chunk=3", "--attack_rows=2"]
+    train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)] + memory)
+    assert _steps(out) == [1, 2]
+    printed = capsys.readouterr().out
+    assert "dropped 1 line(s)" in printed and f"resuming {out / 'checkpoint'} at step 1 of 2" in printed
+    assert "held-out greedy accuracy at step 1, where this run resumes: " in printed
+    assert "before training" not in printed
+
+
+def test_checkpoint_a_full_disk_while_logging_is_one_line_and_leaves_no_torn_line(tmp_path):
+    import resource
+    import signal
+
+    def small_files():  # in the child: files over 300 bytes fail like a full disk (a metrics line is ~900)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--dataset", "synthetic", "--min_pixels=12544", "--max_pixels=12544",
+            "--max_response_len=24", "--batch_size=2", "--n_clean=2", "--n_adv=2", "--eval_limit=2",
+            "--updates_per_rollout=1", "--max_steps=2", "--out_dir", str(out)]
+    run = subprocess.run([sys.executable, "train.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_files, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.fullmatch(r"cannot write step 1 to .*metrics.jsonl: File too large; there is no checkpoint; free some "
+                        r"space, then start again with --overwrite=True", run.stderr.strip().splitlines()[-1])
+    assert (out / "metrics.jsonl").read_text() == "" and sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+def test_checkpoint_a_run_that_died_before_its_first_checkpoint_gets_advice_that_works(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit) as new:
+        train.main(SMALL_ONE_STEP + ["--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as resumed:
+        train.main(SMALL_ONE_STEP + ["--resume=True", "--out_dir", str(tmp_path)])
+    assert "--overwrite=True" in str(new.value) and "--resume" not in str(new.value)
+    assert "--overwrite=True" in str(resumed.value) and "drop --resume" not in str(resumed.value)
+    train.main(SMALL_ONE_STEP + ["--overwrite=True", "--out_dir", str(tmp_path)])
+    assert _steps(tmp_path) == [1]
+
+
+class _Crafted:
+    """What a crafted pickle can do when it is loaded: run a shell command (here, create a file)."""
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.mark}",)
+
+
+def test_checkpoint_resume_runs_no_code_from_the_checkpoint_folder(one_saved_step, tmp_path):
+    import pickle
+    out, ran = _copy(one_saved_step, tmp_path / "run"), tmp_path / "ran"
+    marker = out / "checkpoint" / "trainer_state.pt"
+    state = torch.load(marker, weights_only=True)
+    torch.save(dict(state, step=_Crafted(ran)), marker)
+    with pytest.raises(SystemExit, match="holds no complete checkpoint"):
+        train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)])
+    assert not ran.exists()
+    torch.save(state, marker)
+    (out / "checkpoint" / "optimizer" / ".metadata").write_bytes(pickle.dumps(_Crafted(ran)))
+    with pytest.raises(SystemExit, match=r"is damaged \(optimizer/.metadata is unreadable: it names .*system"):
+        train.main(SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)])
+    assert not ran.exists()
+
+
+def test_checkpoint_a_damaged_checkpoint_stops_resume_with_one_line(one_saved_step, tmp_path, monkeypatch):
+    out = _copy(one_saved_step, tmp_path / "run")
+    ckpt = out / "checkpoint"
+    args = SMALL + ["--max_steps=2", "--resume=True", "--out_dir", str(out)]
+    shard, metadata = ckpt / "optimizer" / "__0_0.distcp", ckpt / "optimizer" / ".metadata"
+    config = ckpt / "training_config.json"
+    kept = {f: f.read_bytes() for f in (shard, metadata, config)}
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+    with monkeypatch.context() as m:
+        m.setattr(train, "load_policy", no_load)
+        for damage, message in [(shard.unlink, r"optimizer/__0_0.distcp is missing"),
+                                (metadata.unlink, r"optimizer/.metadata: No such file"),
+                                (lambda: config.write_text("{"), r"training_config.json is damaged \(not JSON"),
+                                (lambda: config.write_text('{"config": {}}'), "with the run's config and world_size")]:
+            damage()
+            with pytest.raises(SystemExit, match=message) as e:
+                train.main(args)
+            assert "\n" not in str(e.value) and not (out / "LOCK").exists()
+            for f, content in kept.items():
+                f.write_bytes(content)
+    shard.write_bytes(kept[shard][:1000])  # cut short: every file is there, reading it fails
+    with pytest.raises(SystemExit, match="resume: cannot read the optimizer state in "):
+        train.main(args)
+
+
+def test_checkpoint_resume_is_exact_with_sampled_evaluations(tmp_path):
+    # with eval_samples every evaluation samples, and a resumed run also evaluates where it resumes: the training
+    # stream must not see those draws
+    args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--eval_samples=2", "--save_interval=1"]
+    train.main(args + ["--max_steps=2", "--out_dir", str(tmp_path / "straight")])
+    train.main(args + ["--max_steps=1", "--out_dir", str(tmp_path / "resumed")])
+    train.main(args + ["--max_steps=2", "--resume=True", "--out_dir", str(tmp_path / "resumed")])
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    def last(run):  # the step-2 line, timings aside
+        line = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+        return {k: v for k, v in line.items() if not k.startswith("t_")}
+    assert last("straight") == last("resumed") and "eval_pass@2" in last("straight")
+
+
 # ----------------------------------------------------------------------------- eval.py
 
 def test_eval_bare_checkpoint_is_measured_as_train_measured_it(demo_checkpoint, tmp_path, capsys):
@@ -2913,6 +3300,8 @@ def test_eval_n_samples_reports_pass_at_k_everywhere(tmp_path, capsys):
     (["--limit=-1"], "limit must be >= 0, got -1"),
     (["--n_samples=-2"], "n_samples must be >= 0, got -2"),
     (["--max_pixels=100", "--min_pixels=200"], "max_pixels .100. must be >= min_pixels"),
+    (["--temperature=1e999"], "temperature must be finite"),
+    (["--device=cuda:99"], "device 'cuda:99' is not available"),
 ])
 def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path, monkeypatch):
     import eval as evaluation
@@ -2923,6 +3312,50 @@ def test_eval_bad_arguments_stop_before_the_model_loads(args, message, tmp_path,
     with pytest.raises(SystemExit, match=message):
         evaluation.main(["--model", "tiny", "--out_dir", str(tmp_path)] + args)
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_eval_reads_every_benchmark_first_and_keeps_the_results_of_those_it_finished(tmp_path, monkeypatch):
+    import eval as evaluation
+    k12 = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    _table([{"images": [_image("red")], "problem": "<image>How many?", "answer": " "}], k12).to_parquet(
+        str(tmp_path / "unanswered.parquet"))
+    (tmp_path / "zero.parquet").write_bytes(b"")  # not a parquet file
+    args = ["--model", "tiny", "--limit", "2", "--max_response_len", "4", "--min_pixels", "12544",
+            "--max_pixels", "12544", "--out_dir", str(tmp_path / "eval")]
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before every benchmark was read")
+    with monkeypatch.context() as m:
+        m.setattr(model_lib, "load_policy", no_load)
+        with pytest.raises(SystemExit, match="cannot read dataset .*zero.parquet"):
+            evaluation.main(args + ["--benchmarks", f"synthetic,mmk12={tmp_path / 'zero.parquet'}"])
+    with pytest.raises(SystemExit, match=r"no usable row \(1 empty answer\)"):
+        evaluation.main(args + ["--benchmarks", f"synthetic,{tmp_path / 'unanswered.parquet'}"])
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert [(r["benchmark"], r["problems"]) for r in results["benchmarks"]] == [("synthetic", 2)]
+    assert [t["benchmark"] for t in csv.DictReader(open(tmp_path / "eval" / "results.csv"))] == ["synthetic", "average"]
+
+
+def test_eval_a_bad_first_row_is_counted_not_fatal(tmp_path):
+    import eval as evaluation
+    (row,) = evaluation.main(["--model", "tiny", "--benchmarks", _bad_first_rows(tmp_path)["undecodable"], "--limit",
+                              "2", "--max_response_len", "4", "--min_pixels", "3136", "--max_pixels", "12544",
+                              "--out_dir", str(tmp_path / "eval")])
+    assert row["problems"] == 1 and row["dropped"] == 1
+
+
+def test_eval_a_damaged_or_older_training_config(one_saved_step, tmp_path, capsys):
+    import eval as evaluation
+    ckpt = _copy(one_saved_step / "checkpoint", tmp_path / "checkpoint")
+    trained = json.load(open(ckpt / "training_config.json"))
+    del trained["config"]["max_prompt_len"], trained["instruction"]  # what an older train.py did not write
+    json.dump(trained, open(ckpt / "training_config.json", "w"))
+    (row,) = evaluation.main(["--model", str(ckpt), "--limit=1", "--out_dir", str(tmp_path / "eval")])
+    assert row["problems"] == 1 and "not in it, eval.py's own: max_prompt_len=2048" in capsys.readouterr().out
+    (ckpt / "training_config.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"training_config.json is damaged \(not JSON") as e:
+        evaluation.main(["--model", str(ckpt), "--out_dir", str(tmp_path / "eval")])
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- compare.py
@@ -3193,4 +3626,13 @@ def test_readme_file_table_and_commands_match_the_repository():
     commands = re.findall(r"```bash\n(pip install .*)\n```", readme)
     assert commands[0].endswith("&& python train.py")
     assert commands[1].split("&& ")[-1] in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_repository_cites_no_document_outside_it():
+    # a user's clone holds only these files: a reference to a design document it does not have helps no reader
+    files = [os.path.join(folder, name) for folder, dirs, names in os.walk(ROOT) for name in names
+             if name.endswith((".py", ".md")) and name != "test_saei.py"
+             and not {".venv", "out", ".git", "wandb"} & set(os.path.relpath(folder, ROOT).split(os.sep))]
+    assert len(files) > 20  # the repository's code, configs, README, docs and results
+    assert [f for f in files if "DESIGN" in open(f, encoding="utf-8").read()] == []
 

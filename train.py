@@ -1,13 +1,13 @@
 """SaEI: RL fine-tuning of a vision-language model with GRPO and selective-adversarial entropy intervention.
 
-One training step (DESIGN §4):
+One training step:
   1. clean rollouts: n_clean responses per prompt on the image I
   2-4. EgAS + TsEC: one PGD step on I's pixels that raises the entropy of the middle-entropy tokens of
        those responses, giving I_adv (egas.py, tsec.py)
   5. adversarial rollouts: n_adv responses per prompt on I_adv
   6. rewards: 0.9 * accuracy + 0.1 * format (rewards.py)
   7. advantages: one group of n_clean + n_adv per prompt, standardized (grpo.py)
-  8. update: PPO-clip on every response token, log-probs on the clean image (grpo.py)
+  8. update: PPO-clip on every response token, log-probs on the clean image (ppo.py; the loss in grpo.py)
 
 Run: `python train.py` (the offline demo: config/demo.py), `python train.py --max_steps=20` (the demo, shorter),
 `torchrun --nproc_per_node=8 train.py --model Qwen2.5-VL-3B` (the paper-family recipe below, on Geometry3K).
@@ -29,13 +29,13 @@ import eval as evaluation
 import grpo
 import ppo
 import rewards
-from distributed import (all_reduce_sum, global_mean, global_std, global_sum, leave_process_group, load_on_rank0,
-                         reshard, setup_distributed, shard)
-from model import load_policy, sample, sequences
+from distributed import (all_reduce_sum, from_rank0, global_mean, global_std, global_sum, leave_process_group,
+                         load_on_rank0, reshard, setup_distributed, shard)
+from model import check_device, load_policy, sample
 
 # ----------------------------------------------------------------------------- constants
-# The constants are the paper-family recipe (Geometry3K, DESIGN §4). Given neither a config file nor --model,
-# train.py starts from config/demo.py instead: the offline demo on CPU.
+# The constants are the paper-family recipe (NoisyRollout's released Geometry3K scripts). Given neither a config
+# file nor --model, train.py starts from config/demo.py instead: the offline demo on CPU.
 # what to train
 model = "Qwen2.5-VL-7B"      # tiny | Qwen2.5-VL-3B | Qwen2.5-VL-7B | Qwen2.5-VL-32B | hub id | local checkpoint
 dataset = "geometry3k"       # geometry3k | mmk12 | synthetic | name=path (a local copy) | a local folder or .parquet
@@ -59,12 +59,13 @@ instruction_role = "user"    # the format instruction after the problem ("user",
 min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
 max_pixels = 1000000
 # SaEI
-perturb = "egas"             # egas (SaEI) | noise (NoisyRollout) | none (the n_adv rollouts see the clean image)
+perturb = "egas"             # egas (SaEI) | noise (NoisyRollout) | none (the n_adv rollouts see the clean image);
+                             # egas.PERTURBATIONS lists them
 tsec_band = (1 / 3, 2 / 3)   # entropy-rank quantiles of the tokens the attack targets; (0.0, 1.0) = no selection
 tsec_scope = "group"         # rank tokens within each prompt's group of n_clean responses, or per "response"
 pgd_steps = 1                # T
 pgd_alpha = 2 / 255          # step size on [0, 1] pixels; negative descends the entropy (a sanity ablation)
-pgd_eps = 0.0                # L-inf radius around the clean image; 0: |pgd_alpha| * pgd_steps (DESIGN §4)
+pgd_eps = 0.0                # L-inf radius around the clean image; 0: |pgd_alpha| * pgd_steps (our default)
 logprob_image = "clean"      # image the update conditions adversarial responses on: clean | adversarial
 adv_old_logprob = "clean"    # pi_old of the adversarial half, in its PPO ratio: "clean" = pi_old(o|I), the paper
                              # family's convention (with one update per rollout its ratio is exactly 1, unbounded by
@@ -90,10 +91,10 @@ ppo_epochs = 1               # passes over the rollout batch
 attack_objective = "bounded" # bounded: prompt by prompt, attack_rows responses per forward/backward, LM head on the
                              # band only (any model size) | full_logits: every prompt at once, the plain formula
                              # (the memory of every response's full logits: small models, the demo)
-attack_rows = 1              # clean responses per forward/backward in the bounded attack: its memory is that of this many
+attack_rows = 1              # clean responses per forward/backward in the bounded attack (its memory: this many)
 micro_batch_size = 4         # responses per forward/backward in the update;
                              # 4 and gradient checkpointing are our memory choice for 8 x 80 GB, not the papers'
-logit_chunk = 1024           # response positions per LM-head chunk (memory, DESIGN §6)
+logit_chunk = 1024           # response positions per LM-head chunk (memory: full logits over 152k tokens are huge)
 freeze_vision = True         # the paper family freezes the vision tower (gradients still reach the image)
 gradient_checkpointing = True   # recompute decoder layers in backward: less memory, ~30% more compute
 # evaluation, logging, checkpoints
@@ -125,10 +126,39 @@ def get_config(argv):
 
 
 def main(argv):
+    """Train; returns (start, end), the held-out evaluations before and after. However the run ends -- finished,
+    stopped by a signal or by skipped updates, a bad input, a failed save, an error -- it leaves through teardown."""
+    opened, error = {}, None  # what the run has set up that teardown must undo
+    try:
+        return run(argv, opened)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        teardown(opened, error)
+
+
+def teardown(opened, error):
+    """The one way out of a run: restore the signal handlers, close the wandb run, unlock out_dir (rank 0 holds the
+    lock), leave the process group. Our one-line stops (SystemExit) come on every rank at the same point; any other
+    error may be this rank's alone, so the process group is left without waiting for the others, which may never
+    come."""
+    if "restore" in opened:
+        opened["restore"]()
+    if opened.get("wandb"):
+        opened["wandb"].finish(exit_code=0 if error is None else 1)
+    checkpoint.unlock()
+    leave_process_group(wait=error is None or isinstance(error, SystemExit))
+
+
+def run(argv, opened):
+    """main's run; `opened` gets the signal handlers' restore and the wandb run as they are set up."""
     cfg = get_config(argv)
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own responses
     resume_from = checkpoint.start(cfg, rank, world)  # lock out_dir; the checkpoint to continue, or None
+    if cfg.wandb_log:  # before the model loads: a missing login must not cost a load and an evaluation
+        opened["wandb"] = start_wandb(cfg, rank)
     policy, ref, tok = build_policy(cfg, rank, world, resume_from)
     params = [p for p in policy.parameters() if p.requires_grad]
     # frozen weights never get a gradient, so AdamW skips them; listing every parameter keeps the
@@ -138,26 +168,31 @@ def main(argv):
     compute = lambda: torch.autocast(cfg.device.split(":")[0], getattr(torch, cfg.dtype),
                                      enabled=world == 1 and cfg.dtype != "float32")
     train_set, eval_set = load_data(cfg, tok)
+    if rank == 0 and not resume_from:
+        checkpoint.clear(cfg.out_dir)  # --overwrite=True: the old run goes now that this one has started
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     group, per_rank = cfg.n_clean + cfg.n_adv, cfg.batch_size // world
-    evaluate_now = lambda: evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute)
+    evaluate_now = lambda step: dict(evaluate_held_out(policy, tok, eval_set, cfg, rank=rank, world=world,
+                                                       compute=compute), step=step)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
     stop = checkpoint.install_stop_handlers()
-    start = held_out = dict(evaluate_now(), step=first_step - 1)
+    opened["restore"] = stop["restore"]
+    if rank == 0 and resume_from:
+        print(f"resuming {resume_from} at step {first_step - 1} of {cfg.max_steps}")
+    start = held_out = evaluate_now(first_step - 1)
+    saved = first_step - 1 if resume_from else None  # the step of the last checkpoint
     skipped = 0  # updates skipped in a row
     if rank == 0:
-        print(f"held-out greedy accuracy before training: {start['accuracy']:.3f} (format {start['format']:.3f})")
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    if cfg.wandb_log and rank == 0:
-        import wandb  # optional: only a run that asks for it needs it
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg), dir=cfg.out_dir)
+        when = f"at step {first_step - 1}, where this run resumes" if resume_from else "before training"
+        print(f"held-out greedy accuracy {when}: {measured(start)}")
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
         records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
         for param_group in optimizer.param_groups:
             param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1) if cfg.lr_decay else cfg.lr
-        images, prompts = zip(*[data.prepare(r, tok, cfg.min_pixels, cfg.max_pixels, cfg.instruction_role)
-                                for r in records])
+        images, prompts = zip(*[data.prepare(r, tok, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                             role=cfg.instruction_role) for r in records])
         images = [x.to(cfg.device) for x in images]
         log = {"step": step}
 
@@ -165,19 +200,21 @@ def main(argv):
         policy.eval()
         t0 = time.time()
         with compute():
-            clean = sample(policy, tok, prompts, images, cfg.n_clean, cfg.max_response_len, cfg.temperature,
+            clean = sample(policy, tok, prompts=prompts, images=images, n=cfg.n_clean,
+                           max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
                            chunk_rows=cfg.rollout_chunk)
         # 2-4. the perturbed image for the second half of the rollouts (EgAS + TsEC, or NoisyRollout's noise)
         t1 = time.time()
-        adv_images, attacks = perturb_images(policy, images, clean, step, cfg, compute, log)
+        adv_images, attacks = perturb_images(policy, images, clean, step=step, cfg=cfg, compute=compute, log=log)
         # 5. adversarial rollouts
         t2 = time.time()
         rollouts = clean
         if cfg.n_adv > 0:
             with compute():
-                adv = sample(policy, tok, prompts, adv_images, cfg.n_adv, cfg.max_response_len, cfg.temperature,
+                adv = sample(policy, tok, prompts=prompts, images=adv_images, n=cfg.n_adv,
+                             max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
                              chunk_rows=cfg.rollout_chunk)
-            rollouts = merge_groups(clean, adv, cfg.n_clean, cfg.n_adv, tok.pad_token_id)
+            rollouts = merge_groups(clean, adv, n_clean=cfg.n_clean, n_adv=cfg.n_adv, pad_id=tok.pad_token_id)
         t3 = time.time()
 
         # 6. rewards
@@ -196,13 +233,14 @@ def main(argv):
         sampled_on = None  # pi_old read on the image each response was sampled on (the corrected ratio)
         if cfg.adv_old_logprob == "behaviour" and cfg.n_adv > 0:
             sampled_on = [adv_images[i // group] if is_adv[i] else images[i // group] for i in range(len(texts))]
-        update = ppo.update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg, world, compute,
-                            sampled_on=sampled_on)
+        update = ppo.update(policy, ref, optimizer, params, rollouts=rollouts, advantages=advantages,
+                            row_images=row_images, cfg=cfg, world=world, compute=compute, sampled_on=sampled_on)
         skipped = 0 if update["applied"] else skipped + 1
         t4 = time.time()
 
         # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
-        log.update(step_metrics(rollouts, texts, scores, is_adv, update["entropy"], group, cfg))
+        log.update(step_metrics(rollouts, texts, scores, is_adv=is_adv, update_entropy=update["entropy"], group=group,
+                                cfg=cfg))
         log.update(attack_metrics(images, adv_images, attacks, cfg))
         log.update({"lr": optimizer.param_groups[0]["lr"], **update["log"],
                     "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
@@ -212,46 +250,91 @@ def main(argv):
                 tqdm.write(f"warning: step {step}: update skipped, loss {update['loss']:.4g} or gradient norm "
                            f"{update['grad_norm']:.4g} is not finite ({skipped} in a row)")
         if cfg.eval_interval and step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            held_out = dict(evaluate_now(), step=step)  # the model card of the next save reports it
+            held_out = evaluate_now(step)  # the model card of the next save reports it
             log.update({f"eval_{k}": v for k, v in held_out.items() if k == "accuracy" or k.startswith("pass@")})
+        unwritten = None
         if rank == 0:
-            metrics_file.write(json.dumps(log) + "\n")
-            metrics_file.flush()
+            unwritten = append_line(metrics_path, log)
             if cfg.wandb_log:
-                wandb.log(log, step=step)
+                opened["wandb"].log(log, step=step)
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+        unwritten = from_rank0(unwritten)  # every rank stops together
+        if unwritten:
+            again = "continue with --resume=True" if saved is not None else "start again with --overwrite=True"
+            raise SystemExit(1 if rank else f"cannot write step {step} to {metrics_path}: {unwritten}; "
+                             f"{last_checkpoint(saved)}; free some space, then {again}")
 
         # a checkpoint every save_interval steps, at the end, and when a signal stops the run
         if skipped >= cfg.max_skipped_updates:  # the weights may be wrecked: keep the last checkpoint as it is
-            stop["restore"]()
-            checkpoint.unlock()
             raise SystemExit(1 if rank else f"stopped: {skipped} updates in a row skipped as non-finite (steps "
-                             f"{step - skipped + 1}-{step}); the last checkpoint is kept as it was; lower lr (now "
+                             f"{step - skipped + 1}-{step}); {last_checkpoint(saved)}; lower lr (now "
                              f"{cfg.lr:g}) or raise max_skipped_updates")
         stopped_by = checkpoint.signal_on_any_rank(stop)
         if (step % cfg.save_interval == 0 or step == cfg.max_steps or stopped_by) and skipped == 0:
             reshard(policy)  # the state-dict API finds parameters by identity: they must be the sharded ones
-            checkpoint.save(policy, tok, optimizer, step, cfg, rank, world, held_out)
+            checkpoint.save(policy, tok, optimizer, step=step, cfg=cfg, rank=rank, world=world, held_out=held_out)
+            saved = step
         if stopped_by:
-            stop["restore"]()
-            if world > 1:
-                leave_process_group()
-            checkpoint.unlock()
-            saved = "checkpoint saved" if skipped == 0 else "last update skipped, so the checkpoint was left as it was"
-            raise SystemExit(1 if rank else f"stopped by {stopped_by} after step {step}; {saved}; continue with "
+            done = "checkpoint saved" if skipped == 0 else f"last update skipped, so {last_checkpoint(saved)}"
+            raise SystemExit(1 if rank else f"stopped by {stopped_by} after step {step}; {done}; continue with "
                              f"--resume=True")
+    if skipped:  # the final weights were not saved: this must not pass for a finished run (train.py && eval.py)
+        raise SystemExit(1 if rank else f"stopped: the update of the last step ({cfg.max_steps}) was skipped as "
+                         f"non-finite ({skipped} in a row), so the final weights were not saved; "
+                         f"{last_checkpoint(saved)}; lower lr (now {cfg.lr:g})")
 
-    stop["restore"]()
-    end = held_out if held_out["step"] == cfg.max_steps else evaluate_now()
-    if rank == 0:
+    end = held_out if held_out["step"] == cfg.max_steps else evaluate_now(cfg.max_steps)
+    if rank == 0 and not start["problems"]:
+        print(f"held-out greedy accuracy: {measured(end)}")
+    elif rank == 0:
         print(f"held-out greedy accuracy: {start['accuracy']:.3f} before -> {end['accuracy']:.3f} after "
-              f"(format {start['format']:.3f} -> {end['format']:.3f})")
-    if cfg.wandb_log and rank == 0:
-        wandb.finish()
-    if world > 1:
-        leave_process_group()
-    checkpoint.unlock()
+              f"(format {start['format']:.3f} -> {end['format']:.3f})"
+              + (f"; before = step {start['step']}, where this run resumed" if resume_from else ""))
     return start, end
+
+
+def start_wandb(cfg, rank):
+    """Rank 0's Weights & Biases run (None on the other ranks). When it cannot start (no login, no wandb
+    installed...), every rank stops with one line."""
+    run, why = None, None
+    if rank == 0:
+        try:
+            import wandb  # optional: only a run that asks for it needs it
+            run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=vars(cfg),
+                             dir=cfg.out_dir)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    why = from_rank0(why)
+    if why:
+        raise SystemExit(f"--wandb_log=True, but wandb could not start: {why}; run `wandb login`, set "
+                         f"WANDB_MODE=offline, or drop --wandb_log")
+    return run
+
+
+def append_line(path, log):
+    """Append `log` as one JSON line. Returns None, or why it could not (a full disk): whatever part of the line got
+    written is cut off again, so that the file never ends in a torn line."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(log) + "\n")
+    except OSError as e:
+        os.truncate(path, size)
+        return e.strerror or str(e)
+    return None
+
+
+def last_checkpoint(step):
+    """What is kept, in words: the checkpoint of `step` (None: no checkpoint yet)."""
+    return "there is no checkpoint" if step is None else f"the last checkpoint (step {step}) is kept as it was"
+
+
+def measured(held_out):
+    """An evaluation in words: '0.438 (format 1.000)', or 'not measured' when it had no problem (eval_limit=0, or
+    fewer held-out problems than ranks) rather than the nan of 0 / 0."""
+    if not held_out["problems"]:
+        return "not measured (no held-out problems)"
+    return f"{held_out['accuracy']:.3f} (format {held_out['format']:.3f})"
 
 
 def build_policy(cfg, rank, world, resume_from):
@@ -281,40 +364,41 @@ def build_policy(cfg, rank, world, resume_from):
 def load_data(cfg, tok):
     """The train and held-out records; rows that would fail inside the model (bad image, empty answer, prompt
     too long...) are skipped and counted."""
-    return [data.usable_records(data.load_records(cfg.dataset, split), tok, cfg.min_pixels, cfg.max_pixels,
-                                cfg.max_prompt_len, f"{cfg.dataset}/{split}", cfg.instruction_role)[0]
+    return [data.usable_records(data.load_records(cfg.dataset, split), tok, min_pixels=cfg.min_pixels,
+                                max_pixels=cfg.max_pixels, max_prompt_len=cfg.max_prompt_len,
+                                name=f"{cfg.dataset}/{split}", role=cfg.instruction_role)[0]
             for split in (cfg.train_split, cfg.eval_split)]
 
 
 def evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute):
-    """Greedy accuracy (and with eval_samples, pass@k) on the first eval_limit held-out problems, over all ranks."""
+    """Greedy accuracy (and with eval_samples, pass@k) on the first eval_limit held-out problems, over all ranks:
+    {"accuracy", "format", "pass@k"..., "problems"}, or only {"problems": 0} when there is nothing to measure.
+    The samples draw from a copy of the random state: the training stream is the same whether (and how often) a run
+    evaluated, so a resumed run, which evaluates where it resumes, continues the uninterrupted one exactly."""
     n = min(cfg.eval_limit, len(eval_set)) // world * world  # equal shares: ranks generate in lockstep
+    if n == 0:  # eval_limit=0, or fewer problems than ranks
+        return {"problems": 0}
     subset = [eval_set[i] for i in range(rank, n, world)]
-    with compute():
-        result = evaluation.evaluate(policy, tok, subset, cfg.min_pixels, cfg.max_pixels, cfg.max_response_len,
-                                     batch_size=cfg.rollout_chunk or len(subset), n_samples=cfg.eval_samples,
-                                     temperature=cfg.temperature, chunk_rows=cfg.rollout_chunk,
-                                     role=cfg.instruction_role)
+    cuda = [torch.cuda.current_device()] if cfg.device.startswith("cuda") else []
+    with compute(), torch.random.fork_rng(devices=cuda):
+        result = evaluation.evaluate(policy, tok, subset, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                     max_new_tokens=cfg.max_response_len, batch_size=cfg.rollout_chunk or len(subset),
+                                     n_samples=cfg.eval_samples, temperature=cfg.temperature,
+                                     chunk_rows=cfg.rollout_chunk, role=cfg.instruction_role)
     rates = ["accuracy", "format"] + [k for k in result if k.startswith("pass@")]
     sums = all_reduce_sum(torch.tensor([result[k] * len(subset) for k in rates] + [len(subset)], dtype=torch.float64))
     return {**{k: (s / sums[-1]).item() for k, s in zip(rates, sums)}, "problems": n}
 
 
 def perturb_images(policy, images, clean, step, cfg, compute, log):
-    """Steps 2-4: the image each prompt's n_adv rollouts will see. EgAS ("egas"): one PGD attack per prompt on
-    the TsEC band of its clean responses; NoisyRollout ("noise"): annealed random noise; else the clean image.
-    Returns (adv_images, attacks): attacks holds egas.attack's stats per prompt (empty without an attack)."""
-    adv_images, attacks = list(images), []
-    if cfg.n_adv > 0 and cfg.perturb == "egas":
-        with compute():
-            adv_images, attacks = egas.attack(policy, images, clean, cfg.n_clean, steps=cfg.pgd_steps,
-                                              alpha=cfg.pgd_alpha, eps=cfg.pgd_eps, band=cfg.tsec_band,
-                                              scope=cfg.tsec_scope, temperature=cfg.temperature,
-                                              objective=cfg.attack_objective, rows_per_pass=cfg.attack_rows,
-                                              chunk_size=cfg.logit_chunk)
-    elif cfg.n_adv > 0 and cfg.perturb == "noise":  # NoisyRollout: random noise, strong early, ~0 at the end
-        log["noise_k"] = egas.noise_level(step, cfg.max_steps)
-        adv_images = [egas.add_noise(x, log["noise_k"]) for x in images]
+    """Steps 2-4: the image each prompt's n_adv rollouts will see, from the perturbation cfg.perturb names
+    (egas.PERTURBATIONS: EgAS + TsEC, NoisyRollout's noise, none). Returns (adv_images, attacks): attacks holds
+    the attack's stats per prompt (empty without an attack); what else it measured goes into `log`."""
+    if cfg.n_adv == 0:
+        return list(images), []
+    with compute():
+        adv_images, attacks, measured = egas.PERTURBATIONS[cfg.perturb][1](policy, images, clean, step=step, cfg=cfg)
+    log.update(measured)
     return adv_images, attacks
 
 
@@ -366,17 +450,20 @@ def attack_metrics(images, adv_images, attacks, cfg):
     """How far the second half's images moved, and what the attack did to its objective (means over prompts).
 
     attack_linf, attack_l2: distance of the perturbed image from the clean one in 1/255 units; attack_gain: the
-    TsEC objective's rise in nats, attack_gain_rel: that rise over the objective on the clean image.
+    TsEC objective's rise in nats, attack_gain_rel: that rise over the objective on the clean image (over the
+    prompts where that is > 0; not logged when none is).
     """
     if cfg.n_adv == 0 or cfg.perturb == "none":
         return {}
     distances = torch.tensor([egas.perturbation_size(x, x_adv) for x, x_adv in zip(images, adv_images)])  # (n, 2)
     m = {"attack_linf": global_mean(distances[:, 0]), "attack_l2": global_mean(distances[:, 1])}
     if attacks:
-        gain = torch.tensor([a["gain"] for a in attacks])
-        m.update({"attack_gain": global_mean(gain),
-                  "attack_gain_rel": global_mean(gain / torch.tensor([a["objective_clean"] for a in attacks])),
-                  "tsec_fallback": int(global_sum(sum(a["fallback"] for a in attacks)))})
+        gain, before = torch.tensor([a["gain"] for a in attacks]), torch.tensor([a["objective_clean"] for a in attacks])
+        m["attack_gain"] = global_mean(gain)
+        some = before > 0  # a band with no entropy at all (a near-zero temperature) has no relative gain, not 0 / 0
+        if global_sum(some.sum()):
+            m["attack_gain_rel"] = global_mean((gain / before)[some])
+        m["tsec_fallback"] = int(global_sum(sum(a["fallback"] for a in attacks)))
     return m
 
 
@@ -390,7 +477,7 @@ def distinct_answers(answers, group, n=None, first=True):
 
 def check_config(cfg):
     """Every value a run depends on, checked before anything heavy loads: one line names the value and the fix."""
-    choices = {"perturb": ("egas", "noise", "none"), "logprob_image": ("clean", "adversarial"),
+    choices = {"perturb": tuple(egas.PERTURBATIONS), "logprob_image": ("clean", "adversarial"),
                "attack_objective": ("bounded", "full_logits"), "adv_old_logprob": ("clean", "behaviour"),
                "scale_rewards": ("group", "batch", "none"), "instruction_role": ("user", "system"),
                "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
@@ -415,6 +502,7 @@ def check_config(cfg):
     if cfg.clip_low >= 1:
         raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
+    check_device(cfg.device)
     if len(cfg.tsec_band) != 2 or not 0.0 <= cfg.tsec_band[0] <= cfg.tsec_band[1] <= 1.0:
         raise SystemExit(f"config error: tsec_band must be (lo, hi) with 0 <= lo <= hi <= 1, got {cfg.tsec_band}")
     data.check_dataset(cfg.dataset)
@@ -446,7 +534,6 @@ if __name__ == "__main__":
         status = 0
     except SystemExit as e:  # one line: a bad input, a stop by signal, a failed save (exit status 1)
         status = e.code
-    checkpoint.unlock()
     if isinstance(status, str):
         print(status, file=sys.stderr)
         status = 1
