@@ -104,7 +104,6 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
     lengths = response_mask.sum(1).tolist()  # right-padded: response j is its first lengths[j] tokens
     targets = sequences[:, prompt_len:]
     counts = selected.sum(1)
-    weights = 1.0 / (counts.clamp(min=1) * (counts > 0).sum())  # mean per response, then over responses
     positions = []  # Qwen2.5-VL's 3D positions of the whole rows, computed once: the image size never changes
 
     def encode_prompt(img):
@@ -144,7 +143,8 @@ def tsec_objective(model, sequences, attention_mask, response_mask, prompt_len, 
             with torch.set_grad_enabled(grad):
                 _, entropy = token_logprobs(response_states(rows, leaves[0], leaf_kv), head,
                                             targets[rows, :width], selected[rows, :width], temperature, chunk_size)
-                part = (entropy.sum(1) * weights[rows]).sum()
+                # these responses' share of J: tsec's selective entropy over them, weighted by how many they are
+                part = tsec.selective_entropy(entropy, selected[rows, :width]) * len(rows) / len(counted)
             if grad:
                 torch.autograd.backward(part, inputs=leaves)  # frees these responses' graph
             total += part.item()
