@@ -320,6 +320,9 @@ def save(policy, tok, optimizer, step, cfg, rank, world, held_out=None):
     out_dir = cfg.out_dir
     live, tmp = os.path.join(out_dir, NAMES[0]), os.path.join(out_dir, NAMES[1])
     model_state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if getattr(policy.config, "tie_word_embeddings", False):  # (Qwen2.5-VL-3B) gathered from FSDP2, the tied LM head
+        for tied in policy._tied_weights_keys or {}:          # comes back as a copy of the embedding: store it once,
+            model_state.pop(tied, None)                       # as transformers does (+1.24 GB at 3B otherwise)
     # frozen weights (the vision tower) have no optimizer state; the state-dict API must be told
     optim_state = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}

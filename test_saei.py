@@ -2646,6 +2646,25 @@ def test_train_two_ranks_end_through_the_teardown_on_a_signal_and_on_skipped_upd
         assert held_out and all(line.endswith("not measured (no held-out problems)") for line in held_out), held_out
 
 
+def test_train_two_ranks_save_a_tied_model_with_its_weight_once(tmp_path):
+    # Qwen2.5-VL-3B ties its LM head to the embedding: FSDP2's gathered state dict holds both as separate tensors;
+    # the checkpoint stores the weight once, and stock transformers loads it with the head tied again
+    import safetensors
+    policy, tok = model_lib.build_tiny(seed=0)
+    policy.config.tie_word_embeddings = True
+    tied = model_lib.Qwen2_5_VLForConditionalGeneration(policy.config)
+    tied.save_pretrained(tmp_path / "tied")
+    tok.save_pretrained(tmp_path / "tied")
+    run = _torchrun(["train.py", *SMALL_ONE_STEP, "--model", str(tmp_path / "tied"), "--batch_size=2",
+                     "--eval_limit=0", f"--out_dir={tmp_path / 'run'}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    with safetensors.safe_open(tmp_path / "run" / "checkpoint" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # (the hub's key names)
+    loaded = model_lib.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoint")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+
+
 def test_train_a_new_perturbation_is_one_function_and_one_entry(tmp_path, monkeypatch):
     # egas.PERTURBATIONS is the one place a perturbation is named: an entry added at runtime is accepted by the
     # config check, used for the second half of the rollouts, logged, saved and named in the model card
