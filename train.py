@@ -51,7 +51,7 @@ batch_size = 512             # prompts per step (the rollout batch), over all ra
 n_clean = 6                  # n1: responses per prompt on the clean image
 n_adv = 6                    # n2: responses per prompt on the perturbed image; 0 = vanilla GRPO
 temperature = 1.0
-rollout_chunk = 64           # at most this many responses per generate call: bounds the KV cache (0: no limit)
+rollout_chunk = 64           # at most this many responses per sampling call (whole prompts): bounds the KV cache
 max_prompt_len = 2048        # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
 instruction_role = "user"    # the format instruction after the problem ("user", the EasyR1 recipes) or as the system
@@ -71,6 +71,7 @@ adv_old_logprob = "clean"    # pi_old of the adversarial half, in its PPO ratio:
                              # family's convention (with one update per rollout its ratio is exactly 1, unbounded by
                              # the clip although those responses were drawn from pi_old(.|I_adv)); "behaviour" =
                              # pi_old(o|I_adv), the image it was sampled on: the off-policy step corrected and clipped
+                             # (its ratio can be far from 1: see clip_dual)
 # update
 lr = 1e-6                    # no warmup
 lr_decay = False             # cosine decay from lr to lr / 10 over max_steps; the papers keep lr constant
@@ -88,9 +89,9 @@ grad_clip = 1.0
 updates_per_rollout = 4      # optimizer steps per rollout batch, each on an equal share of its groups (PPO mini-
                              # batches): from the second on the policy is off-policy and the clip does its work
 ppo_epochs = 1               # passes over the rollout batch
-attack_objective = "bounded" # bounded: prompt by prompt, attack_rows responses per forward/backward, LM head on the
-                             # band only (any model size) | full_logits: every prompt at once, the plain formula
-                             # (the memory of every response's full logits: small models, the demo)
+attack_objective = "bounded" # bounded: attack_rows responses per forward/backward, the LM head on the band only (any
+                             # model size) | full_logits: the plain formula on a prompt's responses at once (the
+                             # memory of their full logits: small models, the demo)
 attack_rows = 1              # clean responses per forward/backward in the bounded attack (its memory: this many)
 micro_batch_size = 4         # responses per forward/backward in the update;
                              # 4 and gradient checkpointing are our memory choice for 8 x 80 GB, not the papers'
