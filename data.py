@@ -156,6 +156,12 @@ def _as_list(images):
     return images if isinstance(images, list) else [images]
 
 
+def _answer(value):
+    """A stored answer as text: a missing one (None) is empty, so it is skipped as "empty answer", not graded as
+    the word "None"."""
+    return "" if value is None else str(value)
+
+
 def _options(choices):
     """Option texts -> the lines a multiple-choice problem shows: "\\nChoices:\\n(A) ...\\n(B) ..."."""
     if not choices:
@@ -178,7 +184,7 @@ def _problem_answer(row, prompts="question"):
     # (the letter). xyliu6/k12-freeform (MMK12 in free form, as NoisyRollout trains; no card features, columns from
     # the training code that reads it): images [Image], problem, answer. Both are trained free-form: the problem
     # shows no options, so Geometry3K's `choices` are left out (a letter guessed blind would otherwise earn reward).
-    return {"images": _as_list(row["images"]), "problem": _with_image(row["problem"]), "answer": str(row["answer"]),
+    return {"images": _as_list(row["images"]), "problem": _with_image(row["problem"]), "answer": _answer(row["answer"]),
             "choices": [], "meta": {}}
 
 
@@ -229,7 +235,7 @@ def _ours(row, prompts="question"):
     # a local dataset already in the record schema: images [Image] (or one image, in `images` or `image`), problem,
     # answer[, choices]
     return {"images": _as_list(row["images"] if "images" in row else row["image"]),
-            "problem": _with_image(row["problem"]), "answer": str(row["answer"]), "choices": row.get("choices") or [],
+            "problem": _with_image(row["problem"]), "answer": _answer(row["answer"]), "choices": row.get("choices") or [],
             "meta": {}}
 
 

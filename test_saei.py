@@ -650,6 +650,17 @@ def test_data_instruction_in_the_system_prompt_or_after_the_problem():
     assert "How many?<|im_end|>" in system and system.count(instruction) == 1
 
 
+def test_data_a_missing_answer_is_empty_not_the_word_none(tmp_path):
+    features = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}
+    _table([{"images": [_image("red")], "problem": "<image>Which colour?", "answer": "red"},
+            {"images": [_image("blue")], "problem": "<image>How many?", "answer": None}],
+           features).to_parquet(str(tmp_path / "mine.parquet"))
+    records = data.load_records(str(tmp_path / "mine.parquet"), "test")
+    assert records[1]["answer"] == ""
+    kept, counts = data.usable_records(records, model_lib.tiny_tokenizer(), 56 * 56, 112 * 112, 10 ** 6)
+    assert len(kept) == 1 and counts["empty answer"] == 1
+
+
 def test_data_local_record_schema(tmp_path):
     features = {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string"), "choices": STRINGS}
     _table([{"images": [_image("red")], "problem": "<image>Which colour?", "answer": "red",
