@@ -46,36 +46,43 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, n
     a negative-advantage token's loss is at most -A*c, so a ratio far above 1 (a response its sampling policy found
     much less likely than the trained one does) cannot take over the update; PPO-clip alone bounds it only above 1
     for positive advantages. 0: off.
-    Returns (loss, clip_stats(...)): detached sums (and the ratio's min and max) for logging.
+    Returns (loss, clip_stats's dict): detached sums (and the ratio's min and max) for logging.
     """
     mask = mask.to(logp.dtype)
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
     n_tokens = mask.sum() if n_tokens is None else n_tokens
-    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # clamped so one stale token cannot overflow
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    if clip_dual > 0:
-        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * clip_dual), per_token)
+    ratio, per_token, held = _clipped(logp, old_logp, advantages, clip_low, clip_high, clip_dual)
     loss = (per_token * mask).sum() / n_tokens
-    return loss, clip_stats(logp, old_logp, advantages, mask, clip_low, clip_high, clip_dual)
+    return loss, _summary(ratio, held, logp, old_logp, mask)
 
 
 @torch.no_grad()
 def clip_stats(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, clip_dual=0.0):
     """How far the policy has moved from the one that sampled, over the masked tokens: how many the clip holds
     (zero gradient, the dual clip included), the ratio's sum, min and max, and the summed k3 estimate of KL(old || new)."""
-    mask = mask.to(logp.dtype)
+    ratio, _, held = _clipped(logp, old_logp, advantages, clip_low, clip_high, clip_dual)
+    return _summary(ratio, held, logp, old_logp, mask.to(logp.dtype))
+
+
+def _clipped(logp, old_logp, advantages, clip_low, clip_high, clip_dual):
+    """The clipped objective per token -> (ratio, per-token loss, held: the tokens the clip gives no gradient)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high) > -advantages * ratio
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # clamped so one stale token cannot overflow
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    held = clipped > unclipped
     if clip_dual > 0:
-        clipped |= (advantages < 0) & (ratio > clip_dual)
+        bound = -advantages * clip_dual
+        dual = (advantages < 0) & (bound < per_token)
+        per_token, held = torch.where(dual, bound, per_token), held | dual
+    return ratio, per_token, held
+
+
+@torch.no_grad()
+def _summary(ratio, held, logp, old_logp, mask):
     real = mask > 0
-    return {"clipped_tokens": (clipped.to(mask.dtype) * mask).sum().item(), "tokens": mask.sum().item(),
+    return {"clipped_tokens": (held.to(mask.dtype) * mask).sum().item(), "tokens": mask.sum().item(),
             "ratio_sum": (ratio * mask).sum().item(),
             "ratio_min": ratio[real].min().item() if real.any() else math.inf,
             "ratio_max": ratio[real].max().item() if real.any() else -math.inf,
