@@ -2631,10 +2631,11 @@ TEARDOWN_SCRIPT = textwrap.dedent("""
         end = "finished"
     except SystemExit as e:
         end = str(e)
-    print(json.dumps({{"rank": rank, "end": end, "process_group": dist.is_initialized(),
-                      "handlers": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers,
-                      "lock": os.path.exists(os.path.join(out, "LOCK"))}}))
-    sys.stdout.flush()
+    left = {{"rank": rank, "end": end, "process_group": dist.is_initialized(),
+            "handlers": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers,
+            "lock": os.path.exists(os.path.join(out, "LOCK"))}}
+    with open(out + f".rank{{rank}}.json", "w") as f:  # a file each: two ranks' prints can share one stdout line
+        json.dump(left, f)
     os._exit(0)
 """)
 
@@ -2649,8 +2650,7 @@ def test_train_two_ranks_end_through_the_teardown_on_a_signal_and_on_skipped_upd
              "1 updates in a row skipped")]:
         run = _torchrun([str(script), str(tmp_path / end)] + base + args)
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-        left = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")),
-                      key=lambda r: r["rank"])
+        left = [json.loads((tmp_path / f"{end}.rank{rank}.json").read_text()) for rank in (0, 1)]
         assert [r["rank"] for r in left] == [0, 1] and message in left[0]["end"] and left[1]["end"] == "1", left
         assert all(not r["process_group"] and r["handlers"] and not r["lock"] for r in left), left
         held_out = [line for line in run.stdout.splitlines() if line.startswith("held-out")]  # not nan
