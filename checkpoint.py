@@ -479,6 +479,7 @@ def method_name(c):
     else:
         name = egas.PERTURBATIONS[c["perturb"]][0] if c["perturb"] in egas.PERTURBATIONS else c["perturb"]
     extra = {"vepo": " + VEPO token selection", "top_entropy": " + top-20% entropy tokens", "all": ""}[c["pg_tokens"]]
+    extra += {"kl_cov": " + KL-Cov", "clip_cov": " + Clip-Cov"}.get(c.get("cov_control", "none"), "")
     return name + extra
 
 
@@ -490,6 +491,9 @@ def model_card(trained, base):
         detail = (f"{c['n_clean']} clean + {c['n_adv']} rollouts per prompt on an EgAS-attacked image (PGD "
                   f"{c['pgd_steps']} step(s), alpha {c['pgd_alpha']:.4g}, eps {c['pgd_eps']:.4g}, TsEC band "
                   f"{tuple(round(b, 3) for b in c['tsec_band'])} per {c['tsec_scope']})")
+    elif c["n_adv"] and c["perturb"] == "random_sign":
+        detail = (f"{c['n_clean']} clean + {c['n_adv']} rollouts per prompt on an image moved in random +/- directions "
+                  f"({c['pgd_steps']} step(s) of {c['pgd_alpha']:.4g}, eps {c['pgd_eps']:.4g}: EgAS's budget)")
     elif c["n_adv"] and c["perturb"] == "noise":
         detail = f"{c['n_clean']} clean + {c['n_adv']} rollouts per prompt on a noised image"
     else:

@@ -71,6 +71,10 @@ METHODS = {
     "saei_no_tsec": SAEI + ["--tsec_band=(0.0, 1.0)"],
     "vepo": GRPO + ["--pg_tokens=vepo"],
     "saei_vepo": SAEI + ["--pg_tokens=vepo"],
+    "random_sign": ["--n_clean=6", "--n_adv=6", "--perturb=random_sign"],  # the attack's budget, random directions
+    "clip_higher": GRPO + ["--clip_high=0.28"],  # DAPO's clip-higher
+    "kl_cov": GRPO + ["--cov_control=kl_cov"],
+    "clip_cov": GRPO + ["--cov_control=clip_cov"],
 }
 BANDS = {"bottom": (0.0, 1 / 3), "middle": (1 / 3, 2 / 3), "top": (2 / 3, 1.0), "all": (0.0, 1.0)}
 VARIANTS = {"behaviour": ["--adv_old_logprob=behaviour"], "advimage": ["--logprob_image=adversarial"],

@@ -4,7 +4,8 @@ Before the second half of the rollouts, SaEI nudges the image so the policy beco
 TsEC-selected tokens of its own clean responses: one (or a few) signed-gradient PGD steps on the raw pixels,
 ascending the selective entropy. Rollouts on the perturbed image then explore more, in the places where
 exploration is cheap. The policy's weights are untouched: gradients go to the pixels only.
-NoisyRollout's random alternative (`perturb="noise"`) lives here too: annealed diffusion-style noise.
+NoisyRollout's random alternative (`perturb="noise"`) lives here too: annealed diffusion-style noise; and the
+attack's own control (`perturb="random_sign"`): the same budget in random directions.
 """
 import math
 
@@ -246,6 +247,14 @@ def perturb_egas(policy, images, clean, step, cfg):
     return attacked, stats, {}
 
 
+def perturb_random_sign(policy, images, clean, step, cfg):
+    """EgAS's control: the same PGD steps and L-inf budget, each pixel's direction a fair coin instead of the sign of
+    the entropy gradient (+/- pgd_alpha per step, projected, on the 1/255 grid). What the attack adds over an
+    equally large perturbation that knows nothing of the policy."""
+    coin = lambda xs: (None, [torch.randn_like(x) for x in xs])  # the sign of a normal draw: +1 or -1, evenly
+    return pgd(coin, images, cfg.pgd_steps, cfg.pgd_alpha, cfg.pgd_eps), [], {}
+
+
 def perturb_noise(policy, images, clean, step, cfg):
     """NoisyRollout: annealed random noise, strong early in the run and ~0 at its end."""
     k = noise_level(step, cfg.max_steps)
@@ -260,5 +269,6 @@ def perturb_none(policy, images, clean, step, cfg):
 # perturb = name -> (the method, as a model card names it; the function). A perturbation is a function of (policy,
 # the k clean images, sample()'s dict of their clean rollouts, the step, the run's config) -> (the images the n_adv
 # rollouts see, attack stats per prompt or [], metrics to log); adding one is a function and an entry here.
-PERTURBATIONS = {"egas": ("SaEI", perturb_egas), "noise": ("NoisyRollout", perturb_noise), "none": ("GRPO", perturb_none)}
+PERTURBATIONS = {"egas": ("SaEI", perturb_egas), "random_sign": ("SaEI's random-sign control", perturb_random_sign),
+                 "noise": ("NoisyRollout", perturb_noise), "none": ("GRPO", perturb_none)}
 

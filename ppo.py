@@ -37,7 +37,7 @@ def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg
     entropy = torch.zeros(rollouts["response_mask"].shape)
     sums = {"loss": 0.0, "grad_norm": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "kl": 0.0,
             "approx_kl": 0.0, "pg_entropy": 0.0, "jsd": 0.0, "clipped_tokens_adv": 0.0, "tokens_adv": 0.0,
-            "ratio_sum_adv": 0.0}
+            "ratio_sum_adv": 0.0, "cov_tokens": 0.0}
     ratio_min, ratio_max, applied = {"": math.inf, "_adv": math.inf}, {"": -math.inf, "_adv": -math.inf}, True
     for epoch in range(cfg.ppo_epochs):
         for first in range(0, B, rows_per_update):
@@ -54,7 +54,7 @@ def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg
             sums["grad_norm"] += grad_norm
             sums["tokens"] += totals["tokens"]  # already summed over ranks
             for key in ("clipped_tokens", "ratio_sum", "approx_kl", "pg_entropy", "jsd", "kl", "clipped_tokens_adv",
-                        "tokens_adv", "ratio_sum_adv"):
+                        "tokens_adv", "ratio_sum_adv", "cov_tokens"):
                 sums[key] += global_sum(totals[key])
             for half in ratio_min:
                 ratio_min[half] = min(ratio_min[half], -all_reduce_max(torch.tensor(-totals["ratio_min" + half])).item())
@@ -66,6 +66,8 @@ def update(policy, ref, optimizer, params, rollouts, advantages, row_images, cfg
         log.update({"clip_frac_adv": sums["clipped_tokens_adv"] / sums["tokens_adv"],
                     "ratio_mean_adv": sums["ratio_sum_adv"] / sums["tokens_adv"],
                     "ratio_min_adv": ratio_min["_adv"], "ratio_max_adv": ratio_max["_adv"]})
+    if cfg.cov_control != "none":  # the fraction of tokens KL-Cov penalised or Clip-Cov cut
+        log["cov_frac"] = sums["cov_tokens"] / sums["tokens"]
     if cfg.pg_tokens != "all":  # entropy of the tokens that got gradient
         log["pg_entropy"] = sums["pg_entropy"] / sums["tokens"]
     if cfg.pg_tokens == "vepo":  # mean clean-vs-noised JSD per response token (first epoch)
@@ -131,7 +133,7 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
     totals = {"loss": 0.0, "clipped_tokens": 0.0, "kl": 0.0, "tokens": n_pg, "pg_entropy": 0.0, "jsd": 0.0,
               "ratio_sum": 0.0, "approx_kl": 0.0, "ratio_min": math.inf, "ratio_max": -math.inf,
               "clipped_tokens_adv": 0.0, "tokens_adv": 0.0, "ratio_sum_adv": 0.0, "ratio_min_adv": math.inf,
-              "ratio_max_adv": -math.inf}
+              "ratio_max_adv": -math.inf, "cov_tokens": 0.0}
     group = cfg.n_clean + cfg.n_adv  # rows come group by group: n_clean clean rows, then n_adv adversarial ones
     entropy = torch.zeros(resp_mask.shape)
     # A micro-batch never mixes two prompts or two images, so it encodes its prompt and image once and shares
@@ -154,7 +156,8 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
             pg_mask, mask = pg_mask * keep[rows], mask * keep[rows]  # (mask_truncated_completions)
             old = logp.detach() if old_logp is None else old_logp[rows, :width].to(logp.device)
             loss, st = grpo.policy_loss(logp, old, advantages[rows].to(logp.device), pg_mask, cfg.clip_low,
-                                        cfg.clip_high, n_pg, cfg.clip_dual)
+                                        cfg.clip_high, n_pg, cfg.clip_dual, cfg.cov_control, cfg.cov_ratio,
+                                        cfg.kl_cov_coef, cfg.clip_cov_bounds)
             if ref is not None:
                 with torch.no_grad():
                     ref_hidden = shared_prompt_hidden(ref, ids, am, pixel_values, grid, p_len)
@@ -169,13 +172,14 @@ def policy_update(policy, ref, rollouts, advantages, row_images, cfg, world, com
         totals["loss"] += loss.item()
         is_adv = (torch.arange(rows.start, rows.stop, device=mask.device) % group >= cfg.n_clean)[:, None]
         st_adv = grpo.clip_stats(logp, old, advantages[rows].to(logp.device), pg_mask * is_adv, cfg.clip_low,
-                                 cfg.clip_high, cfg.clip_dual)  # the same statistics, the adversarial rows alone
+                                 cfg.clip_high, cfg.clip_dual, clip=cfg.cov_control != "kl_cov")  # adversarial rows
         for half, s in (("", st), ("_adv", st_adv)):
             for key in ("clipped_tokens", "ratio_sum"):
                 totals[key + half] += s[key]
             totals["ratio_min" + half] = min(totals["ratio_min" + half], s["ratio_min"])
             totals["ratio_max" + half] = max(totals["ratio_max" + half], s["ratio_max"])
         totals["approx_kl"] += st["approx_kl"]
+        totals["cov_tokens"] += st["cov_tokens"]
         totals["tokens_adv"] += st_adv["tokens"]
         totals["pg_entropy"] += (ent.detach() * pg_mask).sum().item()
         entropy[rows, :width] = ent.detach().cpu()

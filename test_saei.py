@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 from PIL import Image
 from datasets import load_dataset
@@ -1501,6 +1502,30 @@ def test_egas_pgd_ascends_a_linear_objective_within_the_ball_and_grid():
         assert gain > 0 if alpha > 0 else gain < 0
 
 
+def test_egas_random_sign_moves_each_pixel_by_the_budget_in_a_coin_flip_direction():
+    # the attack's control: the same PGD steps and budget as EgAS, each pixel's direction drawn at random
+    cfg = types.SimpleNamespace(pgd_steps=1, pgd_alpha=8 / 255, pgd_eps=8 / 255)
+    x = torch.full((3, 20, 20), 128 / 255)
+    x[0, 0] = 0.0  # a row of black pixels: a step down is clipped at 0
+    name, perturb = egas.PERTURBATIONS["random_sign"]
+    torch.manual_seed(0)
+    (x_adv,), stats, log = perturb(None, [x], None, 1, cfg)  # never reads the policy or the rollouts
+    delta = (x_adv - x) * 255
+    assert stats == [] and log == {} and "random" in name
+    assert torch.allclose(x_adv * 255, (x_adv * 255).round(), atol=1e-4)  # on the 8-bit grid
+    inside = delta[1:]
+    assert torch.allclose(inside.abs(), torch.full_like(inside, 8.0), atol=1e-4)  # every pixel moves by alpha
+    assert 0.4 < (inside > 0).float().mean() < 0.6  # up or down evenly
+    assert set(delta[0, 0].round().tolist()) <= {0.0, 8.0}  # the black row: +8 or clipped at 0
+    torch.manual_seed(0)
+    assert torch.equal(perturb(None, [x], None, 1, cfg)[0][0], x_adv)  # reproducible under the run's seed
+    assert not torch.equal(perturb(None, [x], None, 1, cfg)[0][0], x_adv)  # and a fresh draw each call
+    # T steps stay inside the L-inf ball of radius eps, as EgAS's do
+    cfg = types.SimpleNamespace(pgd_steps=3, pgd_alpha=4 / 255, pgd_eps=6 / 255)
+    (x_adv,), _, _ = perturb(None, [x], None, 1, cfg)
+    assert (x_adv - x).abs().max().item() * 255 <= 6 + 1e-4 and x_adv.min() >= 0
+
+
 def test_egas_attack_raises_selected_entropy_on_tiny_model(tiny, geo3k):
     policy, tok = tiny
     images = [data.load_image(row["images"][0], 56 * 56, 112 * 112) for row in geo3k]
@@ -1807,6 +1832,59 @@ def test_grpo_token_mean_is_unchanged_by_micro_batching():
     # not a mean of per-micro-batch means (which would weight short micro-batches more)
     means = sum(grpo.policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2])[0] for i in range(0, 6, 2)) / 3
     assert abs(means.item() - full.item()) > 1e-4
+
+
+def _cov_example():
+    """2 responses x 3 tokens, A = +1 and -1, every token real: log-probs, pi_old chosen for the ratios below."""
+    logp = torch.tensor([[-0.1, -1.0, -2.0], [-0.5, -3.0, -0.2]])
+    ratio = torch.tensor([[1.5, 0.5, 1.1], [0.7, 2.0, 1.0]])
+    return logp, logp - ratio.log(), torch.tensor([1.0, -1.0]), torch.ones(2, 3)
+
+
+def test_grpo_covariance_and_kl_cov_hand_computed():
+    # mean log-prob -6.8 / 6, mean advantage 0: the terms are (logp + 1.1333) * A
+    logp, old, adv, mask = _cov_example()
+    cov = grpo.covariance(logp, adv, mask)
+    m = -6.8 / 6
+    expected = torch.tensor([[-0.1 - m, -1.0 - m, -2.0 - m], [-(-0.5 - m), -(-3.0 - m), -(-0.2 - m)]])
+    assert torch.allclose(cov, expected, atol=1e-6)
+    # KL-Cov takes the k = int(0.34 * 6) = 2 largest terms: (1, 1) at 1.867 and (0, 0) at 1.033
+    chosen = grpo.cov_tokens(cov, mask, "kl_cov", ratio=0.34)
+    assert chosen.nonzero().tolist() == [[0, 0], [1, 1]]
+    assert grpo.cov_tokens(cov, mask, "kl_cov", ratio=2e-4).nonzero().tolist() == [[1, 1]]  # at least one
+    padded = mask.clone()
+    padded[1, 1] = 0  # padding is never chosen, however large its term
+    assert grpo.cov_tokens(cov, padded, "kl_cov", ratio=2e-4).nonzero().tolist() == [[0, 0]]
+    # its loss: no clip (ratio 1.5 at A > 0 counts in full) and |log rho| on the chosen tokens, coefficient 1
+    logp = logp.clone().requires_grad_(True)
+    loss, st = grpo.policy_loss(logp, old, adv, mask, cov_control="kl_cov", cov_ratio=0.34, kl_cov_coef=1.0)
+    assert loss.item() == pytest.approx((-1.5 + math.log(1.5) - 0.5 - 1.1 + 0.7 + 2.0 + math.log(2.0) + 1.0) / 6,
+                                        abs=1e-6)
+    assert st["cov_tokens"] == 2 and st["clipped_tokens"] == 0
+    (grad,) = torch.autograd.grad(loss, logp)  # -A rho, plus sign(log rho) = +1 on both chosen tokens
+    assert torch.allclose(grad, torch.tensor([[-1.5 + 1, -0.5, -1.1], [0.7, 2.0 + 1, 1.0]]) / 6, atol=1e-6)
+
+
+def test_grpo_clip_cov_cuts_the_gradient_of_tokens_drawn_within_its_bounds_hand_computed():
+    logp, old, adv, mask = _cov_example()
+    cov = grpo.covariance(logp, adv, mask)  # [[1.033, 0.133, -0.867], [-0.633, 1.867, -0.933]]
+    # bounds (1, 5): (0, 0) at 1.033 and (1, 1) at 1.867 qualify, but the clip already holds (0, 0) (A > 0, ratio
+    # 1.5 > 1.2); so Clip-Cov cuts (1, 1) alone. The clip also holds (1, 0) (A < 0, ratio 0.7 < 0.8).
+    logp = logp.clone().requires_grad_(True)
+    loss, st = grpo.policy_loss(logp, old, adv, mask, cov_control="clip_cov", cov_ratio=2e-4, clip_cov_bounds=(1, 5))
+    assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.1 + 0.8 + 0.0 + 1.0) / 6, abs=1e-6)
+    assert st["cov_tokens"] == 1 and st["clipped_tokens"] == 2
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(grad, torch.tensor([[0.0, -0.5, -1.1], [0.0, 0.0, 1.0]]) / 6, atol=1e-6)
+    # bounds (0.1, 5): two eligible tokens, (0, 1) and (1, 1); k = 1 is drawn at random among them, never another
+    held = torch.tensor([[True, False, False], [True, False, False]])
+    draws = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        draws.add(tuple(map(tuple, grpo.cov_tokens(cov, mask, "clip_cov", 0.2, (0.1, 5), eligible=~held).nonzero().tolist())))
+    assert draws == {((0, 1),), ((1, 1),)}
+    # asked for more than qualify (k = 3): both, and no more
+    assert grpo.cov_tokens(cov, mask, "clip_cov", 0.5, (0.1, 5), eligible=~held).nonzero().tolist() == [[0, 1], [1, 1]]
 
 
 def test_grpo_kl_penalty():
@@ -2299,6 +2377,10 @@ def two_mini_batch_runs(tmp_path_factory):
     (["--weight_decay=1e999"], "weight_decay must be finite"),
     (["--device=cuda:99"], "device 'cuda:99' is not available on this machine .* use --device=cpu"),
     (["--device=gpu"], "device 'gpu' is not a torch device"),
+    (["--cov_control=kl"], "cov_control must be one of"),
+    (["--cov_control=kl_cov"], "kl_cov.*with one update per rollout does nothing"),
+    (["--cov_ratio=0"], "need 0 < cov_ratio <= 1"),
+    (["--clip_cov_bounds=(5.0, 1.0)"], "clip_cov_bounds"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -2695,6 +2777,37 @@ def test_train_a_new_perturbation_is_one_function_and_one_entry(tmp_path, monkey
     with pytest.raises(SystemExit, match="perturb must be one of"):
         train.get_config(SMALL + ["--perturb=blur"])
 
+
+def test_train_kl_cov_and_clip_cov_change_the_update_they_are_meant_to(tmp_path):
+    # one warm-start step in 2 mini-batches: Clip-Cov cuts tokens from the first (on-policy) mini-batch on;
+    # KL-Cov's |log ratio| is 0 on the first, so it acts from the second, where it also drops the clip. (Few of
+    # this small batch's covariance terms reach Clip-Cov's default window (1, 5): the run widens it to (0, 100).)
+    runs = {}
+    for control in ("none", "clip_cov", "kl_cov"):
+        out = tmp_path / control
+        train.main(SMALL_ONE_STEP + WARM + ["--updates_per_rollout=2", "--lr=1e-3", "--eval_limit=0",
+                                            f"--cov_control={control}", "--cov_ratio=0.05",
+                                            "--clip_cov_bounds=(0.0, 100.0)", "--out_dir", str(out)])
+        runs[control] = (json.loads(open(out / "metrics.jsonl").readline()), _weights(out))
+    none_log, none_weights = runs["none"]
+    assert "cov_frac" not in none_log
+    for control in ("clip_cov", "kl_cov"):
+        log, weights = runs[control]
+        assert 0 < log["cov_frac"] <= 0.05 + 0.05  # ~5% of the tokens (at least one per micro-batch)
+        assert log["reward_clean"] == none_log["reward_clean"]  # the same rollouts...
+        assert max((weights[k] - none_weights[k]).abs().max().item() for k in weights) > 1e-6  # ...updated otherwise
+    assert runs["kl_cov"][0]["clip_frac"] == 0.0
+
+
+def test_train_random_sign_samples_the_second_half_on_an_image_moved_by_the_attacks_budget(tmp_path):
+    step = _one_step(*_spied_run(tmp_path, "--perturb", "random_sign", "--pgd_alpha", repr(4 / 255),
+                                 "--max_response_len", "8"))
+    clean, adv = step["sample"]
+    assert not step["attack"] and "attack_gain" not in step["log"]  # EgAS never runs
+    assert step["log"]["attack_linf"] == pytest.approx(4.0, abs=1e-3)
+    for a, c in zip(adv["args"]["images"], clean["args"]["images"], strict=True):
+        moved = ((a - c) * 255).abs()
+        assert torch.allclose(moved[(c > 4 / 255) & (c < 251 / 255)], torch.tensor(4.0), atol=1e-3)
 
 def test_train_perturb_none_samples_the_second_half_on_the_clean_image(tmp_path):
     step = _one_step(*_spied_run(tmp_path, "--perturb", "none", "--max_response_len", "8"))

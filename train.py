@@ -59,7 +59,8 @@ instruction_role = "user"    # the format instruction after the problem ("user",
 min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
 max_pixels = 1000000
 # SaEI
-perturb = "egas"             # egas (SaEI) | noise (NoisyRollout) | none (the n_adv rollouts see the clean image);
+perturb = "egas"             # egas (SaEI) | random_sign (its control: the same budget, random directions) | noise
+                             # (NoisyRollout) | none (the n_adv rollouts see the clean image);
                              # egas.PERTURBATIONS lists them
 tsec_band = (1 / 3, 2 / 3)   # entropy-rank quantiles of the tokens the attack targets; (0.0, 1.0) = no selection
 tsec_scope = "group"         # rank tokens within each prompt's group of n_clean responses, or per "response"
@@ -82,6 +83,12 @@ clip_low = 0.2
 clip_high = 0.2
 clip_dual = 3.0              # dual-clip PPO: a negative-advantage token's loss is at most -A * 3, however far its ratio
                              # rises (EasyR1's default, which the paper family trains with); 0: off
+cov_control = "none"         # none | kl_cov | clip_cov: Cui et al. 2025's policy-side entropy controls, on the tokens
+                             # whose log-prob x advantage covariance term is the largest (kl_cov: a penalty on their
+                             # |log ratio|, the clip dropped) or lies within clip_cov_bounds (clip_cov: no gradient)
+cov_ratio = 2e-4             # the fraction of each micro-batch's tokens they act on (at least one), both papers' 2e-4
+kl_cov_coef = 1.0            # KL-Cov's weight on |log ratio| (the authors' recipes)
+clip_cov_bounds = (1.0, 5.0) # Clip-Cov's covariance window
 kl_coef = 0.0                # > 0 adds the low-variance KL to a frozen copy of the initial policy
 entropy_coef = 0.0           # > 0 adds an entropy bonus (the released NoisyRollout scripts use 1e-3; the papers do not)
 pg_tokens = "all"            # tokens that get policy gradient: all | vepo (VEPO's top 20%) | top_entropy (80/20)
@@ -482,6 +489,7 @@ def check_config(cfg):
                "attack_objective": ("bounded", "full_logits"), "adv_old_logprob": ("clean", "behaviour"),
                "scale_rewards": ("group", "batch", "none"), "instruction_role": ("user", "system"),
                "tsec_scope": ("group", "response"), "pg_tokens": ("all", "vepo", "top_entropy"),
+               "cov_control": ("none", "kl_cov", "clip_cov"),
                "dtype": ("float32", "bfloat16", "float16")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -502,6 +510,13 @@ def check_config(cfg):
                          f"bounds ratios the clip leaves unbounded, got {cfg.clip_dual}")
     if cfg.clip_low >= 1:
         raise SystemExit(f"config error: clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {cfg.clip_low}")
+    if not 0 < cfg.cov_ratio <= 1 or not cfg.kl_cov_coef >= 0 or len(cfg.clip_cov_bounds) != 2 \
+            or not cfg.clip_cov_bounds[0] < cfg.clip_cov_bounds[1]:
+        raise SystemExit(f"config error: need 0 < cov_ratio <= 1, kl_cov_coef >= 0 and clip_cov_bounds = (low, high) "
+                         f"with low < high, got {cfg.cov_ratio}, {cfg.kl_cov_coef}, {cfg.clip_cov_bounds}")
+    if cfg.cov_control == "kl_cov" and cfg.updates_per_rollout * cfg.ppo_epochs == 1:
+        raise SystemExit("config error: cov_control='kl_cov' with one update per rollout does nothing (its |log "
+                         "ratio| is 0, with zero gradient): raise updates_per_rollout or ppo_epochs")
     data.check_pixel_bounds(cfg.min_pixels, cfg.max_pixels)
     check_device(cfg.device)
     if len(cfg.tsec_band) != 2 or not 0.0 <= cfg.tsec_band[0] <= cfg.tsec_band[1] <= 1.0:
