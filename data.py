@@ -256,15 +256,15 @@ RECORD_KEYS = ("images", "problem", "answer", "choices", "meta")
 def load_records(name, split, prompts="question"):
     """Dataset -> a sequence of records (indexable, with len), images decoded only when a record is read.
 
-    name: "synthetic"; a SOURCES name (or alias), loaded from the hub; "name=path", a local copy of that dataset
+    name: "synthetic" or "synthetic_score"; a SOURCES name (or alias), loaded from the hub; "name=path", a local copy of that dataset
     in its hub schema (a save_to_disk folder, a folder of parquet files or one .parquet file); or a local path
     alone, a dataset already in the record schema. `split` is ignored by the benchmarks that have one split.
     prompts: "question", each benchmark's plain question (and options), or "query", the prompt fields the
     papers' evaluations use (MathVista's query, MathVerse's query_cot, HallusionBench asked for a boxed yes/no).
     """
     check_dataset(name)
-    if name == "synthetic":
-        return synthetic_split(split)
+    if name in SYNTHETIC_TASKS:
+        return synthetic_split(split, task=name)
     name, _, path = name.partition("=")
     name = ALIASES.get(name, name)
     if name in SOURCES:
@@ -308,8 +308,8 @@ def check_dataset(spec):
         raise SystemExit(f"unknown dataset '{name}' in '{spec}': name=path takes one of {', '.join(SOURCES)}")
     if has_path and not os.path.exists(path):
         raise SystemExit(f"dataset path '{path}' does not exist")
-    if not has_path and name != "synthetic" and name not in SOURCES and not os.path.exists(name):
-        raise SystemExit(f"unknown dataset '{name}': use synthetic, one of {', '.join([*SOURCES, *ALIASES])}, "
+    if not has_path and name not in SYNTHETIC_TASKS and name not in SOURCES and not os.path.exists(name):
+        raise SystemExit(f"unknown dataset '{name}': use synthetic, synthetic_score, one of {', '.join([*SOURCES, *ALIASES])}, "
                          f"name=path/to/local/copy, or a local dataset folder or .parquet file")
 
 
@@ -454,16 +454,65 @@ def synthetic_problem(rng, split):
             "answer": str(k), "solution": f"<think>{rows}</think>\\boxed{{{k}}}", "choices": []}
 
 
-def synthetic_stream(split, seed=0):
-    """Endless problems of `split` (train | validation | test), deterministic in (split, seed)."""
+# The collapse testbed's task ("synthetic_score"): the same grids, scored: 3 points per red square, 1 per blue one,
+# green none. The answer (0..32, 33 values: a uniform guesser's pass@12 is 0.31) follows from the reasoning step
+# by step: the worked solution reads the grid by rows or by columns (either order is right: a choice RL can
+# collapse), writes each line's red and blue counts after it, the totals, then the arithmetic:
+#   <think>rows g.r.10 .rgr20 ..b.01 b...01 red3 blue2 3*3+2=11</think>\boxed{11}
+# so a policy's boxed answer can be checked against its own reading (score_consistent).
+SCORE_POINTS = {"r": 3, "b": 1}
+SCORE_MAX_EACH = 8  # at most this many red and this many blue squares (each count uniform over 0..8)
+SCORE_LINE = re.compile(r"([rgb.]{4})(\d)(\d)")
+
+
+def score_problem(rng, split):
+    """One "synthetic_score" problem of `split` from `rng`: {images, problem, answer, solution, choices}."""
+    while True:
+        n_red, n_blue = rng.randint(0, SCORE_MAX_EACH), rng.randint(0, SCORE_MAX_EACH)
+        cells = ["r"] * n_red + ["b"] * n_blue + [rng.choice("g.") for _ in range(SYN_GRID ** 2 - n_red - n_blue)]
+        rng.shuffle(cells)
+        cells = "".join(cells)
+        if _synthetic_split_of(cells, "score") == split:
+            break
+    by_columns = rng.random() < 0.5
+    lines = ([cells[c::SYN_GRID] for c in range(SYN_GRID)] if by_columns
+             else [cells[r:r + SYN_GRID] for r in range(0, len(cells), SYN_GRID)])
+    reading = " ".join(f"{line}{line.count('r')}{line.count('b')}" for line in lines)
+    score = SCORE_POINTS["r"] * n_red + SCORE_POINTS["b"] * n_blue
+    solution = (f"<think>{'cols' if by_columns else 'rows'} {reading} red{n_red} blue{n_blue} "
+                f"{SCORE_POINTS['r']}*{n_red}+{n_blue}={score}</think>\\boxed{{{score}}}")
+    return {"images": [synthetic_image(cells)], "answer": str(score), "solution": solution, "choices": [],
+            "problem": "<image>Each red square scores 3, each blue square 1, a green square 0. What is the grid's score?"}
+
+
+def score_consistent(response):
+    """Does a "synthetic_score" response's boxed answer follow from its own reading? -> bool.
+
+    True when the response reads 4 lines of 4 cells and boxes 3 * (red cells it read) + (blue cells it read),
+    whatever its reading order, per-line counts or arithmetic wrote on the way; False otherwise (no reading, no
+    box). This is what makes the reasoning decide the answer: a right reading gives the right answer."""
+    lines = SCORE_LINE.findall(response.split("</think>")[0])
+    boxed = re.findall(r"\\boxed\{\s*(\d+)\s*\}", response)
+    if len(lines) != SYN_GRID or not boxed:
+        return False
+    read = "".join(cells for cells, _, _ in lines)
+    return boxed[-1] == str(SCORE_POINTS["r"] * read.count("r") + SCORE_POINTS["b"] * read.count("b"))
+
+
+SYNTHETIC_TASKS = {"synthetic": synthetic_problem, "synthetic_score": score_problem}
+
+
+def synthetic_stream(split, seed=0, task="synthetic"):
+    """Endless problems of `split` (train | validation | test) of a SYNTHETIC_TASKS task, deterministic in
+    (task, split, seed)."""
     if split not in SYN_SIZES:
         raise SystemExit(f"synthetic task has no split '{split}': use one of {', '.join(SYN_SIZES)}")
-    rng = random.Random(f"synthetic/{split}/{seed}")  # a string seed: each split its own stream
+    rng = random.Random(f"{task}/{split}/{seed}")  # a string seed: each task and split its own stream
     while True:
-        yield synthetic_problem(rng, split)
+        yield SYNTHETIC_TASKS[task](rng, split)
 
 
-def synthetic_split(split, n=None, seed=0):
-    """The first n problems (default: SYN_SIZES[split]) of synthetic_stream(split, seed), as a list of records."""
-    stream = synthetic_stream(split, seed)
+def synthetic_split(split, n=None, seed=0, task="synthetic"):
+    """The first n problems (default: SYN_SIZES[split]) of synthetic_stream(split, seed, task), as a list of records."""
+    stream = synthetic_stream(split, seed, task)
     return list(itertools.islice(stream, SYN_SIZES[split] if n is None else n))

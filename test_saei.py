@@ -876,6 +876,39 @@ def test_data_synthetic_solution_scores_full_reward():
         assert rewards.score(r["solution"].replace("{" + r["answer"] + "}", "{" + wrong + "}"), r["answer"])["accuracy"] == 0.0
 
 
+def test_data_synthetic_score_answers_follow_from_the_pixels_and_the_reading():
+    records = data.synthetic_split("test", n=300, task="synthetic_score")
+    orders = set()
+    for r in records:
+        cells = _read_grid(r["images"][0])
+        assert r["answer"] == str(3 * cells.count("r") + cells.count("b"))  # 3 per red, 1 per blue, green none
+        think = re.fullmatch(r"<think>(rows|cols) (.*) red(\d) blue(\d) 3\*(\d)\+(\d)=(\d+)</think>\\boxed\{(\d+)\}",
+                             r["solution"])
+        order, reading, red, blue = think.group(1), think.group(2).split(), think.group(3), think.group(4)
+        lines = ([cells[c::4] for c in range(4)] if order == "cols" else [cells[i:i + 4] for i in range(0, 16, 4)])
+        assert reading == [f"{line}{line.count('r')}{line.count('b')}" for line in lines]  # each line, its counts
+        assert (red, blue) == (str(cells.count("r")), str(cells.count("b"))) and think.group(8) == r["answer"]
+        assert data.score_consistent(r["solution"]) and rewards.score(r["solution"], r["answer"])["overall"] == 1.0
+        orders.add(order)
+    assert orders == {"rows", "cols"}  # two valid solution orders
+    # the answer space: chance pass@12 far below 1
+    answers = {r["answer"] for r in records}
+    assert len(answers) >= 30 and max(sum(r["answer"] == a for r in records) for a in answers) < 0.1 * len(records)
+    test = {r["images"][0].tobytes() for r in records}
+    assert not test & {r["images"][0].tobytes() for r in data.synthetic_split("train", n=1000, task="synthetic_score")}
+    assert len(data.load_records("synthetic_score", "validation")) == data.SYN_SIZES["validation"]
+
+
+def test_data_score_consistent_checks_the_answer_against_the_responses_own_reading():
+    # the reading says 2 red and 1 blue (score 7), whatever the counts and the arithmetic wrote after it
+    reading = "<think>rows r.g.10 ..b.01 .r..10 ....00"
+    assert data.score_consistent(reading + " red2 blue1 3*2+1=7</think>\\boxed{7}")
+    assert data.score_consistent(reading + " red1 blue1 3*1+1=4</think>\\boxed{7}")  # wrong counts, right box
+    assert not data.score_consistent(reading + " red2 blue1 3*2+1=7</think>\\boxed{8}")
+    assert not data.score_consistent("<think>rows r.g.10 ..b.01 .r..10</think>\\boxed{7}")  # three lines
+    assert not data.score_consistent(reading + "</think>")  # no answer
+
+
 # ----------------------------------------------------------------------------- model.py
 
 def test_model_unknown_name_is_a_clear_error():
@@ -3715,6 +3748,10 @@ def test_warmstart_runs_end_to_end_and_checkpoint_loads(tmp_path):
     result = warmstart.main(["--steps=3", "--batch_size=2", "--eval_start=2", "--val_n=2", "--test_n=2",
                              "--log_interval=1", f"--out_dir={out}"])
     assert set(result) >= {"accuracy", "format", "loss", "seconds"} and result["loss"] > 0
+    # the testbed's warm start continues from a checkpoint (its size) and reports its reasoning's consistency
+    score = warmstart.main(["config/warmstart_score.py", f"--init_from={out}", "--steps=2", "--batch_size=2",
+                            "--eval_start=1", "--val_n=2", "--test_n=2", "--test_samples=2", f"--out_dir={out}-score"])
+    assert 0 <= score["consistency"] <= 1 and 0 <= score["sampled_consistency"] <= 1 and score["steps"] <= 2
     assert os.path.getsize(os.path.join(out, "model.safetensors")) < 5e6
     policy, tok = load_policy(out)
     assert next(policy.parameters()).dtype == torch.float32

@@ -1,0 +1,24 @@
+# The collapse testbed: the tiny Qwen2.5-VL on the synthetic_score task (score a grid: 3 per red square, 1 per blue;
+# 33 possible answers; the reasoning -- each line's counts, the totals, the arithmetic -- decides the answer),
+# warm-started by `python warmstart.py config/warmstart_score.py`. Unlike the demo, each rollout batch makes 2
+# updates, so from the second on the policy is off-policy and the clip acts (and with it clip-higher, Clip-Cov,
+# KL-Cov). `python train.py config/collapse.py` runs GRPO; compare.py's methods switch the rest on.
+model = "assets/tiny-score"
+dataset = "synthetic_score"
+min_pixels = 112 * 112
+max_pixels = 112 * 112
+max_response_len = 96
+batch_size = 8
+n_clean = 12
+n_adv = 0
+updates_per_rollout = 2
+lr = 2e-5
+lr_decay = False
+max_steps = 100
+eval_interval = 25
+eval_limit = 200
+eval_samples = 16
+micro_batch_size = 12
+attack_objective = "full_logits"
+gradient_checkpointing = False
+pgd_alpha = 8 / 255
