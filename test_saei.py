@@ -807,10 +807,16 @@ def test_data_configs_assign_train_constants():
     import configurator
     import train
     files = sorted(glob.glob(os.path.join(os.path.dirname(data.__file__), "config", "*.py")))
-    # demo.py is the offline demo; study_*.py are compare.py's studies (tested with compare.py)
-    recipes = [f for f in files if os.path.basename(f) != "demo.py" and not os.path.basename(f).startswith("study_")]
+    # the hub recipes; demo.py and collapse.py are the offline runs, study_*.py compare.py's studies (tested with
+    # compare.py) and warmstart_*.py warmstart.py's (tested with warmstart.py)
+    offline = {"demo.py", "collapse.py"}
+    recipes = [f for f in files if os.path.basename(f) not in offline
+               and not os.path.basename(f).startswith(("study_", "warmstart_"))]
     names = {f"{run}{size}.py" for run in ("geo3k_saei", "geo3k_grpo", "mmk12_saei") for size in ("", "_3b")}
     assert {os.path.basename(f) for f in recipes} == names
+    for name in offline:  # offline runs: only train.py's names, on a synthetic task, from a shipped warm start
+        cfg = configurator.override(train.DEFAULTS, [os.path.join(os.path.dirname(data.__file__), "config", name)])
+        assert cfg["dataset"] in data.SYNTHETIC_TASKS and os.path.isdir(cfg["model"]), name
     for f in recipes:
         cfg = configurator.override(train.DEFAULTS, [f])  # only train.py's names, with train.py's types
         assert cfg["dataset"] in data.SOURCES
