@@ -2420,6 +2420,9 @@ def two_mini_batch_runs(tmp_path_factory):
     (["--cov_control=kl_cov"], "kl_cov.*with one update per rollout does nothing"),
     (["--cov_ratio=0"], "need 0 < cov_ratio <= 1"),
     (["--clip_cov_bounds=(5.0, 1.0)"], "clip_cov_bounds"),
+    (["--max_filter_tries=-1"], "max_filter_tries must be >= 0"),
+    (["--filter_dead_groups=True", "--n_clean=1"], "filter_dead_groups needs n_clean >= 2"),
+    (["--filter_dead_groups=True", "--max_filter_tries=0"], "filter_dead_groups needs .* max_filter_tries >= 1"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -2576,6 +2579,95 @@ def test_train_merge_groups_puts_each_prompts_clean_rows_before_its_adversarial_
     assert merged["response_mask"].sum(1).tolist() == [3, 3, 3, 5, 5] * 2
     assert (merged["response_ids"][merged["response_mask"] == 0] == 0).all()  # clean rows padded on the right
     assert merged["truncated"].tolist() == [True, False, True, True, False, False, True, False, True, False]
+
+
+def test_train_stream_records_give_each_step_its_batch_then_one_reserve_batch_per_filter_round():
+    # 30 records, batch_size 4 on 2 ranks (2 each). Without filtering, step 2's rank 1 reads stream positions
+    # 4 + 2 = 6, 7 (the stream train.py always read); with 2 filter rounds each step owns 3 batches (12 positions):
+    # step 2 starts at 12, its round 1 at 16, rank 1's share at 18, 19; step 3's round 2 starts at 24 + 8 = 32,
+    # past the end: it wraps around to 2
+    order = list(range(29, -1, -1))  # position p holds record 29 - p
+    cfg = types.SimpleNamespace(batch_size=4, filter_dead_groups=False, max_filter_tries=2)
+    assert train.stream_records(list(range(30)), order, 2, 0, rank=1, world=2, cfg=cfg) == [23, 22]
+    cfg.filter_dead_groups = True
+    assert train.stream_records(list(range(30)), order, 2, 1, rank=1, world=2, cfg=cfg) == [11, 10]
+    assert train.stream_records(list(range(30)), order, 3, 2, rank=0, world=2, cfg=cfg) == [27, 26]  # 32, 33 -> 2, 3
+
+
+def test_train_cat_rollouts_pads_prompts_on_the_left_and_responses_on_the_right():
+    # part a: one row, prompt [7, 8], response [1]; part b: one row, prompt [5, 6, 9], response [2, 3]
+    a = {"prompt_ids": torch.tensor([[7, 8]]), "prompt_mask": torch.ones(1, 2, dtype=torch.long),
+         "response_ids": torch.tensor([[1]]), "response_mask": torch.ones(1, 1, dtype=torch.long),
+         "response_entropy": torch.tensor([[0.5]]), "truncated": torch.tensor([True])}
+    b = {"prompt_ids": torch.tensor([[5, 6, 9]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long),
+         "response_ids": torch.tensor([[2, 3]]), "response_mask": torch.ones(1, 2, dtype=torch.long),
+         "response_entropy": torch.tensor([[0.25, 0.75]]), "truncated": torch.tensor([False])}
+    out = train.cat_rollouts([a, b], pad_id=0)
+    assert out["prompt_ids"].tolist() == [[0, 7, 8], [5, 6, 9]] and out["prompt_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert out["response_ids"].tolist() == [[1, 0], [2, 3]] and out["response_mask"].tolist() == [[1, 0], [1, 1]]
+    assert out["response_entropy"].tolist() == [[0.5, 0.0], [0.25, 0.75]] and out["truncated"].tolist() == [True, False]
+
+
+def _marked_reward(text, answer, choices=None):
+    """A reward the record decides: 0 for every response to a record whose answer is "dead"; otherwise a number of
+    the response's text, which differs between the untrained tiny model's different responses (a live group)."""
+    import zlib
+    value = 0.0 if answer == "dead" else zlib.crc32(text.encode()) % 1000 / 1000
+    return {"overall": value, "accuracy": value, "format": 0.0}
+
+
+def _marked_stream(path, answers, seed=0):
+    """A record-schema parquet whose training stream (train.py's shuffled order for `seed`) reads `answers`
+    ("dead" or "live", for _marked_reward) position by position; the record at position p has a grey image of
+    level 10 * p, so a test reads a prompt's stream position off its pixels (`_stream_position`)."""
+    order = torch.randperm(len(answers), generator=torch.Generator().manual_seed(seed)).tolist()
+    position = {record: p for p, record in enumerate(order)}
+    rows = [{"images": [_image((10 * position[i],) * 3)], "problem": "<image>Which grey?",
+             "answer": answers[position[i]]} for i in range(len(answers))]
+    _table(rows, {"images": datasets.List(IMAGE), "problem": V("string"), "answer": V("string")}).to_parquet(str(path))
+    return str(path)
+
+
+def _stream_position(image):
+    return round(image[0, 0, 0].item() * 255 / 10)
+
+
+@pytest.mark.parametrize("tries, kept, filtered, rounds", [(3, [1, 5], 4, 2), (1, [1, 0], 2, 1)])
+def test_train_filter_dead_groups_refills_the_batch_from_the_stream_before_the_attack(tries, kept, filtered, rounds,
+                                                                                     tmp_path, monkeypatch):
+    # stream positions (batch_size 2): the step's batch 0, 1, then one reserve batch a round: 2, 3; 4, 5; 6, 7.
+    # 3 tries: 0 dead (dropped), 1 live (kept); round 1: 2, 3 dead (dropped); round 2: 4 dead (dropped), 5 live:
+    # full after 2 rounds, 4 groups dropped, 6 and 7 never sampled. 1 try: after round 1 one prompt is still
+    # missing, and the first dead group (0) fills it: 3 dead groups seen, 2 dropped, the trained batch half dead
+    monkeypatch.setattr(rewards, "score", _marked_reward)
+    stream = _marked_stream(tmp_path / "stream.parquet", ["dead", "live", "dead", "dead", "dead", "live", "live", "live"])
+    step = _one_step(*_spied_run(tmp_path / "run", f"--dataset={stream}", "--eval_limit=0",
+                                 "--filter_dead_groups=True", f"--max_filter_tries={tries}"))
+    positions = lambda images: [_stream_position(x) for x in images]
+    assert [positions(c["args"]["images"]) for c in step["sample"]] == \
+        [[2 * r, 2 * r + 1] for r in range(rounds + 1)] + [kept]  # the clean rounds, then the adversarial half
+    assert positions(step["attack"][0]["args"]["images"]) == kept  # the attack: for the kept prompts only
+    assert positions(step["update"][0]["args"]["row_images"])[::4] == kept  # groups of 2 clean + 2 adversarial
+    assert (step["log"]["filtered_groups"], step["log"]["filter_rounds"]) == (filtered, rounds)
+    assert step["log"]["dead_groups"] == kept.count(0) / 2
+
+
+def test_train_filter_dead_groups_on_two_ranks_that_need_different_rounds(tmp_path):
+    # batch_size 4 on 2 ranks: round r gives rank 0 stream positions 4r, 4r + 1 and rank 1 4r + 2, 4r + 3.
+    # Rank 0 is full at once (0, 1 live); rank 1 drops 2, keeps 3, drops 6 and 7 (round 1), keeps 10 (round 2).
+    # Rank 0 samples its reserves 4, 5 and 8, 9 too (dead, never looked at), or it would hang rank 1's sampling
+    import inspect
+    script = tmp_path / "marked.py"
+    script.write_text("import os, sys\nsys.path.insert(0, sys.argv[1])\nimport rewards, train\n"
+                      + inspect.getsource(_marked_reward)
+                      + "rewards.score = _marked_reward\ntrain.main(sys.argv[2:])\nos._exit(0)\n")
+    answers = ["live", "live", "dead", "live", "dead", "dead", "dead", "dead", "dead", "dead", "live", "dead"] + ["live"] * 4
+    stream = _marked_stream(tmp_path / "stream.parquet", answers)
+    run = _torchrun([str(script), ROOT, *SMALL_ONE_STEP, f"--dataset={stream}", "--batch_size=4", "--eval_limit=0",
+                     "--filter_dead_groups=True", f"--out_dir={tmp_path / 'run'}"])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    (log,) = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert (log["filtered_groups"], log["filter_rounds"], log["dead_groups"]) == (3, 2, 0.0)
 
 
 def test_train_rows_and_metrics_follow_the_clean_then_adversarial_layout(saei_step):

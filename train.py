@@ -52,6 +52,8 @@ n_clean = 6                  # n1: responses per prompt on the clean image
 n_adv = 6                    # n2: responses per prompt on the perturbed image; 0 = vanilla GRPO
 temperature = 1.0
 rollout_chunk = 64           # at most this many responses per sampling call (whole prompts): bounds the KV cache
+filter_dead_groups = False   # dynamic sampling (DAPO): replace prompts whose n_clean clean rewards are all equal
+max_filter_tries = 3         # its extra sampling rounds per step; still short after them, dead groups fill the batch
 max_prompt_len = 2048        # longer prompts are dropped (and counted), never truncated
 max_response_len = 2048
 instruction_role = "user"    # the format instruction after the problem ("user", the EasyR1 recipes) or as the system
@@ -179,7 +181,7 @@ def run(argv, opened):
     if rank == 0 and not resume_from:
         checkpoint.clear(cfg.out_dir)  # --overwrite=True: the old run goes now that this one has started
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    group, per_rank = cfg.n_clean + cfg.n_adv, cfg.batch_size // world
+    group = cfg.n_clean + cfg.n_adv
     evaluate_now = lambda step: dict(evaluate_held_out(policy, tok, eval_set, cfg, rank=rank, world=world,
                                                        compute=compute), step=step)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -195,22 +197,16 @@ def run(argv, opened):
         when = f"at step {first_step - 1}, where this run resumes" if resume_from else "before training"
         print(f"held-out greedy accuracy {when}: {measured(start)}")
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
-        first = (step - 1) * cfg.batch_size + rank * per_rank  # this rank's slice of the step's prompts
-        records = [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
         for param_group in optimizer.param_groups:
             param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1) if cfg.lr_decay else cfg.lr
-        images, prompts = zip(*[data.prepare(r, tok, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                             role=cfg.instruction_role) for r in records])
-        images = [x.to(cfg.device) for x in images]
         log = {"step": step}
 
-        # 1. clean rollouts, sampled from pi_old (this step's weights)
+        # 1. clean rollouts, sampled from pi_old (this step's weights); with filter_dead_groups, only live groups
+        #    (and the dead ones still needed to fill the batch) go on to the attack
         policy.eval()
         t0 = time.time()
-        with compute():
-            clean = sample(policy, tok, prompts=prompts, images=images, n=cfg.n_clean,
-                           max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
-                           chunk_rows=cfg.rollout_chunk)
+        records, images, prompts, clean = clean_rollouts(policy, tok, train_set, order, step, rank=rank, world=world,
+                                                         cfg=cfg, compute=compute, log=log)
         # 2-4. the perturbed image for the second half of the rollouts (EgAS + TsEC, or NoisyRollout's noise)
         t1 = time.time()
         adv_images, attacks = perturb_images(policy, images, clean, step=step, cfg=cfg, compute=compute, log=log)
@@ -398,6 +394,81 @@ def evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute):
     return {**{k: (s / sums[-1]).item() for k, s in zip(rates, sums)}, "problems": n}
 
 
+def stream_records(train_set, order, step, attempt, rank, world, cfg):
+    """This rank's batch_size // world records of `step`: the step's batch (attempt 0) or, with filter_dead_groups,
+    the reserve batch of filtering round `attempt`. Each step owns 1 + max_filter_tries whole batches of the
+    shuffled stream, used or not, so what a step draws depends on the step alone (a resumed run draws the same)."""
+    per_rank, batches = cfg.batch_size // world, 1 + cfg.max_filter_tries if cfg.filter_dead_groups else 1
+    first = ((step - 1) * batches + attempt) * cfg.batch_size + rank * per_rank
+    return [train_set[order[(first + i) % len(order)]] for i in range(per_rank)]
+
+
+def sample_clean(policy, tok, records, cfg, compute):
+    """records -> (images, prompts, rollouts): each record's (3, H, W) image on cfg.device, its prompt ids, and
+    n_clean responses to it sampled from pi_old (sample()'s dict, record by record)."""
+    images, prompts = zip(*[data.prepare(r, tok, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                         role=cfg.instruction_role) for r in records])
+    images = [x.to(cfg.device) for x in images]
+    with compute():
+        clean = sample(policy, tok, prompts=prompts, images=images, n=cfg.n_clean,
+                       max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
+                       chunk_rows=cfg.rollout_chunk)
+    return images, list(prompts), clean
+
+
+def clean_rollouts(policy, tok, train_set, order, step, rank, world, cfg, compute, log):
+    """Step 1: this rank's batch_size // world prompts and n_clean clean rollouts of each -> (records, images,
+    prompts, rollouts), as sample_clean's.
+
+    filter_dead_groups (dynamic sampling, DAPO): prompts are taken in stream order, the step's batch first, then one
+    reserve batch per extra round; a prompt whose clean rewards are all equal (a dead group: advantage 0) is
+    dropped, until the batch is full or max_filter_tries rounds are spent; then the first dead groups found fill
+    what is missing, so every rank keeps its share (the attack and the update run on equal shares). Every rank
+    takes the same number of rounds, decided by an all-reduce: sampling is a collective under FSDP2. Logs
+    filtered_groups (dead groups dropped, over all ranks) and filter_rounds."""
+    records = stream_records(train_set, order, step, 0, rank, world, cfg)
+    images, prompts, clean = sample_clean(policy, tok, records, cfg, compute)
+    if not cfg.filter_dead_groups:
+        return records, images, prompts, clean
+    n, per_rank, live, dead, rounds = cfg.n_clean, len(records), [], [], 0
+    while True:
+        rows = [{key: v[i * n:(i + 1) * n] for key, v in clean.items()} for i in range(per_rank)]
+        for group in zip(records, images, prompts, rows):
+            if len(live) == per_rank:  # full: the rest of this round is not used
+                break
+            (dead if is_dead(group, tok) else live).append(group)
+        missing = per_rank - len(live)
+        if rounds == cfg.max_filter_tries or not global_sum(missing):
+            break
+        rounds += 1  # a rank that is already full samples its reserve too: every rank joins each round's gathers
+        records = stream_records(train_set, order, step, rounds, rank, world, cfg)
+        images, prompts, clean = sample_clean(policy, tok, records, cfg, compute)
+    log.update(filtered_groups=int(global_sum(len(dead) - missing)), filter_rounds=rounds)
+    records, images, prompts, rows = zip(*live, *dead[:missing])
+    return list(records), list(images), list(prompts), cat_rollouts(rows, tok.pad_token_id)
+
+
+def is_dead(group, tok):
+    """group: (record, image, prompt, its rollout rows) -> True when every response's reward is the same."""
+    record, _, _, rows = group
+    texts = tok.batch_decode(rows["response_ids"], skip_special_tokens=True)
+    reward = torch.tensor([rewards.score(t, record["answer"], record.get("choices"))["overall"] for t in texts])
+    return bool(grpo.dead_groups(reward, len(texts))[0])
+
+
+def cat_rollouts(parts, pad_id):
+    """Rollout dicts from different sampling calls -> one, part after part: prompts left-padded to the longest,
+    responses right-padded to the longest (ids with pad_id, masks and entropies with 0)."""
+    P, L = (max(p[key].shape[1] for p in parts) for key in ("prompt_ids", "response_ids"))
+
+    def padded(key, t):
+        fill = pad_id if key.endswith("_ids") else 0
+        if key.startswith("prompt"):
+            return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=fill)
+        return torch.nn.functional.pad(t, (0, L - t.shape[1]), value=fill) if key.startswith("response") else t
+    return {key: torch.cat([padded(key, p[key]) for p in parts]) for key in parts[0]}
+
+
 def perturb_images(policy, images, clean, step, cfg, compute, log):
     """Steps 2-4: the image each prompt's n_adv rollouts will see, from the perturbation cfg.perturb names
     (egas.PERTURBATIONS: EgAS + TsEC, NoisyRollout's noise, none). Returns (adv_images, attacks): attacks holds
@@ -499,7 +570,7 @@ def check_config(cfg):
     configurator.check_at_least(cfg, {
         "max_steps": 1, "batch_size": 1, "micro_batch_size": 1, "save_interval": 1, "eval_interval": 0,
         "updates_per_rollout": 1, "ppo_epochs": 1, "rollout_chunk": 0, "eval_samples": 0, "max_skipped_updates": 1,
-        "attack_rows": 1, "eval_limit": 0, "max_response_len": 1, "max_prompt_len": 1, "pgd_steps": 0,
+        "attack_rows": 1, "eval_limit": 0, "max_filter_tries": 0, "max_response_len": 1, "max_prompt_len": 1, "pgd_steps": 0,
         "logit_chunk": 1, "weight_decay": 0, "clip_low": 0, "clip_high": 0, "clip_dual": 0, "kl_coef": 0, "entropy_coef": 0,
         "pgd_eps": 0})
     for key in ("lr", "temperature", "grad_clip"):
@@ -514,6 +585,10 @@ def check_config(cfg):
             or not cfg.clip_cov_bounds[0] < cfg.clip_cov_bounds[1]:
         raise SystemExit(f"config error: need 0 < cov_ratio <= 1, kl_cov_coef >= 0 and clip_cov_bounds = (low, high) "
                          f"with low < high, got {cfg.cov_ratio}, {cfg.kl_cov_coef}, {cfg.clip_cov_bounds}")
+    if cfg.filter_dead_groups and (cfg.n_clean < 2 or cfg.max_filter_tries < 1):
+        raise SystemExit(f"config error: filter_dead_groups needs n_clean >= 2 (one clean response is always a dead "
+                         f"group) and max_filter_tries >= 1 (rounds to replace them), got {cfg.n_clean} and "
+                         f"{cfg.max_filter_tries}")
     if cfg.cov_control == "kl_cov" and cfg.updates_per_rollout * cfg.ppo_epochs == 1:
         raise SystemExit("config error: cov_control='kl_cov' with one update per rollout does nothing (its |log "
                          "ratio| is 0, with zero gradient): raise updates_per_rollout or ppo_epochs")
