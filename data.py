@@ -219,6 +219,15 @@ def _mathvision(row, prompts="question"):
             "answer": row["answer"], "choices": row["options"], "meta": {}}
 
 
+def _wemath(row, prompts="question"):
+    # We-Math/We-Math, split testmini: ID, split, knowledge concept, question, option (one string, "A. 6cm; B. 8cm;
+    # ..."), answer (the letter), key (which of a multi-step problem's sub-problems: "1", "2-1", ...), question
+    # number, knowledge concept description, image_path (Image). Every problem is multiple choice.
+    choices = [text.strip() for text in re.split(r"(?:^|;\s*)[A-H]\.\s*", row["option"].strip()) if text.strip()]
+    return {"images": [row["image_path"]], "problem": _with_image(row["question"] + _options(choices)),
+            "answer": row["answer"].strip(), "choices": choices, "meta": {"ID": str(row["ID"]), "key": str(row["key"])}}
+
+
 HALLUSION_ASK = " Answer yes or no, as \\boxed{yes} or \\boxed{no}."  # prompts="query": the box holds one word
 
 
@@ -248,8 +257,9 @@ SOURCES = {
     "mathverse": ("AI4Math/MathVerse", "testmini", "testmini", _mathverse),  # 3,940 = 5 versions of 788 with the image
     "mathvision": ("MathLLMs/MathVision", None, "test", _mathvision),  # 3,040
     "hallusionbench": ("lmms-lab/HallusionBench", None, "image", _hallusionbench),  # 951 (non_image: 178, no figure)
+    "wemath": ("We-Math/We-Math", None, "testmini", _wemath),  # 1,740
 }
-ALIASES = {"geo3k": "geometry3k"}
+ALIASES = {"geo3k": "geometry3k", "we-math": "wemath"}
 RECORD_KEYS = ("images", "problem", "answer", "choices", "meta")
 
 

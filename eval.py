@@ -1,6 +1,6 @@
 """How good it is: greedy, batched evaluation of a checkpoint on the benchmarks, one accuracy table.
 
-`python eval.py --model out/checkpoint --benchmarks geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench`
+`python eval.py --model out/checkpoint --benchmarks geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench,wemath`
 prints accuracy per benchmark and their average, and writes to `out_dir`: results.json and results.csv (the
 table) and samples.jsonl (every problem: question, response, extracted answer, correct). `--limit 50` for a
 quick run. A benchmark can also be a local copy, `mathvista=path/to/copy`, or a local dataset folder (data.py).
@@ -26,7 +26,7 @@ from model import check_device, load_policy, sample
 
 # ----------------------------------------------------------------------------- constants
 model = "tiny"            # checkpoint path, short name (Qwen2.5-VL-7B), hub id or tiny
-benchmarks = "synthetic"  # comma-separated names (geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench),
+benchmarks = "synthetic"  # comma-separated names (geo3k,mmk12,mathvista,mathverse,mathvision,hallusionbench,wemath),
                           # name=path for a local copy, or a local dataset path
 split = "test"            # for the sets with several splits (geo3k, mmk12, local folders); benchmarks have one
 limit = 0                 # evaluate the first N problems of each benchmark (0: all)

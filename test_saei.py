@@ -94,7 +94,7 @@ def datasets_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
-    """Local copies of MMK12, MathVista, MathVerse, MathVision and HallusionBench in their hub schemas and in the
+    """Local copies of MMK12, MathVista, MathVerse, MathVision, HallusionBench and We-Math in their hub schemas and in the
     layouts they come in (save_to_disk folders, hub-style parquet folders). Returns name -> path."""
     root = tmp_path_factory.mktemp("hub")
     paths = {}
@@ -189,6 +189,21 @@ def copies(tmp_path_factory):
     _table([hallu_row(3, "Is Paris the capital of France?", "1", None)],
            hallu).to_parquet(str(root / "hallusionbench" / "data" / "non_image-00000-of-00001.parquet"))
     paths["hallusionbench"] = root / "hallusionbench"
+
+    # We-Math/We-Math testmini -> testmini.parquet at the repository's root, as on the hub
+    wemath = {"ID": V("string"), "split": V("string"), "knowledge concept": V("string"), "question": V("string"),
+              "option": V("string"), "answer": V("string"), "key": V("string"), "question number": V("int64"),
+              "knowledge concept description": V("string"), "image_path": IMAGE}
+    _table([{"ID": "1steps_1", "split": "testmini", "knowledge concept": "Area of Triangles",
+             "question": "As shown in the figure, what is the area of the triangle?",
+             "option": "A. 6cm²; B. 8cm²; C. 10cm²; D. 12cm²; E. No correct answer", "answer": "D", "key": "1",
+             "question number": 1, "knowledge concept description": "...", "image_path": _image("red")},
+            {"ID": "2steps_3", "split": "testmini", "knowledge concept": "Circumference of Circles",
+             "question": "The circle's radius is 2 cm. What is its circumference?",
+             "option": "A. 4π cm; B. 2π cm; C. 8π cm", "answer": "A", "key": "2-1", "question number": 3,
+             "knowledge concept description": "...", "image_path": _image("blue")}],
+           wemath).to_parquet(str(root / "wemath" / "testmini.parquet"))
+    paths["wemath"] = root / "wemath"
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -621,6 +636,21 @@ def test_data_hallusionbench_image_split(copies):
     _check_shape(records)
     assert [records[i]["answer"] for i in range(3)] == ["yes", "no", "no"]
     assert records[0]["problem"] == "<image>Is the left orange circle the same size as the right one?"
+
+
+def test_data_wemath_testmini_options_split_into_choices(copies):
+    records = data.load_records(f"wemath={copies['wemath']}", "test")
+    assert len(records) == 2
+    _check_shape(records)
+    assert records[0]["choices"] == ["6cm²", "8cm²", "10cm²", "12cm²", "No correct answer"]
+    assert records[0]["problem"] == ("<image>As shown in the figure, what is the area of the triangle?\nChoices:\n"
+                                     "(A) 6cm²\n(B) 8cm²\n(C) 10cm²\n(D) 12cm²\n(E) No correct answer")
+    assert records[0]["answer"] == "D" and records[1]["choices"] == ["4π cm", "2π cm", "8π cm"]
+    assert records[1]["meta"] == {"ID": "2steps_3", "key": "2-1"}
+    # graded as the other multiple-choice benchmarks: the letter or the option's text
+    assert rewards.score("\\boxed{D}", records[0]["answer"], records[0]["choices"])["accuracy"] == 1.0
+    assert rewards.score("\\boxed{12cm²}", records[0]["answer"], records[0]["choices"])["accuracy"] == 1.0
+    assert rewards.score("\\boxed{B}", records[0]["answer"], records[0]["choices"])["accuracy"] == 0.0
 
 
 def test_data_query_prompts_are_the_fields_the_papers_evaluate_with(copies):
