@@ -408,12 +408,12 @@ def sample_clean(policy, tok, records, cfg, compute):
     n_clean responses to it sampled from pi_old (sample()'s dict, record by record)."""
     images, prompts = zip(*[data.prepare(r, tok, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                          role=cfg.instruction_role) for r in records])
-    images = [x.to(cfg.device) for x in images]
+    images, prompts = [x.to(cfg.device) for x in images], list(prompts)
     with compute():
         clean = sample(policy, tok, prompts=prompts, images=images, n=cfg.n_clean,
                        max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
                        chunk_rows=cfg.rollout_chunk)
-    return images, list(prompts), clean
+    return images, prompts, clean
 
 
 def clean_rollouts(policy, tok, train_set, order, step, rank, world, cfg, compute, log):
