@@ -8,6 +8,7 @@
     python bench.py --estimate          # (e): per-GPU peak memory of the recipe on 8 x 80 GB, from the configs
     python bench.py --attack-strength   # (g): band entropy gain and fresh rollouts' entropy against alpha (warm start)
     python bench.py --demo-speed=REV    # (h): the demo's step per phase here and at git revision REV, alternated
+    python bench.py --gpu               # (i): two recipe steps of a random-weight Qwen2.5-VL-3B on one GPU (minutes)
 
 Two random-weight models: `tiny` (model.load_policy("tiny"), vocabulary 103) and `tiny-152k`, the same small
 Qwen2.5-VL with Qwen's real vocabulary of 151,936 tokens, where the LM head dominates.
@@ -48,6 +49,7 @@ import data
 import egas
 import train
 from data import build_prompt, n_image_tokens
+import model as model_lib
 from model import build_tiny, load_policy, sample, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -441,6 +443,94 @@ def demo_speed(against, steps=8, repeats=3, threads=2):
     return lines
 
 
+def arch_model(name, device, dtype):
+    """ARCHS[name] as a random-weight Qwen2.5-VL (the published sizes; the tiny tokenizer's ids, which every
+    vocabulary here holds) on `device` -> (model, tokenizer). Nothing is downloaded."""
+    a, tok = ARCHS[name], tiny_tokenizer()
+    config = model_lib.tiny_config(tok, a["layers"], a["hidden"], a["v_depth"], a["v_hidden"])
+    half = a["hidden"] // a["heads"] // 2  # each head's rotary half, split into (time, height, width) sections
+    for key, value in dict(vocab_size=a["vocab"], intermediate_size=a["intermediate"], num_attention_heads=a["heads"],
+                           num_key_value_heads=a["kv_heads"], tie_word_embeddings=a["tied"],
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                            "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}).items():
+        setattr(config.text_config, key, value)
+    if a["v_depth"] == 32:  # Qwen2.5-VL's vision tower: 16 heads, full attention every 8th block
+        config.vision_config.num_heads, config.vision_config.fullatt_block_indexes = 16, [7, 15, 23, 31]
+    config.vision_config.intermediate_size, config.tie_word_embeddings = a["v_intermediate"], a["tied"]
+    with torch.device(device):
+        model = model_lib.use_patch_projection(model_lib.Qwen2_5_VLForConditionalGeneration(config)).to(dtype)
+    model.generation_config = model_lib.GenerationConfig()
+    return model, tok
+
+
+def gpu_check(name="Qwen2.5-VL-3B", device="cuda", prompts=4, response_len=256, steps=2, overrides=None):
+    """(i) `python bench.py --gpu`: the recipe's step on one GPU with a random-weight `name`, nothing downloaded.
+    The model is saved and train.py runs `steps` SaEI steps on it from the folder (the recipe's constants:
+    n_clean 6 + n_adv 6, bounded attack, checkpointed update, bf16 autocast), on `prompts` synthetic problems per
+    step at the recipe's image size; random weights rarely stop, so responses run to `response_len`. Prints per
+    phase the measured peak CUDA memory beside `--estimate`'s at the same settings (which assumes
+    max_prompt_len-long prompts), the step time, rollout tokens per second, and the attack's gain (the TsEC
+    objective's rise) in bf16 autocast against fp32 on the same prompt and responses. On CPU the test suite runs
+    it with name="tiny" (overrides: other train.py constants, e.g. a smaller image). Returns the table's lines."""
+    overrides = overrides or {}
+    folder = tempfile.mkdtemp()
+    try:
+        model, tok = arch_model(name, device, torch.bfloat16)
+        model.save_pretrained(os.path.join(folder, "model"))
+        tok.save_pretrained(os.path.join(folder, "model"))
+        del model
+        out = os.path.join(folder, "run")
+        args = [f"--model={os.path.join(folder, 'model')}", "--dataset=synthetic", f"--batch_size={prompts}",
+                f"--max_steps={steps}", "--eval_interval=0", "--eval_limit=0", f"--save_interval={steps + 1}",
+                f"--max_response_len={response_len}", f"--device={device}", f"--out_dir={out}",
+                *[f"--{key}={value}" for key, value in overrides.items()]]
+        train.main(args)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            logs = [json.loads(line) for line in f]
+        cfg = dict(train.DEFAULTS, batch_size=prompts, max_response_len=response_len, **overrides)
+        estimated = estimate(name, 1, cfg)
+        last = logs[-1]
+        rows = prompts * (cfg["n_clean"] + cfg["n_adv"])
+        lines = [f"{name}, random weights, {device}: {steps} SaEI steps of {prompts} prompts x 12 responses "
+                 f"(responses up to {response_len} tokens), the last step's numbers",
+                 "| phase | seconds | peak memory (GiB) | estimate (GiB) |", "|---|---|---|---|"]
+        for phase in ("generate", "attack", "update"):
+            measured = last.get(f"mem_{phase}")
+            lines.append(f"| {phase} | {last[f't_{phase}']:.1f} | {'-' if measured is None else f'{measured:.1f}'} | "
+                         f"{estimated['generation' if phase == 'generate' else phase]:.1f} |")
+        step = sum(last[f"t_{p}"] for p in ("generate", "attack", "update"))
+        lines.append(f"step {step:.1f} s; rollout {rows * last['response_len'] / last['t_generate']:.0f} tokens/s "
+                     f"({rows} responses, {last['response_len']:.0f} tokens on average)")
+        lines.append(attack_precision(os.path.join(folder, "model"), device, cfg))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print("\n".join(lines))
+    return lines
+
+
+def attack_precision(folder, device, cfg):
+    """The attack's gain on one synthetic prompt and its n_clean responses, in bf16 autocast and in fp32 (the same
+    responses, sampled in fp32) -> one line."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # what train.main held
+    policy, tok = load_policy(folder, device=device)
+    policy.eval()
+    record = data.load_records("synthetic", "train")[0]
+    image, prompt = data.prepare(record, tok, min_pixels=cfg["min_pixels"], max_pixels=cfg["max_pixels"])
+    image = image.to(device)
+    torch.manual_seed(0)
+    clean = sample(policy, tok, [prompt], [image], cfg["n_clean"], max_new_tokens=cfg["max_response_len"])
+    gains = {}
+    for precision, enabled in (("bf16", True), ("fp32", False)):
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=enabled):
+            _, stats = egas.attack(policy, [image], clean, cfg["n_clean"], steps=cfg["pgd_steps"],
+                                   alpha=cfg["pgd_alpha"], band=cfg["tsec_band"], rows_per_pass=cfg["attack_rows"],
+                                   chunk_size=cfg["logit_chunk"])
+        gains[precision] = stats[0]["gain"]
+    return (f"attack gain on one prompt (alpha {cfg['pgd_alpha'] * 255:.0f}/255): bf16 {gains['bf16']:+.4g}, "
+            f"fp32 {gains['fp32']:+.4g} nats")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory-worker"]:
         method, length, rows, repeats, image = sys.argv[2], *map(int, sys.argv[3:7])
@@ -451,7 +541,9 @@ if __name__ == "__main__":
         threads = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--threads=")]
         gpus = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--gpus=")]
         gpu_gb = [int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--gpu_gb=")]
-        if "--estimate" in sys.argv[1:]:
+        if "--gpu" in sys.argv[1:]:
+            gpu_check()
+        elif "--estimate" in sys.argv[1:]:
             estimate_table(gpus[0] if gpus else 8, gpu_gb[0] if gpu_gb else 80)
             if "--check" in sys.argv[1:]:
                 estimate_check()

@@ -3919,6 +3919,21 @@ def test_bench_memory_estimate_counts_the_real_parameters():
     assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
 
 
+
+def test_bench_gpu_check_runs_the_recipe_on_a_random_model_and_compares_attack_precisions():
+    # the code path `python bench.py --gpu` runs on a GPU, at tiny shapes on CPU: a random model saved and trained
+    # for 2 recipe steps from its folder, each phase timed, and the attack's gain in bf16 autocast and fp32
+    lines = bench.gpu_check("tiny", device="cpu", prompts=4, response_len=8, steps=2,
+                            overrides={"min_pixels": 56 * 56, "max_pixels": 56 * 56})
+    phases = {line.split("|")[1].strip(): line.split("|")[2:5] for line in lines if line.startswith("| ") and
+              "phase" not in line}
+    assert set(phases) == {"generate", "attack", "update"}
+    assert all(float(seconds) > 0 and measured.strip() == "-" and float(estimate) > 0
+               for seconds, measured, estimate in phases.values())  # no CUDA memory off a GPU
+    assert re.search(r"rollout \d+ tokens/s \(48 responses", lines[-2])
+    bf16, fp32 = (float(x) for x in re.findall(r"(?:bf16|fp32) ([+-][\d.e-]+)", lines[-1]))
+    assert fp32 > 0 and abs(bf16 - fp32) < 0.5 * fp32  # the ascent, in both precisions, about the same
+
 # ----------------------------------------------------------------------------- README.md
 
 def test_readme_file_table_and_commands_match_the_repository():

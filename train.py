@@ -204,14 +204,15 @@ def run(argv, opened):
         # 1. clean rollouts, sampled from pi_old (this step's weights); with filter_dead_groups, only live groups
         #    (and the dead ones still needed to fill the batch) go on to the attack
         policy.eval()
+        cuda_peak(cfg.device)  # on CUDA each phase's peak memory is logged (mem_generate, mem_attack, mem_update)
         t0 = time.time()
         records, images, prompts, clean = clean_rollouts(policy, tok, train_set, order, step, rank=rank, world=world,
                                                          cfg=cfg, compute=compute, log=log)
         # 2-4. the perturbed image for the second half of the rollouts (EgAS + TsEC, or NoisyRollout's noise)
-        t1 = time.time()
+        t1, peaks = time.time(), {"generate": cuda_peak(cfg.device)}
         adv_images, attacks = perturb_images(policy, images, clean, step=step, cfg=cfg, compute=compute, log=log)
         # 5. adversarial rollouts
-        t2 = time.time()
+        t2, peaks["attack"] = time.time(), cuda_peak(cfg.device)
         rollouts = clean
         if cfg.n_adv > 0:
             with compute():
@@ -219,7 +220,7 @@ def run(argv, opened):
                              max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
                              chunk_rows=cfg.rollout_chunk)
             rollouts = merge_groups(clean, adv, n_clean=cfg.n_clean, n_adv=cfg.n_adv, pad_id=tok.pad_token_id)
-        t3 = time.time()
+        t3, peaks["generate"] = time.time(), max(peaks["generate"], cuda_peak(cfg.device))
 
         # 6. rewards
         texts = tok.batch_decode(rollouts["response_ids"], skip_special_tokens=True)
@@ -240,7 +241,7 @@ def run(argv, opened):
         update = ppo.update(policy, ref, optimizer, params, rollouts=rollouts, advantages=advantages,
                             row_images=row_images, cfg=cfg, world=world, compute=compute, sampled_on=sampled_on)
         skipped = 0 if update["applied"] else skipped + 1
-        t4 = time.time()
+        t4, peaks["update"] = time.time(), cuda_peak(cfg.device)
 
         # logging: means over every rank's responses; one line to stdout, one JSON line to metrics.jsonl
         log.update(step_metrics(rollouts, texts, scores, is_adv=is_adv, update_entropy=update["entropy"], group=group,
@@ -248,6 +249,8 @@ def run(argv, opened):
         log.update(attack_metrics(images, adv_images, attacks, cfg))
         log.update({"lr": optimizer.param_groups[0]["lr"], **update["log"],
                     "t_generate": (t1 - t0) + (t3 - t2), "t_attack": t2 - t1, "t_update": t4 - t3})
+        if cfg.device.startswith("cuda"):
+            log.update({f"mem_{phase}": peak for phase, peak in peaks.items()})
         if not update["applied"]:
             log["skipped_update"] = 1
             if rank == 0:
@@ -392,6 +395,15 @@ def evaluate_held_out(policy, tok, eval_set, cfg, rank, world, compute):
     rates = ["accuracy", "format"] + [k for k in result if k.startswith("pass@")]
     sums = all_reduce_sum(torch.tensor([result[k] * len(subset) for k in rates] + [len(subset)], dtype=torch.float64))
     return {**{k: (s / sums[-1]).item() for k, s in zip(rates, sums)}, "problems": n}
+
+
+def cuda_peak(device):
+    """The peak CUDA memory allocated since the last call, in GiB, and a fresh count from now; 0 off CUDA."""
+    if not device.startswith("cuda"):
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def stream_records(train_set, order, step, attempt, rank, world, cfg):
