@@ -491,7 +491,8 @@ def gpu_check(name="Qwen2.5-VL-3B", device="cuda", prompts=4, response_len=256, 
         estimated = estimate(name, 1, cfg)
         last = logs[-1]
         rows = prompts * (cfg["n_clean"] + cfg["n_adv"])
-        lines = [f"{name}, random weights, {device}: {steps} SaEI steps of {prompts} prompts x 12 responses "
+        lines = [f"{name}, random weights, {device}: {steps} SaEI steps of {prompts} prompts x ({cfg['n_clean']} + "
+                 f"{cfg['n_adv']}) responses "
                  f"(responses up to {response_len} tokens), the last step's numbers",
                  "| phase | seconds | peak memory (GiB) | estimate (GiB) |", "|---|---|---|---|"]
         for phase in ("generate", "attack", "update"):

@@ -444,8 +444,7 @@ def clean_rollouts(policy, tok, train_set, order, step, rank, world, cfg, comput
         return records, images, prompts, clean
     n, per_rank, live, dead, rounds = cfg.n_clean, len(records), [], [], 0
     while True:
-        rows = [{key: v[i * n:(i + 1) * n] for key, v in clean.items()} for i in range(per_rank)]
-        for group in zip(records, images, prompts, rows):
+        for group in zip(records, images, prompts, prompt_rows(clean, n)):
             if len(live) == per_rank:  # full: the rest of this round is not used
                 break
             (dead if is_dead(group, tok) else live).append(group)
@@ -466,6 +465,11 @@ def is_dead(group, tok):
     texts = tok.batch_decode(rows["response_ids"], skip_special_tokens=True)
     reward = torch.tensor([rewards.score(t, record["answer"], record.get("choices"))["overall"] for t in texts])
     return bool(grpo.dead_groups(reward, len(texts))[0])
+
+
+def prompt_rows(rollouts, n):
+    """A rollout dict of k prompts x n rows -> k dicts, prompt by prompt."""
+    return [{key: v[i:i + n] for key, v in rollouts.items()} for i in range(0, len(rollouts["prompt_ids"]), n)]
 
 
 def cat_rollouts(parts, pad_id):
@@ -617,18 +621,8 @@ def check_config(cfg):
 
 def merge_groups(clean, adv, n_clean, n_adv, pad_id):
     """Interleave two rollout batches into groups: prompt i's n_clean clean rows, then its n_adv adversarial rows."""
-    L = max(clean["response_ids"].shape[1], adv["response_ids"].shape[1])
-    n_prompts = clean["prompt_ids"].shape[0] // n_clean
-    merged = {}
-    for key in clean:
-        a, b = clean[key], adv[key]
-        if key.startswith("response"):
-            fill = pad_id if key == "response_ids" else 0
-            a = torch.nn.functional.pad(a, (0, L - a.shape[1]), value=fill)
-            b = torch.nn.functional.pad(b, (0, L - b.shape[1]), value=fill)
-        a, b = a.view(n_prompts, n_clean, *a.shape[1:]), b.view(n_prompts, n_adv, *b.shape[1:])
-        merged[key] = torch.cat([a, b], 1).flatten(0, 1)
-    return merged
+    halves = zip(prompt_rows(clean, n_clean), prompt_rows(adv, n_adv))
+    return cat_rollouts([half for pair in halves for half in pair], pad_id)
 
 
 if __name__ == "__main__":
