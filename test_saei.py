@@ -2499,10 +2499,12 @@ def _steps(out_dir):
     return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_hub_model_while_offline_is_one_clear_line():
+def test_train_hub_model_while_offline_is_one_clear_line(tmp_path):
+    # its own out_dir: a user who ran the demo first has a run in ./out, which train.py would rightly refuse first
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-VL-3B", "--max_steps=1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-VL-3B", "--max_steps=1",
+                          f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in last and "HF_HUB_OFFLINE" in last and "Traceback" not in run.stderr
