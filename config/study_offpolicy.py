@@ -5,9 +5,8 @@
 # adversarial half on its own image (logprob_image="adversarial"); and SaEI at -32/255 (the other reading of the
 # paper's "alpha = -2/255", which should lower the entropy). 200 steps of the demo recipe, greedy accuracy on 2,000
 # held-out problems, pass@1..12 on 500. Primary outcome: each seed's clean-rollout entropy over its last 20 steps.
-# The corrected arm diverged on its first 2 seeds (format reward 0 by step ~60), so it runs 3 seeds, not 8.
 # `python compare.py config/study_offpolicy.py --parallel=2` -> results/offpolicy/ (its runs in results/offpolicy/runs)
-methods = "grpo,saei_a32,saei_a32_behaviour:3,saei_a32_advimage:3,saei_a-32:3"
+methods = "grpo,saei_a32,saei_a32_behaviour,saei_a32_advimage:3,saei_a-32:3"
 seeds = 8
 steps = 200
 train_args = "--eval_limit=2000"
