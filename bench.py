@@ -5,7 +5,8 @@
     python bench.py --threads=2  # torch threads per process (default 1, see below)
     python bench.py --attack-responses  # (d) alone: attack peak memory against the number of clean responses
     python bench.py --sampling-chunks   # (f) alone: sampling peak memory against rollout_chunk
-    python bench.py --estimate          # (e): per-GPU peak memory of the recipe on 8 x 80 GB, from the configs
+    python bench.py --estimate          # (e): per-GPU peak memory of the recipe on 8 x 80 GB (--gpus, --gpu_gb), its
+                                        #      rollout chunk and predicted step time, from the configs
     python bench.py --attack-strength   # (g): band entropy gain and fresh rollouts' entropy against alpha (warm start)
     python bench.py --demo-speed=REV    # (h): the demo's step per phase here and at git revision REV, alternated
     python bench.py --gpu               # (i): two recipe steps of a random-weight Qwen2.5-VL-3B on one GPU (minutes)
@@ -288,57 +289,131 @@ def parameters(a):
     return text + vision, text
 
 
-def activation_bytes(hidden, intermediate, kv_dim, compute_bytes):
+def activation_bytes(hidden, intermediate, kv_dim, compute_bytes, autocast=False):
     """Bytes autograd keeps per token per decoder layer without checkpointing: in compute precision the normed
     inputs, q, k, v (and their rotated copies), the attention output, and the MLP's gate, up, activation and product;
-    the two RMS norms keep their fp32 input. Matches what was measured in bf16: 133 KiB (3B), 231 KiB (7B)."""
-    return compute_bytes * (7 * hidden + 3 * kv_dim + 4 * intermediate) + 8 * hidden
+    the two RMS norms keep their fp32 input. Matches what was measured in bf16: 133 KiB (3B), 231 KiB (7B). Under
+    autocast (fp32 weights, the one-GPU path) some of them stay fp32: measured 11 bytes per hidden unit more
+    (155.6 KiB at 3B, 269.6 KiB at 7B widths, CPU autocast)."""
+    return compute_bytes * (7 * hidden + 3 * kv_dim + 4 * intermediate) + 8 * hidden + (11 * hidden if autocast else 0)
 
 
-def attack_bytes(a, prompt_len, response_len, patches, chunk, compute_bytes=2):
+def attack_bytes(a, prompt_len, response_len, patches, chunk, compute_bytes=2, autocast=False):
     """The attack's own memory, above the weights: the prompt's and the image's graphs (kept while the responses
     run), one response's graph, and the LM head's chunk of fp32 logits and their gradient."""
     kvd = a["hidden"] // a["heads"] * a["kv_heads"]
-    text = activation_bytes(a["hidden"], a["intermediate"], kvd, compute_bytes) * a["layers"]
+    text = activation_bytes(a["hidden"], a["intermediate"], kvd, compute_bytes, autocast) * a["layers"]
     vision = activation_bytes(a["v_hidden"], a["v_intermediate"], a["v_hidden"], compute_bytes) * a["v_depth"]
     return (prompt_len + response_len) * text + patches * vision + 2 * min(chunk, response_len) * a["vocab"] * 4
 
 
-def estimate(name, gpus, cfg=None):
-    """Per-GPU peak memory in GiB by phase for train.py's recipe (cfg: train.DEFAULTS) on `gpus` GPUs."""
+# A Geometry3K prompt: its (small) figure upscaled to min_pixels = 262,144 px is 334 image tokens after the 2x2
+# merge, plus about 120 tokens of chat template, problem and format instruction (an assumption, not a count).
+GEO3K_PROMPT_LEN = 454
+# For the predicted step time: one H100 SXM's dense bf16 peak and HBM bandwidth, at the utilisations a plain
+# PyTorch loop (no fused kernels, no vLLM) can be expected to reach; and what a decode step costs at least, the
+# Python and kernel launches of one forward, measured here by `decode_floor` (a GPU host's CPU is faster: upper end).
+H100_FLOPS, H100_BYTES_PER_S, MFU, MBU = 989e12, 3.35e12, 0.35, 0.6
+MEAN_RESPONSE = 400          # response tokens on average (the longest of each call runs to max_response_len)
+EASYR1_7B_STEP = 180.0       # EasyR1's published Geometry3K step: 7B, 8 x H100, 512 prompts x 5 responses, vLLM
+
+
+def estimate(name, gpus, cfg=None, gpu_gb=80, prompt_len=GEO3K_PROMPT_LEN, floor_s=None):
+    """Per-GPU peak memory in GiB by phase for train.py's recipe (cfg: train.DEFAULTS) on `gpus` GPUs of `gpu_gb`
+    GB, the rollout chunk it leads to, and the step time per phase it predicts. gpus=1 is the path without torchrun:
+    fp32 weights under bf16 autocast (fp32 keys in the KV cache, some fp32 activations); gpus>1 is FSDP2 with bf16
+    compute weights. floor_s: a decode step's fixed cost in seconds (decode_floor), None: not predicted."""
     cfg = cfg or train.DEFAULTS
     a = ARCHS[name]
     H, I, V, layers = a["hidden"], a["intermediate"], a["vocab"], a["layers"]
     kvd = H // a["heads"] * a["kv_heads"]
+    autocast = gpus == 1
     total, trainable = parameters(a)
     shards = (4 * total + 12 * trainable) / gpus  # fp32 weights; fp32 gradients and Adam's two moments
-    gathered = 2 * total  # generation and the attack hold every layer gathered in bf16 (model.gather_weights)
-    P, L = cfg["max_prompt_len"], cfg["max_response_len"]
-    patches = cfg["max_pixels"] // (14 * 14)  # the image's tokens before the 2x2 merge (at most P / 1 of them)
-    rows = cfg["batch_size"] // gpus * max(cfg["n_clean"], cfg["n_adv"])  # one `sample`'s responses, in calls of
-    rows = min(rows, cfg["rollout_chunk"] or rows)                          # at most rollout_chunk rows
-    kv_cache = rows * (P + L) * layers * 2 * kvd * 2
-    prefill = rows * P * 3 * I * 2  # one layer's MLP temporaries over the whole batch of prompts
-    generation = shards + gathered + kv_cache + prefill
-    attack = shards + gathered + attack_bytes(a, P, L, patches, cfg["logit_chunk"])
+    adam_transient = 4 * trainable / gpus  # CUDA AdamW's foreach step copies a moment of the whole shard at once
+    # FSDP2 holds every layer gathered in bf16 during generation and the attack (model.gather_weights); autocast
+    # keeps the bf16 casts of every weight for the whole `with` block: the same 2 bytes per parameter
+    gathered = 2 * total
+    P, L, n = prompt_len, cfg["max_response_len"], max(cfg["n_clean"], cfg["n_adv"])
+    patches = cfg["max_pixels"] // (14 * 14)  # the image's patches before the 2x2 merge, at most
+    # generation: model.sample's chunk, the whole prompts whose decode_bytes fit 90% of what is left
+    key_bytes = 4 if autocast else 2
+    per_prompt = model_lib.decode_bytes(a, P, L, n, patches, key_bytes, 2)
+    prompts = cfg["batch_size"] // gpus
+    fits = max(1, int(0.9 * (gpu_gb * 1e9 - shards - gathered) // per_prompt))
+    per_call = min(prompts, cfg["rollout_chunk"] // n if cfg["rollout_chunk"] else fits)
+    calls = -(-prompts // per_call) * (2 if cfg["n_adv"] else 1)  # each half samples on its own images
+    generation = shards + gathered + per_call * per_prompt
+    attack = shards + gathered + attack_bytes(a, P, L, patches, cfg["logit_chunk"], autocast=autocast)
     # update: gradient checkpointing keeps each layer's input; one layer is recomputed at a time; layers are
     # gathered one (and the next, prefetched) at a time, the root (embeddings, LM head) for the whole pass
     m = cfg["micro_batch_size"] * (P + L)
     root = 2 * V * H * (1 if a["tied"] else 2)
-    update = (shards + m * H * 2 * layers + m * activation_bytes(H, I, kvd, 2) + 2 * cfg["logit_chunk"] * V * 4
-              + root + 2 * 2 * (total - root) / layers)
-    return {"params_b": total / 1e9, "shards": shards / GB, "generation": generation / GB, "attack": attack / GB,
-            "update": update / GB}
+    update = (shards + adam_transient + m * H * 2 * layers + m * activation_bytes(H, I, kvd, 2, autocast)
+              + 2 * cfg["logit_chunk"] * V * 4 + root + 2 * 2 * (total - root) / layers)
+    out = {"params_b": total / 1e9, "shards": shards / GB, "generation": generation / GB, "attack": attack / GB,
+           "update": update / GB, "rows_per_call": per_call * n, "calls": calls}
+    if floor_s is not None:  # step time, per GPU (every GPU does its share at once)
+        rows = per_call * n
+        kv_read = rows * (P + L / 2) * layers * kvd * (key_bytes + 2)  # the cache, half full on average
+        token_s = max(floor_s, (2 * total + kv_read)  # every weight and the cache read once a token
+                       / (H100_BYTES_PER_S * MBU), 2 * trainable * rows / (H100_FLOPS * MFU))
+        prefill_s = 2 * trainable * per_call * P / (H100_FLOPS * MFU)
+        responses = prompts * (cfg["n_clean"] + cfg["n_adv"])
+        tokens = responses * (P + MEAN_RESPONSE)  # the update re-reads each prompt with each micro-batch
+        passes = 2 + 8 * cfg["ppo_epochs"] + (2 if cfg["kl_coef"] else 0)  # pi_old; fwd + recompute + bwd; ref
+        attack_tokens = prompts * (P + cfg["n_clean"] * MEAN_RESPONSE) if cfg["n_adv"] and cfg["perturb"] == "egas" else 0
+        out.update(t_generate=calls * (L * token_s + prefill_s),
+                   t_attack=4 * trainable * attack_tokens * cfg["pgd_steps"] / (H100_FLOPS * MFU),  # fwd + bwd to input
+                   t_update=passes * trainable * tokens / (H100_FLOPS * MFU))
+    return out
 
 
-def estimate_table(gpus=8, gpu_gb=80):
-    lines = [f"| model ({gpus} GPUs x {gpu_gb} GB) | parameters | weights + Adam shards | generation | attack | update "
-             "| fits |", "|---|---|---|---|---|---|---|"]
+def decode_floor(layers, new_tokens=64, repeats=3):
+    """Seconds per decode step that do not depend on the model's width: `model.decode` of one response on a model
+    `layers` deep and 64 wide, where the arithmetic is nothing and what is left is Python and op dispatch."""
+    policy, tok = model_lib.build_tiny(text_layers=layers, text_hidden=64, vision_depth=1, vision_hidden=32)
+    policy.eval()
+    x = torch.rand(3, 56, 56)
+    ids, mask = model_lib.left_pad([build_prompt(tok, PROBLEM, n_image_tokens(x))], tok.pad_token_id)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model_lib.decode(policy, tok, ids, mask, [x], 1, new_tokens, greedy=True)
+        times.append((time.perf_counter() - t) / new_tokens)
+    return statistics.median(times)
+
+
+def estimate_table(gpus=8, gpu_gb=80, floors=None):
+    """The memory table and the predicted step; floors: {layers: seconds} per decode step (measured if None)."""
+    floors = floors or {depth: decode_floor(depth) for depth in {ARCHS[m]["layers"] for m in ("Qwen2.5-VL-3B", "Qwen2.5-VL-7B")}}
+    lines = [f"Per-GPU peak memory by phase at Geometry3K-length prompts ({GEO3K_PROMPT_LEN} tokens)", "",
+             f"| model ({gpus} GPUs x {gpu_gb} GB) | parameters | weights + Adam shards | generation | attack | update "
+             f"| peak at {train.DEFAULTS['max_prompt_len']}-token prompts | fits | responses per sampling call | "
+             "sampling calls per step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("Qwen2.5-VL-3B", "Qwen2.5-VL-7B", "Qwen2.5-VL-32B"):
-        e = estimate(name, gpus)
-        peak = max(e["generation"], e["attack"], e["update"])
+        e = estimate(name, gpus, gpu_gb=gpu_gb)
+        worst = estimate(name, gpus, gpu_gb=gpu_gb, prompt_len=train.DEFAULTS["max_prompt_len"])
+        peak = max(worst["generation"], worst["attack"], worst["update"])
         lines.append(f"| {name} | {e['params_b']:.2f} B | {e['shards']:.1f} GiB | {e['generation']:.1f} GiB | "
-                     f"{e['attack']:.1f} GiB | {e['update']:.1f} GiB | {'yes' if peak <= gpu_gb * 1e9 / GB else 'NO'} |")
+                     f"{e['attack']:.1f} GiB | {e['update']:.1f} GiB | {peak:.1f} GiB | "
+                     f"{'yes' if peak <= gpu_gb * 1e9 / GB else 'NO'} | {e['rows_per_call']} | {e['calls']} |")
+    cfg = train.DEFAULTS
+    responses = cfg["n_clean"] + cfg["n_adv"]
+    lines += ["", f"Predicted step on H100s ({gpus} GPUs, {cfg['batch_size']} prompts x {responses} responses, "
+              f"{MEAN_RESPONSE} tokens on average, each sampling call running to {cfg['max_response_len']}; "
+              f"decode floor measured here: " + ", ".join(f"{1e3 * s:.1f} ms at {d} layers" for d, s in sorted(floors.items())) + ")",
+              "| model | generation | attack | update | step | EasyR1 (vLLM), scaled to these responses |", "|---|---|---|---|---|---|"]
+    for name in ("Qwen2.5-VL-3B", "Qwen2.5-VL-7B"):
+        e = estimate(name, gpus, gpu_gb=gpu_gb, floor_s=floors[ARCHS[name]["layers"]])
+        if max(e["generation"], e["attack"], e["update"]) > gpu_gb * 1e9 / GB:
+            lines.append(f"| {name} | does not fit | | | | |")
+            continue
+        step = e["t_generate"] + e["t_attack"] + e["t_update"]
+        # EasyR1's 180 s (7B, 8 GPUs, 512 x 5) scaled by responses per GPU; its 3B would be faster still
+        easyr1 = EASYR1_7B_STEP * (cfg["batch_size"] * responses / gpus) / (512 * 5 / 8) if name.endswith("7B") else None
+        lines.append(f"| {name} | {e['t_generate']:.0f} s | {e['t_attack']:.0f} s | {e['t_update']:.0f} s | {step:.0f} s | "
+                     f"{'-' if easyr1 is None else f'{easyr1:.0f} s'} |")
     print("\n".join(lines))
     return lines
 
@@ -468,8 +543,8 @@ def gpu_check(name="Qwen2.5-VL-3B", device="cuda", prompts=4, response_len=256, 
     The model is saved and train.py runs `steps` SaEI steps on it from the folder (the recipe's constants:
     n_clean 6 + n_adv 6, bounded attack, checkpointed update, bf16 autocast), on `prompts` synthetic problems per
     step at the recipe's image size; random weights rarely stop, so responses run to `response_len`. Prints per
-    phase the measured peak CUDA memory beside `--estimate`'s at the same settings (which assumes
-    max_prompt_len-long prompts), the step time, rollout tokens per second, and the attack's gain (the TsEC
+    phase the measured peak CUDA memory beside `--estimate`'s at the same settings (at
+    Geometry3K-length prompts), the step time, rollout tokens per second, and the attack's gain (the TsEC
     objective's rise) in bf16 autocast against fp32 on the same prompt and responses. On CPU the test suite runs
     it with name="tiny" (overrides: other train.py constants, e.g. a smaller image). Returns the table's lines."""
     overrides = overrides or {}
@@ -498,7 +573,7 @@ def gpu_check(name="Qwen2.5-VL-3B", device="cuda", prompts=4, response_len=256, 
         for phase in ("generate", "attack", "update"):
             measured = last.get(f"mem_{phase}")
             lines.append(f"| {phase} | {last[f't_{phase}']:.1f} | {'-' if measured is None else f'{measured:.1f}'} | "
-                         f"{estimated['generation' if phase == 'generate' else phase]:.1f} |")
+                         f"{estimated['generation' if phase == 'generate' else phase]:.3g} |")
         step = sum(last[f"t_{p}"] for p in ("generate", "attack", "update"))
         lines.append(f"step {step:.1f} s; rollout {rows * last['response_len'] / last['t_generate']:.0f} tokens/s "
                      f"({rows} responses, {last['response_len']:.0f} tokens on average)")

@@ -520,11 +520,57 @@ def sampling_config(tok, max_new_tokens, temperature=1.0, greedy=False):
         suppress_tokens=vision_token_ids(tok), eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
 
 
+def arch(config):
+    """A Qwen2.5-VL config -> the sizes the memory formulas below need (bench.ARCHS holds the published ones)."""
+    text, vision = config.text_config, config.vision_config
+    return dict(vocab=text.vocab_size, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                layers=text.num_hidden_layers, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
+                tied=bool(config.tie_word_embeddings), v_depth=vision.depth, v_hidden=vision.hidden_size,
+                v_intermediate=vision.intermediate_size)
+
+
+def decode_bytes(a, prompt_len, new_tokens, n, patches, key_bytes=2, value_bytes=2, compute_bytes=2):
+    """Memory in bytes that one prompt adds to a `decode` call: its n rows' KV cache, allocated at full length
+    (prompt_len + new_tokens) up front, plus the prompt's own cache they are copied from; each row's fp32 logits and
+    the three (rows, V) temporaries of drawing a token (logits / T, softmax, entropy); the prefill's largest layer
+    temporaries over the prompt (q, k, v, attention output and the MLP's gate, up and product); and the vision
+    tower's over the image's `patches` (qkv, attention output, MLP), each layer's freed before the next. The phases
+    do not all peak at once, so the sum is an upper bound. a: arch(config) or bench.ARCHS[name]. Under autocast the
+    cached keys are fp32 (the rotary embedding runs in fp32) and the values bf16: key_bytes=4, value_bytes=2."""
+    kv_dim = a["hidden"] // a["heads"] * a["kv_heads"]
+    per_position = a["layers"] * kv_dim * (key_bytes + value_bytes)
+    cache = per_position * ((prompt_len + new_tokens) * n + prompt_len)
+    logits = 4 * n * a["vocab"] * 4
+    prefill = compute_bytes * prompt_len * (3 * a["hidden"] + 3 * kv_dim + 3 * a["intermediate"])
+    vision = compute_bytes * patches * (5 * a["v_hidden"] + 3 * a["v_intermediate"])
+    return cache + logits + prefill + vision
+
+
+def free_cuda_bytes(device):
+    """What the CUDA device can still hand out: its free memory plus what PyTorch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def prompts_per_call(model, prompt_len, new_tokens, n, patches, budget):
+    """How many prompts (of n responses each) one `decode` call takes within `budget` bytes, by decode_bytes: at
+    least 1. The cache's dtypes are read off the path: fp32 keys under autocast, else the weights' dtype."""
+    device = next(model.parameters()).device
+    if torch.is_autocast_enabled(device.type):
+        key_bytes, value_bytes = 4, torch.get_autocast_dtype(device.type).itemsize
+    else:
+        key_bytes = value_bytes = next(model.parameters()).dtype.itemsize  # fp32 shards under FSDP2: on the safe side
+    per_prompt = decode_bytes(arch(model.config), prompt_len, new_tokens, n, patches, key_bytes, value_bytes,
+                              compute_bytes=value_bytes)
+    return max(1, int(budget // per_prompt))
+
+
 @torch.no_grad()
 def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False, chunk_rows=0):
-    """Sample n responses for each prompt, in `decode` calls of at most `chunk_rows` responses (0: one call for
-    all; a call holds whole prompts, so at least n): the KV cache grows with the rows of a call, so the chunk
-    bounds sampling memory.
+    """Sample n responses for each prompt, in `decode` calls of at most `chunk_rows` responses (a call holds whole
+    prompts, so at least n): the KV cache grows with the rows of a call, so the chunk bounds sampling memory.
+    chunk_rows=0: on CUDA, as many prompts as 90% of the free memory holds by `decode_bytes` (measured once the
+    weights are gathered); elsewhere all of them in one call.
 
     prompts: list of token-id lists; images: list of (3, H, W) tensors in [0, 1], one per prompt (an adversarial
     image simply replaces the clean one). Rows are laid out prompt by prompt: row i * n + j is prompt i's j-th
@@ -535,12 +581,16 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tok.pad_token_id))
-    per_call = max(1, (chunk_rows or len(prompts) * n) // n)  # prompts per decode call
     # under FSDP2, gather the weights once for the whole rollout rather than once per token. While they are
     # held, a forward makes no collective call, so each rank decodes until its own responses are done.
     sharded = gather_weights(model)
     ids_parts, entropy_parts = [], []
     try:
+        per_call = max(1, chunk_rows // n) if chunk_rows else len(prompts)  # prompts per decode call
+        if not chunk_rows and device.type == "cuda":
+            patches = max(x.shape[-2] * x.shape[-1] for x in images) // data.PATCH ** 2
+            per_call = prompts_per_call(model, prompt_ids.shape[1], max_new_tokens, n, patches,
+                                        budget=0.9 * free_cuda_bytes(device))
         for first in range(0, len(prompts), per_call):
             rows = slice(first, first + per_call)
             ids, entropy = decode(model, tok, prompt_ids[rows], prompt_mask[rows], [x.to(device) for x in images[rows]],

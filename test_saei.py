@@ -1209,6 +1209,34 @@ def test_model_sample_in_chunks_keeps_the_rows_and_the_answers(tiny):
         assert drawn["response_entropy"][row, n:].eq(0).all() and drawn["response_entropy"][row, :n].gt(0).all()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_model_decode_bytes_counts_the_cache_decode_allocates_and_the_chunk_follows_the_budget(tiny, monkeypatch,
+                                                                                                 autocast):
+    policy, tok = tiny
+    buffers = []  # every KV buffer one real decode call allocates
+    init = model_lib.GrowingLayer.__init__
+    def spy(self, keys, values, capacity):
+        init(self, keys, values, capacity)
+        buffers.append((self.key_buffer.dtype, self.key_buffer.nbytes, self.value_buffer.dtype, self.value_buffer.nbytes))
+    monkeypatch.setattr(model_lib.GrowingLayer, "__init__", spy)
+    images = [torch.rand(3, 56, 56), torch.rand(3, 56, 56)]
+    prompts = [data.build_prompt(tok, "<image>How many?", data.n_image_tokens(x)) for x in images]
+    n, new_tokens, P = 3, 12, len(prompts[0])
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        model_lib.sample(policy, tok, prompts, images, n, new_tokens)
+        key_bytes, value_bytes = (4, 2) if autocast else (4, 4)  # under autocast the keys stay fp32, the values bf16
+        assert {(b[0], b[2]) for b in buffers} == ({(torch.float32, torch.bfloat16)} if autocast else {(torch.float32,) * 2})
+        a, patches = model_lib.arch(policy.config), 56 * 56 // 14 ** 2
+        bytes_of = lambda rows: model_lib.decode_bytes(a, P, new_tokens, rows, patches, key_bytes, value_bytes)
+        per_row = bytes_of(n + 1) - bytes_of(n) - 4 * a["vocab"] * 4  # one more row: its cache and 4 (V,) fp32 rows
+        assert per_row * 2 * n == sum(b[1] + b[3] for b in buffers)  # 2 prompts x n rows, each (P + new_tokens) long
+        # the chunk: the most whole prompts whose decode_bytes fit the budget, at least one
+        per_prompt = model_lib.decode_bytes(a, P, new_tokens, n, patches, key_bytes, value_bytes, value_bytes)
+        for budget, fits in ((10.5 * per_prompt, 10), (per_prompt, 1), (2 * per_prompt - 1, 1), (0.3 * per_prompt, 1),
+                             (64 * per_prompt, 64)):
+            assert model_lib.prompts_per_call(policy, P, new_tokens, n, patches, budget) == fits
+
+
 QWEN_INSTRUCT_GENERATION = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}
 
 
@@ -3920,6 +3948,32 @@ def test_bench_memory_estimate_counts_the_real_parameters():
     assert e["params_b"] == pytest.approx(8.29, abs=0.01) and e["shards"] < e["update"] < e["attack"]
     assert bench.estimate("Qwen2.5-VL-7B", 16)["shards"] == pytest.approx(e["shards"] / 2)
 
+
+
+def test_bench_estimate_sizes_the_rollout_chunk_by_the_budget_and_counts_the_one_gpu_path():
+    a, n, P, L = bench.ARCHS["Qwen2.5-VL-3B"], 6, bench.GEO3K_PROMPT_LEN, bench.train.DEFAULTS["max_response_len"]
+    per_prompt = model_lib.decode_bytes(a, P, L, n, bench.train.DEFAULTS["max_pixels"] // 196) / bench.GB
+    full = bench.estimate("Qwen2.5-VL-3B", 8, gpu_gb=80)
+    assert (full["rows_per_call"], full["calls"]) == (384, 2)  # a rank's 64 prompts x 6 fit one call per half
+    previous = 384
+    for gb in (40, 30, 24):  # smaller GPUs: the most whole prompts within 90% of what the weights leave
+        e = bench.estimate("Qwen2.5-VL-3B", 8, gpu_gb=gb)
+        assert e["rows_per_call"] % n == 0 and e["rows_per_call"] < previous and e["calls"] == 2 * -(-64 * n // e["rows_per_call"])
+        held = e["shards"] + 2 * e["params_b"] * 1e9 / bench.GB  # the shards and the gathered bf16 weights
+        assert e["generation"] <= held + 0.9 * (gb * 1e9 / bench.GB - held) < e["generation"] + per_prompt
+        previous = e["rows_per_call"]
+    # one GPU without torchrun: fp32 weights under autocast, fp32 keys, AdamW's transient: 3B needs more than 80 GB
+    one = {gb: bench.estimate("Qwen2.5-VL-3B", 1, gpu_gb=gb, prompt_len=2048) for gb in (80, 141)}
+    assert max(one[80]["attack"], one[80]["update"]) > 80e9 / bench.GB > max(one[141]["attack"], one[141]["update"]) - 60
+    assert max(one[141]["generation"], one[141]["attack"], one[141]["update"]) < 141e9 / bench.GB
+    fsdp_like = bench.estimate("Qwen2.5-VL-3B", 1, dict(bench.train.DEFAULTS), gpu_gb=141, prompt_len=2048)
+    assert fsdp_like == one[141]
+    # the predicted step: with a 1 s decode floor, generation is calls x max_response_len seconds (plus prefill)
+    slow = bench.estimate("Qwen2.5-VL-3B", 8, floor_s=1.0)
+    assert 2 * L < slow["t_generate"] < 2 * L * 1.01 and 0 < slow["t_attack"] < slow["t_update"]
+    lines = bench.estimate_table(floors={28: 0.02, 36: 0.02})
+    assert "| 432 s |" in lines[-1]  # EasyR1's 180 s for 512 x 5 responses on 8 GPUs, at our 512 x 12
+    assert 0 < bench.decode_floor(2, new_tokens=4, repeats=1) < 1
 
 
 def test_bench_gpu_check_runs_the_recipe_on_a_random_model_and_compares_attack_precisions():

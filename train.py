@@ -51,7 +51,8 @@ batch_size = 512             # prompts per step (the rollout batch), over all ra
 n_clean = 6                  # n1: responses per prompt on the clean image
 n_adv = 6                    # n2: responses per prompt on the perturbed image; 0 = vanilla GRPO
 temperature = 1.0
-rollout_chunk = 64           # at most this many responses per sampling call (whole prompts): bounds the KV cache
+rollout_chunk = 0            # at most this many responses per sampling call (whole prompts): bounds the KV cache;
+                             # 0: on CUDA as many as the free memory holds (model.decode_bytes), else all at once
 filter_dead_groups = False   # dynamic sampling (DAPO): replace prompts whose n_clean clean rewards are all equal
 max_filter_tries = 3         # its extra sampling rounds per step; still short after them, dead groups fill the batch
 max_prompt_len = 2048        # longer prompts are dropped (and counted), never truncated

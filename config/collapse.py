@@ -8,6 +8,7 @@ dataset = "synthetic_score"
 min_pixels = 112 * 112
 max_pixels = 112 * 112
 max_response_len = 96
+rollout_chunk = 64               # responses per sampling call (the recipe's 0 sizes them by free GPU memory)
 batch_size = 8
 n_clean = 12
 n_adv = 0

@@ -5,6 +5,7 @@ dataset = "synthetic"
 min_pixels = 112 * 112
 max_pixels = 112 * 112
 max_response_len = 96
+rollout_chunk = 64               # responses per sampling call (the recipe's 0 sizes them by free GPU memory)
 batch_size = 8
 updates_per_rollout = 1          # one update per rollout batch (4 mini-batches of 2 prompts would be very noisy)
 lr = 1e-4
