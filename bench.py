@@ -335,12 +335,12 @@ def estimate(name, gpus, cfg=None, gpu_gb=80, prompt_len=GEO3K_PROMPT_LEN, floor
     # keeps the bf16 casts of every weight for the whole `with` block: the same 2 bytes per parameter
     gathered = 2 * total
     P, L, n = prompt_len, cfg["max_response_len"], max(cfg["n_clean"], cfg["n_adv"])
-    patches = cfg["max_pixels"] // (14 * 14)  # the image's patches before the 2x2 merge, at most
-    # generation: model.sample's chunk, the whole prompts whose decode_bytes fit 90% of what is left
+    patches = cfg["max_pixels"] // data.PATCH ** 2  # the image's patches before the 2x2 merge, at most
+    # generation: model.sample's chunk, the whole prompts whose decode_bytes fit its share of what is left
     key_bytes = 4 if autocast else 2
     per_prompt = model_lib.decode_bytes(a, P, L, n, patches, key_bytes, 2)
     prompts = cfg["batch_size"] // gpus
-    fits = max(1, int(0.9 * (gpu_gb * 1e9 - shards - gathered) // per_prompt))
+    fits = max(1, int(model_lib.SAMPLING_MEMORY * (gpu_gb * 1e9 - shards - gathered) // per_prompt))
     per_call = min(prompts, cfg["rollout_chunk"] // n if cfg["rollout_chunk"] else fits)
     calls = -(-prompts // per_call) * (2 if cfg["n_adv"] else 1)  # each half samples on its own images
     generation = shards + gathered + per_call * per_prompt
@@ -354,7 +354,7 @@ def estimate(name, gpus, cfg=None, gpu_gb=80, prompt_len=GEO3K_PROMPT_LEN, floor
     out = {"params_b": total / 1e9, "shards": shards / GB, "generation": generation / GB, "attack": attack / GB,
            "update": update / GB, "rows_per_call": per_call * n, "calls": calls}
     if floor_s is not None:  # step time, per GPU (every GPU does its share at once)
-        rows = per_call * n
+        rows = out["rows_per_call"]
         kv_read = rows * (P + L / 2) * layers * kvd * (key_bytes + 2)  # the cache, half full on average
         token_s = max(floor_s, (2 * total + kv_read)  # every weight and the cache read once a token
                        / (H100_BYTES_PER_S * MBU), 2 * trainable * rows / (H100_FLOPS * MFU))

@@ -546,6 +546,9 @@ def decode_bytes(a, prompt_len, new_tokens, n, patches, key_bytes=2, value_bytes
     return cache + logits + prefill + vision
 
 
+SAMPLING_MEMORY = 0.9  # the share of the free CUDA memory one sampling call may fill (the rest: fragmentation)
+
+
 def free_cuda_bytes(device):
     """What the CUDA device can still hand out: its free memory plus what PyTorch's allocator holds unused."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -569,7 +572,7 @@ def prompts_per_call(model, prompt_len, new_tokens, n, patches, budget):
 def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, greedy=False, chunk_rows=0):
     """Sample n responses for each prompt, in `decode` calls of at most `chunk_rows` responses (a call holds whole
     prompts, so at least n): the KV cache grows with the rows of a call, so the chunk bounds sampling memory.
-    chunk_rows=0: on CUDA, as many prompts as 90% of the free memory holds by `decode_bytes` (measured once the
+    chunk_rows=0: on CUDA, as many prompts as SAMPLING_MEMORY of the free memory holds by `decode_bytes` (measured once the
     weights are gathered); elsewhere all of them in one call.
 
     prompts: list of token-id lists; images: list of (3, H, W) tensors in [0, 1], one per prompt (an adversarial
@@ -590,7 +593,7 @@ def sample(model, tok, prompts, images, n, max_new_tokens, temperature=1.0, gree
         if not chunk_rows and device.type == "cuda":
             patches = max(x.shape[-2] * x.shape[-1] for x in images) // data.PATCH ** 2
             per_call = prompts_per_call(model, prompt_ids.shape[1], max_new_tokens, n, patches,
-                                        budget=0.9 * free_cuda_bytes(device))
+                                        budget=SAMPLING_MEMORY * free_cuda_bytes(device))
         for first in range(0, len(prompts), per_call):
             rows = slice(first, first + per_call)
             ids, entropy = decode(model, tok, prompt_ids[rows], prompt_mask[rows], [x.to(device) for x in images[rows]],

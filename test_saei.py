@@ -3960,14 +3960,13 @@ def test_bench_estimate_sizes_the_rollout_chunk_by_the_budget_and_counts_the_one
         e = bench.estimate("Qwen2.5-VL-3B", 8, gpu_gb=gb)
         assert e["rows_per_call"] % n == 0 and e["rows_per_call"] < previous and e["calls"] == 2 * -(-64 * n // e["rows_per_call"])
         held = e["shards"] + 2 * e["params_b"] * 1e9 / bench.GB  # the shards and the gathered bf16 weights
-        assert e["generation"] <= held + 0.9 * (gb * 1e9 / bench.GB - held) < e["generation"] + per_prompt
+        share = model_lib.SAMPLING_MEMORY
+        assert e["generation"] <= held + share * (gb * 1e9 / bench.GB - held) < e["generation"] + per_prompt
         previous = e["rows_per_call"]
     # one GPU without torchrun: fp32 weights under autocast, fp32 keys, AdamW's transient: 3B needs more than 80 GB
     one = {gb: bench.estimate("Qwen2.5-VL-3B", 1, gpu_gb=gb, prompt_len=2048) for gb in (80, 141)}
-    assert max(one[80]["attack"], one[80]["update"]) > 80e9 / bench.GB > max(one[141]["attack"], one[141]["update"]) - 60
+    assert max(one[80]["attack"], one[80]["update"]) > 80e9 / bench.GB
     assert max(one[141]["generation"], one[141]["attack"], one[141]["update"]) < 141e9 / bench.GB
-    fsdp_like = bench.estimate("Qwen2.5-VL-3B", 1, dict(bench.train.DEFAULTS), gpu_gb=141, prompt_len=2048)
-    assert fsdp_like == one[141]
     # the predicted step: with a 1 s decode floor, generation is calls x max_response_len seconds (plus prefill)
     slow = bench.estimate("Qwen2.5-VL-3B", 8, floor_s=1.0)
     assert 2 * L < slow["t_generate"] < 2 * L * 1.01 and 0 < slow["t_attack"] < slow["t_update"]
