@@ -444,7 +444,7 @@ def write_index(results="results", figures="assets", configs="config"):
         about[:1] = [about[0].removeprefix("compare.py: ").capitalize()] if about else []
         lines += ["", f"## {study}", ""] + about + ([""] if about else [])
         if os.path.isfile(config):
-            lines += [f"`python compare.py {config} --parallel=2`", ""]
+            lines += [f"`python compare.py config/study_{study}.py --parallel=2`", ""]  # as typed in the repository
         lines += [open(table).read().rstrip()]
         for png in sorted(glob.glob(os.path.join(figures, f"{study}_*.png"))):
             lines += ["", f"![{os.path.basename(png)}]({os.path.relpath(png, results)})"]

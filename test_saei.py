@@ -2328,6 +2328,21 @@ def test_train_distinct_answers_per_group_and_per_half():
     assert train.distinct_answers(answers, 6, 3, first=False).tolist() == [1.0, 2.0]
 
 
+def test_train_reward_reading_pays_a_right_answer_only_when_its_own_reading_gives_it():
+    record = {"answer": "7", "choices": []}  # a grid with 2 red and 1 blue square
+    reading = "<think>rows r.g.10 ..b.01 .r..10 ....00"
+    follows = reading + " red2 blue1 3*2+1=7</think>\\boxed{7}"
+    misread = "<think>rows r.g.10 ..b.01 .r..10 ...b01 red2 blue2 3*2+2=8</think>\\boxed{7}"  # reads 8, boxes 7
+    plain = configurator.get_config(train.DEFAULTS, ["--dataset=synthetic_score"])
+    strict = configurator.get_config(train.DEFAULTS, ["--dataset=synthetic_score", "--reward_reading=True"])
+    assert train.score(follows, record, plain) == train.score(follows, record, strict) == {
+        "overall": 1.0, "accuracy": 1.0, "format": 1.0, "consistent": 1.0}
+    assert train.score(misread, record, plain)["overall"] == 1.0  # the plain reward grades the box alone
+    assert train.score(misread, record, strict) == {"overall": pytest.approx(0.1), "accuracy": 1.0, "format": 1.0,
+                                                     "consistent": 0.0}  # format only; accuracy is still logged
+    assert "consistent" not in train.score(follows, record, configurator.get_config(train.DEFAULTS, []))
+
+
 def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatch):
     """entropy_adv is the adversarial rollouts' entropy on the image they were sampled on; the distances and the
     gain are those of the images the attack returned. A strong attack (32/255) so the two images differ clearly."""
@@ -2481,6 +2496,7 @@ def two_mini_batch_runs(tmp_path_factory):
     (["--max_filter_tries=-1"], "max_filter_tries must be >= 0"),
     (["--filter_dead_groups=True", "--n_clean=1"], "filter_dead_groups needs n_clean >= 2"),
     (["--filter_dead_groups=True", "--max_filter_tries=0"], "filter_dead_groups needs .* max_filter_tries >= 1"),
+    (["--reward_reading=True"], "reward_reading checks a synthetic_score reading, got dataset=.*geometry3k-sample"),
 ])
 def test_train_bad_configuration_is_one_clear_line(args, message, tmp_path, monkeypatch):
     def no_load(*a, **k):
@@ -3792,6 +3808,7 @@ def test_compare_tables_from_finished_runs(tmp_path):
     index = (tmp_path / "README.md").read_text()
     assert "## study\n\nTwo methods, two steps.\n" in index and first.rstrip() in index and "python compare.py x" not in index
     assert "![study_curves.png](study_curves.png)" in index
+    assert "`python compare.py config/study_study.py --parallel=2`" in index  # repo-relative, wherever configs was
     shutil.rmtree(tmp_path / "study" / "runs")  # (the next checks read runs_dir again)
     curves = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert "grpo,entropy_clean,2,3.5" in curves  # seed means 3 and 4 at steps 1 and 2, averaged over the window

@@ -59,6 +59,8 @@ max_prompt_len = 2048        # longer prompts are dropped (and counted), never t
 max_response_len = 2048
 instruction_role = "user"    # the format instruction after the problem ("user", the EasyR1 recipes) or as the system
                              # prompt ("system", as NoisyRollout's evaluation asks); eval.py uses the checkpoint's
+reward_reading = False       # synthetic_score only: a right answer is rewarded only when it follows from the
+                             # response's own reading of the grid (data.score_consistent), so the reasoning decides it
 min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
 max_pixels = 1000000
 # SaEI
@@ -225,8 +227,7 @@ def run(argv, opened):
 
         # 6. rewards
         texts = tok.batch_decode(rollouts["response_ids"], skip_special_tokens=True)
-        scores = [rewards.score(t, records[i // group]["answer"], records[i // group].get("choices"))
-                  for i, t in enumerate(texts)]
+        scores = [score(t, records[i // group], cfg) for i, t in enumerate(texts)]
         # 7. advantages, one group of n_clean + n_adv per prompt
         reward = torch.tensor([s["overall"] for s in scores])
         advantages = grpo.group_advantages(reward, group, scale=cfg.scale_rewards, batch_std=global_std(reward))
@@ -448,7 +449,7 @@ def clean_rollouts(policy, tok, train_set, order, step, rank, world, cfg, comput
         for group in zip(records, images, prompts, prompt_rows(clean, n)):
             if len(live) == per_rank:  # full: the rest of this round is not used
                 break
-            (dead if is_dead(group, tok) else live).append(group)
+            (dead if is_dead(group, tok, cfg) else live).append(group)
         missing = per_rank - len(live)
         if rounds == cfg.max_filter_tries or not global_sum(missing):
             break
@@ -460,11 +461,23 @@ def clean_rollouts(policy, tok, train_set, order, step, rank, world, cfg, comput
     return list(records), list(images), list(prompts), cat_rollouts(rows, tok.pad_token_id)
 
 
-def is_dead(group, tok):
+def score(text, record, cfg):
+    """rewards.score of one response to `record`: {overall, accuracy, format}, and on synthetic_score "consistent"
+    (its boxed answer follows from its own reading). With reward_reading a right answer that its reading does not
+    give earns no accuracy reward; "accuracy" stays the boxed answer's correctness."""
+    s = rewards.score(text, record["answer"], record.get("choices"))
+    if cfg.dataset == "synthetic_score":
+        s["consistent"] = float(data.score_consistent(text))
+        if cfg.reward_reading:
+            s["overall"] = rewards.ACCURACY_WEIGHT * s["accuracy"] * s["consistent"] + rewards.FORMAT_WEIGHT * s["format"]
+    return s
+
+
+def is_dead(group, tok, cfg):
     """group: (record, image, prompt, its rollout rows) -> True when every response's reward is the same."""
     record, _, _, rows = group
     texts = tok.batch_decode(rows["response_ids"], skip_special_tokens=True)
-    reward = torch.tensor([rewards.score(t, record["answer"], record.get("choices"))["overall"] for t in texts])
+    reward = torch.tensor([score(t, record, cfg)["overall"] for t in texts])
     return bool(grpo.dead_groups(reward, len(texts))[0])
 
 
@@ -532,6 +545,8 @@ def step_metrics(rollouts, texts, scores, is_adv, update_entropy, group, cfg):
          "dead_groups": global_mean(grpo.dead_groups(reward, group).float()),
          "answer_diversity": global_mean(distinct_answers(answers, group)),  # distinct final answers per group
          "answer_diversity_clean": global_mean(distinct_answers(answers, group, cfg.n_clean, first=True))}
+    if "consistent" in scores[0]:  # synthetic_score: the clean half's answers that follow from their own reading
+        m["consistent_clean"] = global_mean(torch.tensor([s["consistent"] for s in scores])[clean])
     if cfg.n_adv > 0:
         m.update({"reward_adv": global_mean(reward[adv]),
                   "accuracy_adv": global_mean(accuracy[adv]),
@@ -582,6 +597,8 @@ def check_config(cfg):
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"config error: {key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    if cfg.reward_reading and cfg.dataset != "synthetic_score":
+        raise SystemExit(f"config error: reward_reading checks a synthetic_score reading, got dataset={cfg.dataset!r}")
     if cfg.n_clean < 1 or cfg.n_adv < 0 or cfg.n_clean + cfg.n_adv < 2:
         raise SystemExit("config error: need n_clean >= 1, n_adv >= 0 and n_clean + n_adv >= 2 responses per prompt")
     configurator.check_at_least(cfg, {
