@@ -509,6 +509,14 @@ def score_consistent(response):
     return boxed[-1] == str(SCORE_POINTS["r"] * read.count("r") + SCORE_POINTS["b"] * read.count("b"))
 
 
+def score_cells(response):
+    """Character positions of the cells a "synthetic_score" response read (the 4 letters of each reading line in
+    its <think>): the tokens that carry its uncertainty about the grid, with the character-level tokenizer of
+    the tiny models (token j is character j). -> list of int"""
+    think = response.split("</think>")[0]
+    return [m.start(1) + k for m in SCORE_LINE.finditer(think) for k in range(SYN_GRID)]
+
+
 SYNTHETIC_TASKS = {"synthetic": synthetic_problem, "synthetic_score": score_problem}
 
 

@@ -943,6 +943,8 @@ def test_data_score_consistent_checks_the_answer_against_the_responses_own_readi
     assert not data.score_consistent(reading + " red2 blue1 3*2+1=7</think>\\boxed{8}")
     assert not data.score_consistent("<think>rows r.g.10 ..b.01 .r..10</think>\\boxed{7}")  # three lines
     assert not data.score_consistent(reading + "</think>")  # no answer
+    assert data.score_cells(reading + " red2 blue1 3*2+1=7</think>\\boxed{7}") == [
+        12, 13, 14, 15, 19, 20, 21, 22, 26, 27, 28, 29, 33, 34, 35, 36]  # after "<think>rows ", 7 characters a line
 
 
 # ----------------------------------------------------------------------------- model.py
@@ -2341,6 +2343,24 @@ def test_train_reward_reading_pays_a_right_answer_only_when_its_own_reading_give
     assert train.score(misread, record, strict) == {"overall": pytest.approx(0.1), "accuracy": 1.0, "format": 1.0,
                                                      "consistent": 0.0}  # format only; accuracy is still logged
     assert "consistent" not in train.score(follows, record, configurator.get_config(train.DEFAULTS, []))
+
+
+def test_train_testbed_metrics_measure_consistency_and_the_entropy_of_the_cell_reading():
+    cfg = configurator.get_config(train.DEFAULTS, ["--dataset=synthetic_score", "--n_clean=2", "--n_adv=0"])
+    texts = ["<think>rows r.g.10 ..b.01 .r..10 ....00 red2 blue1 3*2+1=7</think>\\boxed{7}",  # reads 16 cells
+             "<think>rows r.g.10</think>\\boxed{7}"]  # reads 4 cells (and is not consistent)
+    length = len(texts[0]) + 1  # the stop token
+    mask = torch.zeros(2, length)
+    mask[0, :length], mask[1, :len(texts[1]) + 1] = 1, 1
+    entropy = torch.full((2, length), 0.5)
+    entropy[0, data.score_cells(texts[0])] = 2.0  # the first response: its cells at 2.0 nats, the rest at 0.5
+    entropy[1, 12:16] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # the second: its 4 cells average 0.5
+    rollouts = {"response_mask": mask, "response_entropy": entropy, "truncated": torch.zeros(2, dtype=torch.bool)}
+    scores = [train.score(t, {"answer": "7"}, cfg) for t in texts]
+    m = train.step_metrics(rollouts, texts, scores, is_adv=torch.zeros(2, dtype=torch.bool), update_entropy=None,
+                           group=2, cfg=cfg)
+    assert m["consistent_clean"] == 0.5
+    assert m["entropy_cells_clean"] == pytest.approx((2.0 + 0.5) / 2)  # per response, then over responses
 
 
 def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatch):

@@ -545,8 +545,18 @@ def step_metrics(rollouts, texts, scores, is_adv, update_entropy, group, cfg):
          "dead_groups": global_mean(grpo.dead_groups(reward, group).float()),
          "answer_diversity": global_mean(distinct_answers(answers, group)),  # distinct final answers per group
          "answer_diversity_clean": global_mean(distinct_answers(answers, group, cfg.n_clean, first=True))}
-    if "consistent" in scores[0]:  # synthetic_score: the clean half's answers that follow from their own reading
+    if "consistent" in scores[0]:  # synthetic_score: the clean half's answers that follow from their own reading,
         m["consistent_clean"] = global_mean(torch.tensor([s["consistent"] for s in scores])[clean])
+        # and the mean entropy of the clean half's cell-reading tokens (per response, over responses that read any)
+        cells = torch.zeros_like(mask)
+        for i, t in enumerate(texts):
+            if clean[i] and len(t) <= lengths[i] <= len(t) + 1:  # one token per character (+ the stop token)
+                cells[i, data.score_cells(t)] = 1.0
+        read = cells.sum(1) > 0
+        cell_entropy = (rollouts["response_entropy"].float().cpu() * cells).sum(1)[read] / cells.sum(1)[read]
+        total, count = all_reduce_sum(torch.tensor([cell_entropy.double().sum().item(), float(read.sum())])).tolist()
+        if count:
+            m["entropy_cells_clean"] = total / count
     if cfg.n_adv > 0:
         m.update({"reward_adv": global_mean(reward[adv]),
                   "accuracy_adv": global_mean(accuracy[adv]),
