@@ -554,9 +554,8 @@ def step_metrics(rollouts, texts, scores, is_adv, update_entropy, group, cfg):
                 cells[i, data.score_cells(t)] = 1.0
         read = cells.sum(1) > 0
         cell_entropy = (rollouts["response_entropy"].float().cpu() * cells).sum(1)[read] / cells.sum(1)[read]
-        total, count = all_reduce_sum(torch.tensor([cell_entropy.double().sum().item(), float(read.sum())])).tolist()
-        if count:
-            m["entropy_cells_clean"] = total / count
+        if global_sum(read.sum()):  # some rank's responses read cells (else there is no mean to log)
+            m["entropy_cells_clean"] = global_mean(cell_entropy)
     if cfg.n_adv > 0:
         m.update({"reward_adv": global_mean(reward[adv]),
                   "accuracy_adv": global_mean(accuracy[adv]),
