@@ -465,14 +465,16 @@ def synthetic_problem(rng, split):
 
 
 # The collapse testbed's task ("synthetic_score"): the same grids, scored: 3 points per red square, 1 per blue one,
-# green none. The answer (0..32, 33 values: a uniform guesser's pass@12 is 0.31) follows from the reasoning step
-# by step: the worked solution reads the grid by rows or by columns (either order is right: a choice RL can
-# collapse), writes each line's red and blue counts after it, the totals, then the arithmetic:
-#   <think>rows g.r.10 .rgr20 ..b.01 b...01 red3 blue2 3*3+2=11</think>\boxed{11}
-# so a policy's boxed answer can be checked against its own reading (score_consistent).
+# green none. The answer (0..32, 33 values: a uniform guesser's pass@12 is 0.31) follows from the reasoning: the
+# worked solution states the red and blue counts, in either order (both are right: a choice RL can collapse), then
+# the arithmetic:
+#   <think>red3 blue2 3*3+2=11</think>\boxed{11}      or      <think>blue2 red3 2+3*3=11</think>\boxed{11}
+# so a policy's boxed answer can be checked against its own counts (score_consistent). The counts are what the
+# tiny model can see (it cannot read a grid cell by cell), so their digits are the tokens whose uncertainty
+# decides the answer, and the ones GRPO's sharpening should make sure.
 SCORE_POINTS = {"r": 3, "b": 1}
 SCORE_MAX_EACH = 8  # at most this many red and this many blue squares (each count uniform over 0..8)
-SCORE_LINE = re.compile(r"([rgb.]{4})(\d)(\d)")
+SCORE_COUNT = re.compile(r"(red|blue)(\d)")
 
 
 def score_problem(rng, split):
@@ -484,37 +486,34 @@ def score_problem(rng, split):
         cells = "".join(cells)
         if _synthetic_split_of(cells, "score") == split:
             break
-    by_columns = rng.random() < 0.5
-    lines = ([cells[c::SYN_GRID] for c in range(SYN_GRID)] if by_columns
-             else [cells[r:r + SYN_GRID] for r in range(0, len(cells), SYN_GRID)])
-    reading = " ".join(f"{line}{line.count('r')}{line.count('b')}" for line in lines)
-    score = SCORE_POINTS["r"] * n_red + SCORE_POINTS["b"] * n_blue
-    solution = (f"<think>{'cols' if by_columns else 'rows'} {reading} red{n_red} blue{n_blue} "
-                f"{SCORE_POINTS['r']}*{n_red}+{n_blue}={score}</think>\\boxed{{{score}}}")
-    return {"images": [synthetic_image(cells)], "answer": str(score), "solution": solution, "choices": [],
+    score, red = SCORE_POINTS["r"] * n_red + SCORE_POINTS["b"] * n_blue, SCORE_POINTS["r"]
+    if rng.random() < 0.5:
+        work = f"red{n_red} blue{n_blue} {red}*{n_red}+{n_blue}={score}"
+    else:
+        work = f"blue{n_blue} red{n_red} {n_blue}+{red}*{n_red}={score}"
+    return {"images": [synthetic_image(cells)], "answer": str(score), "solution": f"<think>{work}</think>\\boxed{{{score}}}",
+            "choices": [],
             "problem": "<image>Each red square scores 3, each blue square 1, a green square 0. What is the grid's score?"}
 
 
 def score_consistent(response):
-    """Does a "synthetic_score" response's boxed answer follow from its own reading? -> bool.
+    """Does a "synthetic_score" response's boxed answer follow from its own counts? -> bool.
 
-    True when the response reads 4 lines of 4 cells and boxes 3 * (red cells it read) + (blue cells it read),
-    whatever its reading order, per-line counts or arithmetic wrote on the way; False otherwise (no reading, no
-    box). This is what makes the reasoning decide the answer: a right reading gives the right answer."""
-    lines = SCORE_LINE.findall(response.split("</think>")[0])
+    True when its <think> states one red and one blue count (in either order) and it boxes 3 * red + blue,
+    whatever arithmetic it wrote on the way; False otherwise (a count missing or repeated, no box)."""
+    counts = SCORE_COUNT.findall(response.split("</think>")[0])
     boxed = re.findall(r"\\boxed\{\s*(\d+)\s*\}", response)
-    if len(lines) != SYN_GRID or not boxed:
+    said = dict(counts)
+    if len(counts) != 2 or len(said) != 2 or not boxed:
         return False
-    read = "".join(cells for cells, _, _ in lines)
-    return boxed[-1] == str(SCORE_POINTS["r"] * read.count("r") + SCORE_POINTS["b"] * read.count("b"))
+    return boxed[-1] == str(SCORE_POINTS["r"] * int(said["red"]) + SCORE_POINTS["b"] * int(said["blue"]))
 
 
-def score_cells(response):
-    """Character positions of the cells a "synthetic_score" response read (the 4 letters of each reading line in
-    its <think>): the tokens that carry its uncertainty about the grid, with the character-level tokenizer of
-    the tiny models (token j is character j). -> list of int"""
-    think = response.split("</think>")[0]
-    return [m.start(1) + k for m in SCORE_LINE.finditer(think) for k in range(SYN_GRID)]
+def score_counts(response):
+    """Character positions of the count digits a "synthetic_score" response states in its <think> (the digit after
+    "red" and after "blue"): the tokens that carry its uncertainty about the grid, with the character-level
+    tokenizer of the tiny models (token j is character j). -> list of int"""
+    return [m.start(2) for m in SCORE_COUNT.finditer(response.split("</think>")[0])]
 
 
 SYNTHETIC_TASKS = {"synthetic": synthetic_problem, "synthetic_score": score_problem}

@@ -912,21 +912,18 @@ def test_data_synthetic_solution_scores_full_reward():
         assert rewards.score(r["solution"].replace("{" + r["answer"] + "}", "{" + wrong + "}"), r["answer"])["accuracy"] == 0.0
 
 
-def test_data_synthetic_score_answers_follow_from_the_pixels_and_the_reading():
+def test_data_synthetic_score_answers_follow_from_the_pixels_and_the_counts():
     records = data.synthetic_split("test", n=300, task="synthetic_score")
     orders = set()
     for r in records:
         cells = _read_grid(r["images"][0])
-        assert r["answer"] == str(3 * cells.count("r") + cells.count("b"))  # 3 per red, 1 per blue, green none
-        think = re.fullmatch(r"<think>(rows|cols) (.*) red(\d) blue(\d) 3\*(\d)\+(\d)=(\d+)</think>\\boxed\{(\d+)\}",
-                             r["solution"])
-        order, reading, red, blue = think.group(1), think.group(2).split(), think.group(3), think.group(4)
-        lines = ([cells[c::4] for c in range(4)] if order == "cols" else [cells[i:i + 4] for i in range(0, 16, 4)])
-        assert reading == [f"{line}{line.count('r')}{line.count('b')}" for line in lines]  # each line, its counts
-        assert (red, blue) == (str(cells.count("r")), str(cells.count("b"))) and think.group(8) == r["answer"]
+        red, blue = cells.count("r"), cells.count("b")
+        assert r["answer"] == str(3 * red + blue)  # 3 per red, 1 per blue, green none
+        assert r["solution"] in (f"<think>red{red} blue{blue} 3*{red}+{blue}={r['answer']}</think>\\boxed{{{r['answer']}}}",
+                                 f"<think>blue{blue} red{red} {blue}+3*{red}={r['answer']}</think>\\boxed{{{r['answer']}}}")
         assert data.score_consistent(r["solution"]) and rewards.score(r["solution"], r["answer"])["overall"] == 1.0
-        orders.add(order)
-    assert orders == {"rows", "cols"}  # two valid solution orders
+        orders.add(r["solution"][7])
+    assert orders == {"r", "b"}  # two valid solution orders
     # the answer space: chance pass@12 far below 1
     answers = {r["answer"] for r in records}
     assert len(answers) >= 30 and max(sum(r["answer"] == a for r in records) for a in answers) < 0.1 * len(records)
@@ -935,16 +932,19 @@ def test_data_synthetic_score_answers_follow_from_the_pixels_and_the_reading():
     assert len(data.load_records("synthetic_score", "validation")) == data.SYN_SIZES["validation"]
 
 
-def test_data_score_consistent_checks_the_answer_against_the_responses_own_reading():
-    # the reading says 2 red and 1 blue (score 7), whatever the counts and the arithmetic wrote after it
-    reading = "<think>rows r.g.10 ..b.01 .r..10 ....00"
-    assert data.score_consistent(reading + " red2 blue1 3*2+1=7</think>\\boxed{7}")
-    assert data.score_consistent(reading + " red1 blue1 3*1+1=4</think>\\boxed{7}")  # wrong counts, right box
-    assert not data.score_consistent(reading + " red2 blue1 3*2+1=7</think>\\boxed{8}")
-    assert not data.score_consistent("<think>rows r.g.10 ..b.01 .r..10</think>\\boxed{7}")  # three lines
-    assert not data.score_consistent(reading + "</think>")  # no answer
-    assert data.score_cells(reading + " red2 blue1 3*2+1=7</think>\\boxed{7}") == [
-        12, 13, 14, 15, 19, 20, 21, 22, 26, 27, 28, 29, 33, 34, 35, 36]  # after "<think>rows ", 7 characters a line
+def test_data_score_consistent_checks_the_answer_against_the_responses_own_counts():
+    # the counts say 2 red and 1 blue (score 7), in either order, whatever the arithmetic wrote after them
+    assert data.score_consistent("<think>red2 blue1 3*2+1=7</think>\\boxed{7}")
+    assert data.score_consistent("<think>blue1 red2 1+3*2=7</think>\\boxed{ 7 }")
+    assert data.score_consistent("<think>red2 blue1 3*2+1=8</think>\\boxed{7}")  # wrong arithmetic, right box
+    assert not data.score_consistent("<think>red2 blue1 3*2+1=7</think>\\boxed{8}")
+    assert not data.score_consistent("<think>red1 blue1 3*1+1=4</think>\\boxed{7}")  # right box, not its counts
+    assert not data.score_consistent("<think>red2 3*2=6</think>\\boxed{7}")  # no blue count
+    assert not data.score_consistent("<think>red2 red1 3*2+1=7</think>\\boxed{7}")  # red twice, no blue
+    assert not data.score_consistent("<think>red2 blue1 3*2+1=7</think>")  # no answer
+    assert not data.score_consistent("<think>7</think>red2 blue1 \\boxed{7}")  # counts after </think> do not count
+    assert data.score_counts("<think>red2 blue1 3*2+1=7</think>\\boxed{7} red5") == [10, 16]  # only in <think>
+    assert data.score_counts("<think>blue1 red2 1+3*2=7</think>\\boxed{7}") == [11, 16]
 
 
 # ----------------------------------------------------------------------------- model.py
@@ -2330,37 +2330,36 @@ def test_train_distinct_answers_per_group_and_per_half():
     assert train.distinct_answers(answers, 6, 3, first=False).tolist() == [1.0, 2.0]
 
 
-def test_train_reward_reading_pays_a_right_answer_only_when_its_own_reading_gives_it():
+def test_train_reward_reading_pays_a_right_answer_only_when_its_own_counts_give_it():
     record = {"answer": "7", "choices": []}  # a grid with 2 red and 1 blue square
-    reading = "<think>rows r.g.10 ..b.01 .r..10 ....00"
-    follows = reading + " red2 blue1 3*2+1=7</think>\\boxed{7}"
-    misread = "<think>rows r.g.10 ..b.01 .r..10 ...b01 red2 blue2 3*2+2=8</think>\\boxed{7}"  # reads 8, boxes 7
+    follows = "<think>red2 blue1 3*2+1=7</think>\\boxed{7}"
+    miscounted = "<think>red2 blue2 3*2+2=8</think>\\boxed{7}"  # counts 8, boxes 7
     plain = configurator.get_config(train.DEFAULTS, ["--dataset=synthetic_score"])
     strict = configurator.get_config(train.DEFAULTS, ["--dataset=synthetic_score", "--reward_reading=True"])
     assert train.score(follows, record, plain) == train.score(follows, record, strict) == {
         "overall": 1.0, "accuracy": 1.0, "format": 1.0, "consistent": 1.0}
-    assert train.score(misread, record, plain)["overall"] == 1.0  # the plain reward grades the box alone
-    assert train.score(misread, record, strict) == {"overall": pytest.approx(0.1), "accuracy": 1.0, "format": 1.0,
-                                                     "consistent": 0.0}  # format only; accuracy is still logged
+    assert train.score(miscounted, record, plain)["overall"] == 1.0  # the plain reward grades the box alone
+    assert train.score(miscounted, record, strict) == {"overall": pytest.approx(0.1), "accuracy": 1.0, "format": 1.0,
+                                                        "consistent": 0.0}  # format only; accuracy is still logged
     assert "consistent" not in train.score(follows, record, configurator.get_config(train.DEFAULTS, []))
 
 
-def test_train_testbed_metrics_measure_consistency_and_the_entropy_of_the_cell_reading():
+def test_train_testbed_metrics_measure_consistency_and_the_entropy_of_the_count_digits():
     cfg = configurator.get_config(train.DEFAULTS, ["--dataset=synthetic_score", "--n_clean=2", "--n_adv=0"])
-    texts = ["<think>rows r.g.10 ..b.01 .r..10 ....00 red2 blue1 3*2+1=7</think>\\boxed{7}",  # reads 16 cells
-             "<think>rows r.g.10</think>\\boxed{7}"]  # reads 4 cells (and is not consistent)
+    texts = ["<think>red2 blue1 3*2+1=7</think>\\boxed{7}",  # states both counts
+             "<think>red2 3*2=6</think>\\boxed{7}"]  # states one (and is not consistent)
     length = len(texts[0]) + 1  # the stop token
     mask = torch.zeros(2, length)
     mask[0, :length], mask[1, :len(texts[1]) + 1] = 1, 1
     entropy = torch.full((2, length), 0.5)
-    entropy[0, data.score_cells(texts[0])] = 2.0  # the first response: its cells at 2.0 nats, the rest at 0.5
-    entropy[1, 12:16] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # the second: its 4 cells average 0.5
+    entropy[0, [10, 16]] = torch.tensor([2.0, 1.0])  # the first response: its digits average 1.5, the rest at 0.5
+    entropy[1, 10] = 0.25  # the second: its one digit
     rollouts = {"response_mask": mask, "response_entropy": entropy, "truncated": torch.zeros(2, dtype=torch.bool)}
     scores = [train.score(t, {"answer": "7"}, cfg) for t in texts]
     m = train.step_metrics(rollouts, texts, scores, is_adv=torch.zeros(2, dtype=torch.bool), update_entropy=None,
                            group=2, cfg=cfg)
     assert m["consistent_clean"] == 0.5
-    assert m["entropy_cells_clean"] == pytest.approx((2.0 + 0.5) / 2)  # per response, then over responses
+    assert m["entropy_counts_clean"] == pytest.approx((1.5 + 0.25) / 2)  # per response, then over responses
 
 
 def test_train_mechanism_metrics_measure_what_each_half_saw(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ max_response_len = 2048
 instruction_role = "user"    # the format instruction after the problem ("user", the EasyR1 recipes) or as the system
                              # prompt ("system", as NoisyRollout's evaluation asks); eval.py uses the checkpoint's
 reward_reading = False       # synthetic_score only: a right answer is rewarded only when it follows from the
-                             # response's own reading of the grid (data.score_consistent), so the reasoning decides it
+                             # response's own counts (data.score_consistent), so the reasoning decides it
 min_pixels = 262144          # image area bounds for smart_resize (paper recipe)
 max_pixels = 1000000
 # SaEI
@@ -463,7 +463,7 @@ def clean_rollouts(policy, tok, train_set, order, step, rank, world, cfg, comput
 
 def score(text, record, cfg):
     """rewards.score of one response to `record`: {overall, accuracy, format}, and on synthetic_score "consistent"
-    (its boxed answer follows from its own reading). With reward_reading a right answer that its reading does not
+    (its boxed answer follows from its own counts). With reward_reading a right answer that its counts do not
     give earns no accuracy reward; "accuracy" stays the boxed answer's correctness."""
     s = rewards.score(text, record["answer"], record.get("choices"))
     if cfg.dataset == "synthetic_score":
@@ -545,17 +545,17 @@ def step_metrics(rollouts, texts, scores, is_adv, update_entropy, group, cfg):
          "dead_groups": global_mean(grpo.dead_groups(reward, group).float()),
          "answer_diversity": global_mean(distinct_answers(answers, group)),  # distinct final answers per group
          "answer_diversity_clean": global_mean(distinct_answers(answers, group, cfg.n_clean, first=True))}
-    if "consistent" in scores[0]:  # synthetic_score: the clean half's answers that follow from their own reading,
+    if "consistent" in scores[0]:  # synthetic_score: the clean half's answers that follow from their own counts,
         m["consistent_clean"] = global_mean(torch.tensor([s["consistent"] for s in scores])[clean])
-        # and the mean entropy of the clean half's cell-reading tokens (per response, over responses that read any)
-        cells = torch.zeros_like(mask)
+        # and the mean entropy of the clean half's count digits (per response, over responses that state any)
+        digits = torch.zeros_like(mask)
         for i, t in enumerate(texts):
             if clean[i] and len(t) <= lengths[i] <= len(t) + 1:  # one token per character (+ the stop token)
-                cells[i, data.score_cells(t)] = 1.0
-        read = cells.sum(1) > 0
-        cell_entropy = (rollouts["response_entropy"].float().cpu() * cells).sum(1)[read] / cells.sum(1)[read]
-        if global_sum(read.sum()):  # some rank's responses read cells (else there is no mean to log)
-            m["entropy_cells_clean"] = global_mean(cell_entropy)
+                digits[i, data.score_counts(t)] = 1.0
+        stated = digits.sum(1) > 0
+        count_entropy = (rollouts["response_entropy"].float().cpu() * digits).sum(1)[stated] / digits.sum(1)[stated]
+        if global_sum(stated.sum()):  # some rank's responses state counts (else there is no mean to log)
+            m["entropy_counts_clean"] = global_mean(count_entropy)
     if cfg.n_adv > 0:
         m.update({"reward_adv": global_mean(reward[adv]),
                   "accuracy_adv": global_mean(accuracy[adv]),
