@@ -42,7 +42,7 @@ log_interval = 50
 # Stop early, on purpose: RL needs a policy that is sometimes right, not one that already solves the task (left
 # alone, greedy accuracy jumps from ~30% to ~65% between steps 500 and 600 as counting clicks).
 stop_accuracy = 0.35        # stop once greedy validation accuracy reaches this (0: train all `steps`)
-stop_consistency = 0.8      # synthetic_score: and once this share of greedy answers follows from their own reading
+stop_consistency = 0.8      # synthetic_score: and once this share of greedy answers follows from their own counts
 eval_start = 300            # first validation step
 eval_interval = 25          # then every this many steps
 val_n = 100                 # validation problems per check

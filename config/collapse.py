@@ -1,5 +1,5 @@
 # The collapse testbed: the tiny Qwen2.5-VL on the synthetic_score task (score a grid: 3 per red square, 1 per blue;
-# 33 possible answers; the reasoning -- each line's counts, the totals, the arithmetic -- decides the answer),
+# 33 possible answers; the reasoning -- the red and blue counts, then 3*red+blue -- decides the answer),
 # warm-started by `python warmstart.py config/warmstart_score.py`. Unlike the demo, each rollout batch makes 2
 # updates, so from the second on the policy is off-policy and the clip acts (and with it clip-higher, Clip-Cov,
 # KL-Cov). `python train.py config/collapse.py` runs GRPO; compare.py's methods switch the rest on.
@@ -7,7 +7,7 @@ model = "assets/tiny-score"
 dataset = "synthetic_score"
 min_pixels = 112 * 112
 max_pixels = 112 * 112
-max_response_len = 96
+max_response_len = 64             # a worked solution is about 45 characters
 rollout_chunk = 64               # responses per sampling call (the recipe's 0 sizes them by free GPU memory)
 batch_size = 8
 n_clean = 12
