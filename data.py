@@ -486,11 +486,11 @@ def score_problem(rng, split):
         cells = "".join(cells)
         if _synthetic_split_of(cells, "score") == split:
             break
-    score, red = SCORE_POINTS["r"] * n_red + SCORE_POINTS["b"] * n_blue, SCORE_POINTS["r"]
+    score, per_red = SCORE_POINTS["r"] * n_red + SCORE_POINTS["b"] * n_blue, SCORE_POINTS["r"]
     if rng.random() < 0.5:
-        work = f"red{n_red} blue{n_blue} {red}*{n_red}+{n_blue}={score}"
+        work = f"red{n_red} blue{n_blue} {per_red}*{n_red}+{n_blue}={score}"
     else:
-        work = f"blue{n_blue} red{n_red} {n_blue}+{red}*{n_red}={score}"
+        work = f"blue{n_blue} red{n_red} {n_blue}+{per_red}*{n_red}={score}"
     return {"images": [synthetic_image(cells)], "answer": str(score), "solution": f"<think>{work}</think>\\boxed{{{score}}}",
             "choices": [],
             "problem": "<image>Each red square scores 3, each blue square 1, a green square 0. What is the grid's score?"}
