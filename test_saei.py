@@ -2297,6 +2297,7 @@ def test_train_get_lr_warms_up_then_decays_to_a_tenth():
     assert [train.get_lr(i, 1.0, 10, warmup_iters=4) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert train.get_lr(4, 1.0, 10, 4) == 1.0 and train.get_lr(7, 1.0, 10, 4) == pytest.approx(0.55)
     assert train.get_lr(10, 1.0, 10, 4) == pytest.approx(0.1) and train.get_lr(0, 2.0, 0) == 2.0
+    assert [train.get_lr(i, 1.0, None, warmup_iters=2) for i in (0, 1, 50)] == [0.5, 1.0, 1.0]  # lr_decay off
 
 
 def test_train_noisyrollout_anneals_the_noise_and_lr_decays(tmp_path):

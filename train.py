@@ -79,8 +79,9 @@ adv_old_logprob = "clean"    # pi_old of the adversarial half, in its PPO ratio:
                              # pi_old(o|I_adv), the image it was sampled on: the off-policy step corrected and clipped
                              # (its ratio can be far from 1: see clip_dual)
 # update
-lr = 1e-6                    # no warmup
+lr = 1e-6
 lr_decay = False             # cosine decay from lr to lr / 10 over max_steps; the papers keep lr constant
+warmup_steps = 0             # linear warmup from lr / warmup_steps to lr over the first steps (the papers use none)
 weight_decay = 1e-2
 scale_rewards = "group"      # advantages divided by the group's reward std (GRPO), the batch's, or "none" (Dr. GRPO)
 mask_truncated_completions = False  # True: responses cut off at max_response_len get no gradient (TRL's option)
@@ -201,7 +202,7 @@ def run(argv, opened):
         print(f"held-out greedy accuracy {when}: {measured(start)}")
     for step in tqdm(range(first_step, cfg.max_steps + 1), desc="train", disable=None if rank == 0 else True):
         for param_group in optimizer.param_groups:
-            param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1) if cfg.lr_decay else cfg.lr
+            param_group["lr"] = get_lr(step - 1, cfg.lr, cfg.max_steps - 1 if cfg.lr_decay else None, cfg.warmup_steps)
         log = {"step": step}
 
         # 1. clean rollouts, sampled from pi_old (this step's weights); with filter_dead_groups, only live groups
@@ -512,9 +513,12 @@ def perturb_images(policy, images, clean, step, cfg, compute, log):
 
 
 def get_lr(it, lr, decay_iters, warmup_iters=0):
-    """nanoGPT's schedule: linear warmup for warmup_iters, then cosine from lr down to lr / 10 at decay_iters."""
+    """nanoGPT's schedule: linear warmup for warmup_iters, then cosine from lr down to lr / 10 at decay_iters
+    (decay_iters None: constant lr after the warmup)."""
     if it < warmup_iters:
         return lr * (it + 1) / warmup_iters
+    if decay_iters is None:
+        return lr
     return lr * (0.55 + 0.45 * math.cos(math.pi * (it - warmup_iters) / max(1, decay_iters - warmup_iters)))
 
 
