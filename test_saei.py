@@ -2300,6 +2300,11 @@ def test_train_get_lr_warms_up_then_decays_to_a_tenth():
     assert [train.get_lr(i, 1.0, None, warmup_iters=2) for i in (0, 1, 50)] == [0.5, 1.0, 1.0]  # lr_decay off
 
 
+def test_train_warms_the_lr_up_with_lr_decay_off(tmp_path):
+    logs, _ = _spied_run(tmp_path, "--max_steps", "3", "--lr=1e-3", "--warmup_steps=2")
+    assert [l["lr"] for l in logs] == pytest.approx([0.5e-3, 1e-3, 1e-3])  # linear to lr, then constant
+
+
 def test_train_noisyrollout_anneals_the_noise_and_lr_decays(tmp_path):
     logs, calls = _spied_run(tmp_path, "--perturb", "noise", "--max_steps", "3", "--lr=1e-3", "--lr_decay=True")
     assert [l["noise_k"] for l in logs] == [499, 250, 0]
