@@ -340,11 +340,12 @@ def last_checkpoint(step):
 
 
 def measured(held_out):
-    """An evaluation in words: '0.438 (format 1.000)', or 'not measured' when it had no problem (eval_limit=0, or
-    fewer held-out problems than ranks) rather than the nan of 0 / 0."""
+    """An evaluation in words: '0.438 (format 1.000)', with eval_samples its sampled pass@k after the format, or 'not
+    measured' when it had no problem (eval_limit=0, or fewer held-out problems than ranks) rather than the nan of 0/0."""
     if not held_out["problems"]:
         return "not measured (no held-out problems)"
-    return f"{held_out['accuracy']:.3f} (format {held_out['format']:.3f})"
+    sampled = "".join(f", {k} {v:.3f}" for k, v in held_out.items() if k.startswith("pass@"))  # eval_samples > 0
+    return f"{held_out['accuracy']:.3f} (format {held_out['format']:.3f}{sampled})"
 
 
 def build_policy(cfg, rank, world, resume_from):
