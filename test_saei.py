@@ -3501,11 +3501,14 @@ def test_checkpoint_a_damaged_checkpoint_stops_resume_with_one_line(one_saved_st
         train.main(args)
 
 
-def test_checkpoint_resume_is_exact_with_sampled_evaluations(tmp_path):
+def test_checkpoint_resume_is_exact_with_sampled_evaluations(tmp_path, capsys):
     # with eval_samples every evaluation samples, and a resumed run also evaluates where it resumes: the training
     # stream must not see those draws
     args = SMALL + ["--entropy_coef=0.05", "--lr=1e-3", "--eval_samples=2", "--save_interval=1"]
     train.main(args + ["--max_steps=2", "--out_dir", str(tmp_path / "straight")])
+    # the starting point's pass@k is printed (no metrics line holds it)
+    printed = capsys.readouterr().out
+    assert re.search(r"before training: [\d.]+ \(format [\d.]+, pass@1 [\d.]+, pass@2 [\d.]+\)", printed)
     train.main(args + ["--max_steps=1", "--out_dir", str(tmp_path / "resumed")])
     train.main(args + ["--max_steps=2", "--resume=True", "--out_dir", str(tmp_path / "resumed")])
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
