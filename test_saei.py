@@ -3736,11 +3736,11 @@ def test_eval_a_damaged_or_older_training_config(one_saved_step, tmp_path, capsy
     assert "\n" not in str(e.value)
 
 
-def test_eval_paired_comparison_of_two_sample_files_hand_computed(tmp_path, capsys):
+def test_eval_paired_comparison_of_two_sample_files_hand_computed(tmp_path, capsys, monkeypatch):
     # results/collapse/paired.py reads two eval.py samples.jsonl files. Two problems, 2 samples each: before, 2 and
     # 1 right; after, 0 and 2. pass@1 0.75 -> 0.5 (per problem -1, +0.5: mean -0.25, sd 1.061, half-width
-    # 1.96 * 1.061 / sqrt(2) = 1.470); pass@2 1 -> 0.5; problem 0 lost; distinct answers 1.5 -> 1.0
-    sys.path.insert(0, os.path.join(os.path.dirname(data.__file__), "results", "collapse"))
+    # t(df=1) 12.706 * 1.061 / sqrt(2) = 9.529); pass@2 1 -> 0.5; problem 0 lost; distinct answers 1.5 -> 1.0
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(data.__file__), "results", "collapse"))
     import paired
     def write(name, rows):
         with open(tmp_path / name, "w") as f:
@@ -3752,7 +3752,7 @@ def test_eval_paired_comparison_of_two_sample_files_hand_computed(tmp_path, caps
     write("after.jsonl", [("3", ["5", None]), ("4", ["4", "4"])])
     paired.main(tmp_path / "before.jsonl", tmp_path / "after.jsonl")
     printed = capsys.readouterr().out
-    assert "pass@1: 0.750 -> 0.500, difference -0.250 [-1.720, +1.220]" in printed
+    assert "pass@1: 0.750 -> 0.500, difference -0.250 [-9.779, +9.279]" in printed
     assert "pass@2: 1.000 -> 0.500, difference -0.500" in printed
     assert "1 lost, 0 gained, of 2" in printed and "distinct answers per problem in 2 samples: 1.50 -> 1.00" in printed
     write("other.jsonl", [("4", ["4", "4"]), ("3", ["3", "3"])])

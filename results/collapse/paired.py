@@ -1,5 +1,5 @@
 """Two evaluations of the same held-out problems, compared problem by problem: pass@k before -> after, the mean
-difference with a 95% interval over problems (normal approximation), the problems solved within n samples that were
+difference with a 95% interval over problems (compare.py's paired_difference), the problems solved within n samples that were
 lost or gained, and the distinct answers per problem.
 
     python results/collapse/paired.py results/collapse/evals/warm_start/samples.jsonl \
@@ -13,6 +13,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from compare import paired_difference  # noqa: E402
 from eval import ks_for, pass_at_k  # noqa: E402
 
 
@@ -28,10 +29,9 @@ def main(before_path, after_path):
     for k in ks_for(n):
         a = [pass_at_k(n, x["sampled_correct"], k) for x in before]
         b = [pass_at_k(n, x["sampled_correct"], k) for x in after]
-        diff = [y - x for x, y in zip(a, b)]
-        mean, half = statistics.mean(diff), 1.96 * statistics.stdev(diff) / len(diff) ** 0.5
+        mean, low, high = paired_difference(b, a)
         print(f"pass@{k}: {statistics.mean(a):.3f} -> {statistics.mean(b):.3f}, "
-              f"difference {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")
+              f"difference {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
     solved = lambda x: x["sampled_correct"] > 0
     lost = sum(solved(x) and not solved(y) for x, y in zip(before, after))
     gained = sum(solved(y) and not solved(x) for x, y in zip(before, after))
